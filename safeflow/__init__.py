@@ -1,0 +1,25 @@
+"""safeflow: learned safety polytopes over LLM hidden states (Chen, As & Krause, ICML 2025).
+
+Labels everywhere: 1 = unsafe, 0 = safe. "Layer L" is the output of decoder block L.
+"""
+
+from .constraints import ConstraintSet, LinearConstraint, MLPConstraint, PolytopeConstraints
+from .data import PromptSet, load_prompts, source_split, stratified_split
+from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
+from .evaluation import detection_metrics
+from .extractors import Extractor, HFExtractor
+from .models import DEFAULT_MODEL, load_model
+
+__version__ = "0.1.0"
+
+
+def available() -> dict[str, list[str]]:
+    """Every registry and its registered names."""
+    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available()}
+
+
+__all__ = [
+    "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
+    "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "SafeflowError",
+    "available", "detection_metrics", "load_model", "load_prompts", "source_split", "stratified_split",
+]

@@ -1,0 +1,8 @@
+"""Constraint sets: the interface, the safety polytope and baselines."""
+
+from .base import ConstraintSet
+from .baselines import LinearConstraint, MLPConstraint
+from .polytope import DEFAULT_MARGIN, PAPER_MARGINS, PolytopeConstraints, assign_facets
+
+__all__ = ["ConstraintSet", "DEFAULT_MARGIN", "LinearConstraint", "MLPConstraint", "PAPER_MARGINS",
+           "PolytopeConstraints", "assign_facets"]

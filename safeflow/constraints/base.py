@@ -1,0 +1,144 @@
+"""The ``ConstraintSet`` interface: a learned set of constraints ``v(h) <= 0`` on hidden states.
+
+A constraint set maps hidden states ``H`` [N, d] to violations ``V`` [N, K]; a row is **unsafe
+(label 1) iff any** ``V[i, k] > 0`` and safe (label 0) otherwise. Every implementation is a
+``torch.nn.Module`` whose violations are differentiable in ``H``, so any steerer works with any
+constraint set. Saved files are one safetensors file with a JSON header — never pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CorruptFileError, DataError
+from ..io import load_tensors, save_tensors
+from ..registry import Registered
+
+FORMAT_VERSION = 1
+
+
+def as_features(H: Any, input_dim: int | None = None, name: str = "H") -> torch.Tensor:
+    """Validate hidden states: a finite, non-empty float tensor [N, input_dim]."""
+    H = torch.as_tensor(H)
+    if H.ndim != 2:
+        raise DataError(f"{name} must be 2-D [N, d], got shape {tuple(H.shape)}; stack one row per prompt")
+    if H.shape[0] == 0:
+        raise DataError(f"{name} is empty; pass at least one row")
+    if input_dim is not None and H.shape[1] != input_dim:
+        raise DataError(
+            f"{name} has hidden size {H.shape[1]} but this constraint set expects {input_dim}; "
+            "extract features from the same model (and layer) the constraint set was trained on"
+        )
+    if not H.is_floating_point():
+        H = H.float()
+    if not torch.isfinite(H).all():
+        bad = int((~torch.isfinite(H)).any(1).sum())
+        raise DataError(f"{name} has NaN/inf values in {bad} row(s); drop or re-extract those rows")
+    return H
+
+
+def as_labels(y: Any, n: int) -> torch.Tensor:
+    """Validate labels: 1-D, length n, values in {0, 1} (1 = unsafe), both classes present."""
+    y = torch.as_tensor(np.asarray(y))
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"labels must be 1-D with one entry per row ({n}), got shape {tuple(y.shape)}")
+    if y.is_floating_point() and not torch.all(y == y.round()):
+        raise DataError("labels must be 0 (safe) or 1 (unsafe), got fractional values")
+    y = y.long()
+    bad = sorted(set(y.unique().tolist()) - {0, 1})
+    if bad:
+        raise DataError(f"labels must be 0 (safe) or 1 (unsafe); found {bad}. Map your labels to 1 = unsafe, 0 = safe")
+    if len(y.unique()) < 2:
+        raise DataError(f"labels contain only class {int(y[0])}; training needs both safe (0) and unsafe (1) rows")
+    return y
+
+
+class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
+    """Learned constraints on hidden states. Labels: 1 = unsafe, 0 = safe.
+
+    Subclasses implement ``violations``, ``fit`` and ``config``; everything else is shared.
+    """
+
+    input_dim: int
+    num_constraints: int
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.register_buffer("fitted", torch.tensor(False))
+
+    # --- what an implementation provides -------------------------------------------------
+    @abstractmethod
+    def violations(self, H: torch.Tensor) -> torch.Tensor:
+        """Violations V [N, K] of hidden states H [N, d]; unsafe iff any V > 0. Differentiable."""
+
+    @abstractmethod
+    def fit(self, H: Any, y: Any, **options: Any) -> ConstraintSet:
+        """Learn the constraints from hidden states H [N, d] and labels y [N] (1 = unsafe)."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this object's shape (saved in the JSON header)."""
+
+    # --- shared behaviour ----------------------------------------------------------------
+    def violations_vjp(self, H: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Violations V [N, K] and the vector-Jacobian product ``∂(Σ_k weights[:, k]·V[:, k])/∂H`` [N, d].
+
+        ``weights`` may be a function of V: pass a callable ``V -> [N, K]``. Implementations
+        with structure (the polytope) override this with a closed form.
+        """
+        with torch.enable_grad():
+            H = H.detach().requires_grad_(True)
+            V = self.violations(H)
+            w = weights(V.detach()) if callable(weights) else weights
+            (grad,) = torch.autograd.grad((V * w).sum(), H)
+        return V.detach(), grad
+
+    @torch.no_grad()
+    def score(self, H: Any) -> torch.Tensor:
+        """Continuous unsafety score [N]: the largest violation (> 0 means unsafe). Use for ROC."""
+        return self.violations(self._check(H)).max(dim=1).values
+
+    @torch.no_grad()
+    def predict(self, H: Any) -> torch.Tensor:
+        """Labels [N]: 1 (unsafe) iff any violation > 0, else 0 (safe)."""
+        return (self.score(H) > 0).long()
+
+    def _check(self, H: Any) -> torch.Tensor:
+        self._require_fitted()
+        H = as_features(H, self.input_dim)
+        param = next(self.parameters())
+        return H.to(device=param.device, dtype=param.dtype)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write parameters and config to ``path`` (one safetensors file, JSON header), atomically."""
+        header = {"type": self.registered_name, "format_version": FORMAT_VERSION, "config": self.config()}
+        save_tensors(path, self.state_dict(), header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ConstraintSet:
+        """Read a file written by :meth:`save`. Never executes code from the file."""
+        tensors, header = load_tensors(path)
+        if header.get("format_version") != FORMAT_VERSION or not isinstance(header.get("config"), dict):
+            raise CorruptFileError(f"{path} has an unsupported safeflow header {header!r}; re-create it with .save()")
+        impl = ConstraintSet.registry.get(str(header.get("type")))
+        if cls is not ConstraintSet and not issubclass(impl, cls):
+            raise CorruptFileError(f"{path} holds a {header['type']!r} constraint set, not a {cls.__name__}")
+        try:
+            obj = impl(**header["config"])
+            expected = obj.state_dict()
+            if set(expected) != set(tensors) or any(expected[k].shape != tensors[k].shape for k in expected):
+                raise ValueError("tensor names or shapes do not match the config")
+            obj.load_state_dict(tensors)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CorruptFileError(f"{path} does not match its own config ({exc}); re-create it with .save()") from None
+        return obj
+
+    def _require_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise DataError(f"this {type(self).__name__} has not been fitted; call .fit(H, y) or load a saved one")

@@ -1,0 +1,166 @@
+"""The safety polytope of Chen, As & Krause (ICML 2025).
+
+Features ``f(h) = ReLU(W h + b)`` (W [F, d], b [F]), facets ``Φ`` [K, F] and thresholds ``ξ`` [K].
+Violation of facet k: ``v_k(h) = Φ_k · f(h) − ξ_k``. **Unsafe (label 1) iff any v_k > 0.**
+The safe set ``{h : v(h) <= 0}`` is a polytope in feature space.
+
+Training loss per batch (margin κ, unsafe weight w_u):
+
+* safe rows: ``Σ_k ReLU(κ + v_k)`` — every facet satisfied with margin;
+* unsafe rows: ``w_u · ReLU(κ − v_{a(i)})`` — the row's assigned facet violated with margin.
+  ``a(i)`` starts as ``argmax_k v_k``; while the entropy of the assignment histogram is below
+  ``entropy_weight · ½ log₂ K`` rows are moved from the most crowded facet to less used ones
+  (cheapest move first), spreading unsafe rows over facets. Assignment carries no gradient;
+* ``+ λ_f · mean_i ‖f(h_i)‖₁ + λ_Φ · mean_k ‖Φ_k‖₁``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+from .base import ConstraintSet, as_features, as_labels
+from .training import default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches
+
+#: Margin κ reported in the paper for each model; ``DEFAULT_MARGIN`` for others (inputs are
+#: standardised during training, so κ is on a comparable scale across models).
+PAPER_MARGINS: dict[str, float] = {"llama-2-7b": 60.0, "ministral-8b": 5.0, "qwen2-1.5b": 30.0}
+DEFAULT_MARGIN = 5.0
+
+
+def assign_facets(v: torch.Tensor, entropy_weight: float = 1.0) -> torch.Tensor:
+    """Entropy-driven assignment of unsafe rows to facets.
+
+    Args:
+        v: violations [M, K] of the unsafe rows (no gradient needed).
+        entropy_weight: scales the target entropy ``½ log₂ K``; 0 disables re-assignment.
+
+    Returns:
+        a [M] long: start from ``argmax_k v``; while the histogram entropy is below the target,
+        move the row of the most crowded facet whose violation drops least to a facet with
+        fewer rows.
+    """
+    M, K = v.shape
+    a = v.argmax(dim=1)
+    target = entropy_weight * 0.5 * math.log2(K) if K > 1 else 0.0
+    counts = torch.bincount(a, minlength=K)
+    for _ in range(M):
+        if entropy_bits(counts) >= target:
+            break
+        k_max = int(counts.argmax())
+        movable = (counts < counts[k_max] - 1).to(v.dtype)
+        if not movable.any():
+            break
+        rows = (a == k_max).nonzero().squeeze(1)
+        cost = v[rows, k_max].unsqueeze(1) - v[rows]  # loss of violation when moving row -> facet
+        cost = cost + (1 - movable) * torch.finfo(v.dtype).max
+        flat = int(cost.argmin())
+        row, facet = rows[flat // K], flat % K
+        a[row] = facet
+        counts[k_max] -= 1
+        counts[facet] += 1
+    return a
+
+
+class PolytopeConstraints(ConstraintSet, name="polytope"):
+    """Safety polytope over a ReLU feature map (see module docstring for the math).
+
+    Args:
+        input_dim: hidden size d.
+        num_facets: K.
+        num_features: width F of the feature map (paper: 16384).
+    """
+
+    def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384) -> None:
+        super().__init__()
+        for name, value in (("input_dim", input_dim), ("num_facets", num_facets), ("num_features", num_features)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        self.input_dim, self.num_constraints, self.num_features = input_dim, num_facets, num_features
+        self.feature_map = nn.Linear(input_dim, num_features)
+        self.facets = nn.Parameter(torch.randn(num_facets, num_features) / math.sqrt(num_features))
+        self.thresholds = nn.Parameter(torch.zeros(num_facets))
+
+    def config(self) -> dict[str, Any]:
+        return {"input_dim": self.input_dim, "num_facets": self.num_constraints, "num_features": self.num_features}
+
+    def features(self, H: torch.Tensor) -> torch.Tensor:
+        """f(H) = ReLU(H Wᵀ + b), [N, F]."""
+        return F.relu(self.feature_map(H))
+
+    def violations(self, H: torch.Tensor) -> torch.Tensor:
+        """V = f(H) Φᵀ − ξ, [N, K]."""
+        return self.features(H) @ self.facets.T - self.thresholds
+
+    def violations_vjp(self, H: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed form: inside the activation pattern D = [W h + b > 0], ∂v/∂h = Φ D W, so the
+        product with weights c [N, K] is ``((c Φ) ⊙ D) W``. Same result as autograd, one pass."""
+        with torch.no_grad():
+            pre = self.feature_map(H)
+            V = F.relu(pre) @ self.facets.T - self.thresholds
+            c = weights(V) if callable(weights) else weights
+            grad = ((c @ self.facets) * (pre > 0)) @ self.feature_map.weight
+        return V, grad
+
+    def fit(
+        self,
+        H: Any,
+        y: Any,
+        *,
+        margin: float = DEFAULT_MARGIN,
+        unsafe_weight: float = 1.0,
+        feature_l1: float = 1.0,
+        facet_l1: float = 1e-3,
+        entropy_weight: float = 1.0,
+        epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-2,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> PolytopeConstraints:
+        """Train on hidden states H [N, d] and labels y [N] (1 = unsafe, 0 = safe).
+
+        Hyper-parameters as in the paper (Adam, lr 1e-2, batch 128, λ_f = 1, entropy weight 1);
+        ``margin`` is κ (see :data:`PAPER_MARGINS`); ``epochs`` defaults to about 600 steps.
+        Returns self (fitted; parameters act on raw, unstandardised hidden states).
+        """
+        H = as_features(H, self.input_dim).float()
+        y = as_labels(y, H.shape[0])
+        device = self.facets.device
+        torch.manual_seed(seed)
+        self.reset_parameters()
+        mean, std = standardization(H)
+        Z, y = ((H - mean) / std).to(device), y.to(device)
+        kappa = float(margin)
+
+        def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            f = self.features(z)
+            v = f @ self.facets.T - self.thresholds
+            unsafe = labels == 1
+            hinge = F.relu(kappa + v[~unsafe]).sum()
+            if unsafe.any():
+                vu = v[unsafe]
+                a = assign_facets(vu.detach(), entropy_weight)
+                hinge = hinge + unsafe_weight * F.relu(kappa - vu.gather(1, a[:, None])).sum()
+            reg = feature_l1 * f.abs().sum(1).mean() + facet_l1 * self.facets.abs().sum(1).mean()
+            return hinge / len(labels) + reg
+
+        self.train_history = train_minibatches(
+            self.parameters(), loss_fn, Z, y,
+            epochs=epochs or default_epochs(len(y), batch_size), batch_size=batch_size, lr=lr, seed=seed,
+            progress=progress, desc="polytope",
+        )
+        fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean.to(device), std.to(device))
+        self.fitted.fill_(True)
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.feature_map.reset_parameters()
+        self.facets.normal_(0, 1 / math.sqrt(self.num_features))
+        self.thresholds.zero_()

@@ -1,0 +1,217 @@
+"""Steered generation: hooks that let ``model.generate`` run unchanged while hidden states at
+layer L are checked against a constraint set and, when outside, steered back inside.
+
+At every forward pass the hook on decoder block L looks at the newest position of each row —
+the last prompt token at prefill, then each new token — for the first ``first_n_tokens``
+generation steps. Rows inside the constraint set are left bit-for-bit untouched; rows outside
+are replaced by the steerer's result. Steered states are remembered per (row, position) and
+re-applied whenever generation recomputes earlier positions (``use_cache=False``), so
+generation with and without the KV cache sees the same hidden states.
+
+Batches must be left-padded (the usual setting for generation with decoder-only models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .constraints.base import ConstraintSet
+from .errors import ConfigError
+from .layers import block_output, find_decoder_layers, hidden_size, normalize_layer, replace_block_output
+from .steerers.base import Steerer
+
+
+@dataclass
+class SteerEvent:
+    """One check of one row at one generation step."""
+
+    call: int  #: index of the generate() call within the context (0-based)
+    row: int  #: batch row
+    step: int  #: generation step: 0 = prefill (produces generated token 1), s = produces token s+1
+    position: int  #: absolute position in the padded sequence
+    violation_before: float  #: largest violation before steering (> 0 means outside)
+    violation_after: float  #: largest violation after steering
+    steered: bool
+    iterations: int
+    shift: float  #: L2 norm of the change
+    inside: bool
+    rejected: bool
+
+
+@dataclass
+class SteeringLog:
+    """Everything the steering hook did, for inspection after generation."""
+
+    events: list[SteerEvent] = field(default_factory=list)
+
+    def steered(self) -> list[SteerEvent]:
+        return [e for e in self.events if e.steered]
+
+    def steered_rows(self, call: int = -1) -> list[int]:
+        """Rows of generate() call ``call`` (default: the last) with at least one steered token."""
+        calls = sorted({e.call for e in self.events})
+        if not calls:
+            return []
+        c = calls[call]
+        return sorted({e.row for e in self.events if e.call == c and e.steered})
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and magnitudes: checks, steered tokens, rows steered, ended inside, rejected."""
+        steered = self.steered()
+        rows = {(e.call, e.row) for e in self.events}
+        per_row: dict[str, int] = {}
+        for e in steered:
+            key = f"{e.call}:{e.row}"
+            per_row[key] = per_row.get(key, 0) + 1
+        return {
+            "checks": len(self.events),
+            "rows": len(rows),
+            "rows_steered": len({(e.call, e.row) for e in steered}),
+            "tokens_steered": len(steered),
+            "steered_tokens_per_row": per_row,
+            "ended_inside": sum(e.inside for e in steered),
+            "rejected": sum(e.rejected for e in self.events),
+            "mean_shift": sum(e.shift for e in steered) / len(steered) if steered else 0.0,
+            "max_shift": max((e.shift for e in steered), default=0.0),
+            "mean_iterations": sum(e.iterations for e in steered) / len(steered) if steered else 0.0,
+        }
+
+
+class _SequenceState:
+    """Per-generate() bookkeeping: tokens seen, step counter and steered replacements."""
+
+    def __init__(self, call: int, input_ids: torch.Tensor | None, length: int) -> None:
+        self.call = call
+        self.tokens = input_ids
+        self.length = length  # positions seen so far
+        self.step = -1
+        self.start = 0  # absolute position of column 0 in the current forward
+        self.replacements: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (rows, values [r, d])
+
+
+def _cache_length(kwargs: dict[str, Any]) -> int:
+    for name in ("past_key_values", "cache"):
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
+class _SteeringHooks:
+    def __init__(self, model: nn.Module, constraints: ConstraintSet, steerer: Steerer, block: nn.Module,
+                 first_n_tokens: int | None, log: SteeringLog) -> None:
+        self.constraints, self.steerer, self.first_n, self.log = constraints, steerer, first_n_tokens, log
+        self.state: _SequenceState | None = None
+        self.calls = 0
+        self.handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            block.register_forward_hook(self._after_block),
+        ]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _before_forward(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        T = ids.shape[1] if ids is not None else embeds.shape[1]
+        B = ids.shape[0] if ids is not None else embeds.shape[0]
+        past = _cache_length(kwargs)
+        s = self.state
+        continues = s is not None and s.tokens is not None and ids is not None and s.tokens.shape[0] == B and (
+            (past == s.length and T == 1) or (past == 0 and T == s.length + 1 and torch.equal(ids[:, :-1], s.tokens))
+        )
+        if not continues:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.ndim == 2 and not bool(mask[:, -1].all()):
+                raise ConfigError("steered generation needs left padding; set tokenizer.padding_side = 'left'")
+            self.state = s = _SequenceState(self.calls, None, 0)
+            self.calls += 1
+        assert s is not None
+        s.step += 1
+        s.start = past
+        if ids is not None:
+            s.tokens = ids if past == 0 else torch.cat([s.tokens, ids], dim=1)
+        s.length = past + T
+
+    def _after_block(self, _module: nn.Module, _inputs: tuple, output: object) -> object:
+        s = self.state
+        if s is None:
+            return output
+        hidden = block_output(output)
+        check = self.first_n is None or s.step < self.first_n
+        replay = [p for p in s.replacements if s.start <= p < s.start + hidden.shape[1] - 1]
+        if not check and not replay:
+            return output
+        new = None
+        for p in replay:  # recomputed earlier positions get their steered states back
+            rows, values = s.replacements[p]
+            new = hidden.clone() if new is None else new
+            new[rows, p - s.start] = values.to(new.dtype)
+        if check:
+            result = self.steerer.steer(hidden[:, -1], self.constraints)
+            position = s.start + hidden.shape[1] - 1
+            if result.steered.any():
+                rows = result.steered.nonzero().squeeze(1).to(hidden.device)
+                new = hidden.clone() if new is None else new
+                new[rows, -1] = result.hidden[rows]
+                s.replacements[position] = (rows, result.hidden[rows].detach())
+            self._record(s, position, result)
+        return output if new is None else replace_block_output(output, new)
+
+    def _record(self, s: _SequenceState, position: int, r) -> None:
+        before = r.violations_before.max(dim=1).values.tolist()
+        after = r.violations_after.max(dim=1).values.tolist()
+        for row in range(len(before)):
+            self.log.events.append(SteerEvent(
+                call=s.call, row=row, step=s.step, position=position, violation_before=before[row],
+                violation_after=after[row], steered=bool(r.steered[row]), iterations=int(r.iterations[row]),
+                shift=float(r.shift[row]), inside=bool(r.inside[row]), rejected=bool(r.rejected[row]),
+            ))
+
+
+@contextmanager
+def steering(
+    model: nn.Module,
+    constraints: ConstraintSet,
+    steerer: Steerer,
+    layer: int,
+    first_n_tokens: int | None = 20,
+    layers: str | Sequence[nn.Module] | None = None,
+) -> Iterator[SteeringLog]:
+    """Steer ``model``'s hidden states at decoder layer ``layer`` while the context is open.
+
+    Args:
+        model: a Hugging Face causal LM (any architecture whose decoder blocks can be found).
+        constraints: a fitted constraint set trained on the same model's layer ``layer``.
+        steerer: e.g. ``Steerer.create("safeflow")``.
+        layer: decoder block index, as used for extraction.
+        first_n_tokens: check/steer only the first n generation steps of each row (None: all).
+        layers: override decoder-layer discovery (attribute path or module list).
+
+    Yields a :class:`SteeringLog`. Hooks are removed on exit, also on exceptions.
+    """
+    blocks = find_decoder_layers(model, layers)
+    index = normalize_layer(layer, len(blocks))
+    d = hidden_size(model)
+    if constraints.input_dim != d:
+        raise ConfigError(
+            f"the constraint set expects hidden size {constraints.input_dim} but the model's is {d}; "
+            "train the constraint set on hidden states of this model"
+        )
+    constraints._require_fitted()
+    if first_n_tokens is not None and first_n_tokens < 0:
+        raise ConfigError(f"first_n_tokens must be >= 0 or None, got {first_n_tokens}")
+    log = SteeringLog()
+    hooks = _SteeringHooks(model, constraints, steerer, blocks[index], first_n_tokens, log)
+    try:
+        yield log
+    finally:
+        hooks.remove()

@@ -1,0 +1,66 @@
+"""One small registry shared by every pluggable base class.
+
+A base class mixes in :class:`Registered` and gets ``create(name, **config)`` and
+``available()``; an implementation registers itself by subclassing with a name::
+
+    class HFExtractor(Extractor, name="hf"): ...
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T", bound="Registered")
+
+
+class Registry:
+    """Maps names to implementation classes for one kind of component."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[str, type] = {}
+
+    def add(self, name: str, cls: type) -> None:
+        if name in self._classes and self._classes[name] is not cls:
+            raise ConfigError(
+                f"{self.kind} name {name!r} is already registered to {self._classes[name].__qualname__}; "
+                "choose another name for your implementation"
+            )
+        self._classes[name] = cls
+
+    def get(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            valid = ", ".join(repr(n) for n in self.names()) or "(none registered yet)"
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+
+class Registered:
+    """Mixin giving a base class its own registry, ``create`` and ``available``."""
+
+    registry: ClassVar[Registry]
+    registered_name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, *, name: str | None = None, kind: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:  # a new base class: give it a fresh registry
+            cls.registry = Registry(kind)
+        if name is not None:
+            cls.registered_name = name
+            cls.registry.add(name, cls)
+
+    @classmethod
+    def create(cls: type[T], name: str, **config: Any) -> T:
+        """Build the implementation registered under ``name`` with ``config``."""
+        return cls.registry.get(name)(**config)
+
+    @classmethod
+    def available(cls) -> list[str]:
+        """Registered names, sorted."""
+        return cls.registry.names()
