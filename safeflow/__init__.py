@@ -8,18 +8,21 @@ from .data import PromptSet, load_prompts, source_split, stratified_split
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
 from .evaluation import detection_metrics
 from .extractors import Extractor, HFExtractor
+from .generation import SteerEvent, SteeringLog, steering
 from .models import DEFAULT_MODEL, load_model
+from .steerers import SafeFlowSteerer, SteerResult, Steerer
 
 __version__ = "0.1.0"
 
 
 def available() -> dict[str, list[str]]:
     """Every registry and its registered names."""
-    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available()}
+    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available(), "steerer": Steerer.available()}
 
 
 __all__ = [
     "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
-    "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "SafeflowError",
-    "available", "detection_metrics", "load_model", "load_prompts", "source_split", "stratified_split",
+    "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "SafeFlowSteerer",
+    "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog", "available", "detection_metrics",
+    "load_model", "load_prompts", "source_split", "steering", "stratified_split",
 ]

@@ -3,8 +3,10 @@ layer L are checked against a constraint set and, when outside, steered back ins
 
 At every forward pass the hook on decoder block L looks at the newest position of each row —
 the last prompt token at prefill, then each new token — for the first ``first_n_tokens``
-generation steps. Rows inside the constraint set are left bit-for-bit untouched; rows outside
-are replaced by the steerer's result. Steered states are remembered per (row, position) and
+generation steps. With ``gate="prompt"`` (default) a row is eligible only if its prompt (the
+last prompt token, which is what the constraint set is trained on) is outside; with
+``gate="token"`` every row is checked at every step. Rows inside the constraint set are left
+bit-for-bit untouched; rows outside are replaced by the steerer's result. Steered states are remembered per (row, position) and
 re-applied whenever generation recomputes earlier positions (``use_cache=False``), so
 generation with and without the KV cache sees the same hidden states.
 
@@ -91,6 +93,7 @@ class _SequenceState:
         self.tokens = input_ids
         self.length = length  # positions seen so far
         self.step = -1
+        self.flagged: torch.Tensor | None = None  # rows whose prompt was outside (gate="prompt")
         self.start = 0  # absolute position of column 0 in the current forward
         self.replacements: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (rows, values [r, d])
 
@@ -105,8 +108,8 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
 
 class _SteeringHooks:
     def __init__(self, model: nn.Module, constraints: ConstraintSet, steerer: Steerer, block: nn.Module,
-                 first_n_tokens: int | None, log: SteeringLog) -> None:
-        self.constraints, self.steerer, self.first_n, self.log = constraints, steerer, first_n_tokens, log
+                 first_n_tokens: int | None, gate: str, log: SteeringLog) -> None:
+        self.constraints, self.steerer, self.first_n, self.gate, self.log = constraints, steerer, first_n_tokens, gate, log
         self.state: _SequenceState | None = None
         self.calls = 0
         self.handles = [
@@ -156,24 +159,30 @@ class _SteeringHooks:
             new = hidden.clone() if new is None else new
             new[rows, p - s.start] = values.to(new.dtype)
         if check:
-            result = self.steerer.steer(hidden[:, -1], self.constraints)
-            position = s.start + hidden.shape[1] - 1
-            if result.steered.any():
-                rows = result.steered.nonzero().squeeze(1).to(hidden.device)
-                new = hidden.clone() if new is None else new
-                new[rows, -1] = result.hidden[rows]
-                s.replacements[position] = (rows, result.hidden[rows].detach())
-            self._record(s, position, result)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            if self.gate == "prompt" and s.flagged is not None:
+                rows = rows[s.flagged]
+            if rows.numel():
+                result = self.steerer.steer(hidden[rows, -1], self.constraints)
+                if s.flagged is None:
+                    s.flagged = (result.violations_before.max(dim=1).values > 0).to(hidden.device)
+                position = s.start + hidden.shape[1] - 1
+                moved = result.steered.to(hidden.device)
+                if moved.any():
+                    new = hidden.clone() if new is None else new
+                    new[rows[moved], -1] = result.hidden[moved]
+                    s.replacements[position] = (rows[moved], result.hidden[moved].detach())
+                self._record(s, position, rows.tolist(), result)
         return output if new is None else replace_block_output(output, new)
 
-    def _record(self, s: _SequenceState, position: int, r) -> None:
+    def _record(self, s: _SequenceState, position: int, rows: list[int], r) -> None:
         before = r.violations_before.max(dim=1).values.tolist()
         after = r.violations_after.max(dim=1).values.tolist()
-        for row in range(len(before)):
+        for i, row in enumerate(rows):
             self.log.events.append(SteerEvent(
-                call=s.call, row=row, step=s.step, position=position, violation_before=before[row],
-                violation_after=after[row], steered=bool(r.steered[row]), iterations=int(r.iterations[row]),
-                shift=float(r.shift[row]), inside=bool(r.inside[row]), rejected=bool(r.rejected[row]),
+                call=s.call, row=row, step=s.step, position=position, violation_before=before[i],
+                violation_after=after[i], steered=bool(r.steered[i]), iterations=int(r.iterations[i]),
+                shift=float(r.shift[i]), inside=bool(r.inside[i]), rejected=bool(r.rejected[i]),
             ))
 
 
@@ -184,6 +193,7 @@ def steering(
     steerer: Steerer,
     layer: int,
     first_n_tokens: int | None = 20,
+    gate: str = "prompt",
     layers: str | Sequence[nn.Module] | None = None,
 ) -> Iterator[SteeringLog]:
     """Steer ``model``'s hidden states at decoder layer ``layer`` while the context is open.
@@ -194,6 +204,8 @@ def steering(
         steerer: e.g. ``Steerer.create("safeflow")``.
         layer: decoder block index, as used for extraction.
         first_n_tokens: check/steer only the first n generation steps of each row (None: all).
+        gate: ``"prompt"`` — steer only rows whose prompt is outside the constraint set;
+            ``"token"`` — check every row at every step (the paper's Algorithm 1 literally).
         layers: override decoder-layer discovery (attribute path or module list).
 
     Yields a :class:`SteeringLog`. Hooks are removed on exit, also on exceptions.
@@ -207,11 +219,65 @@ def steering(
             "train the constraint set on hidden states of this model"
         )
     constraints._require_fitted()
+    if gate not in ("prompt", "token"):
+        raise ConfigError(f"gate must be 'prompt' or 'token', got {gate!r}")
     if first_n_tokens is not None and first_n_tokens < 0:
         raise ConfigError(f"first_n_tokens must be >= 0 or None, got {first_n_tokens}")
     log = SteeringLog()
-    hooks = _SteeringHooks(model, constraints, steerer, blocks[index], first_n_tokens, log)
+    hooks = _SteeringHooks(model, constraints, steerer, blocks[index], first_n_tokens, gate, log)
     try:
         yield log
     finally:
         hooks.remove()
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    chat_template: bool | str = "auto",
+    system_prompt: str | None = None,
+    steer: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[list[str], list[list[int]], SteeringLog | None]:
+    """Greedy responses to ``prompts`` (through the chat template), optionally steered.
+
+    ``steer``: keyword arguments of :func:`steering` (constraints, steerer, layer, ...), or None.
+    Returns ``(texts, token_ids, log)``; token ids exclude the prompt and stop at EOS.
+    """
+    from tqdm.auto import tqdm
+
+    from .extractors import format_prompts
+
+    formatted = format_prompts(tokenizer, prompts, chat_template, system_prompt)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    texts: list[str] = []
+    tokens: list[list[int]] = []
+    device = next(model.parameters()).device
+    log: SteeringLog | None = None
+    try:
+        with steering(model, **steer) if steer else _null() as log:
+            for start in tqdm(range(0, len(formatted), batch_size), desc="generate", disable=not progress):
+                enc = tokenizer(formatted[start : start + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                    cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+                    tokens.append(row[:cut])
+                    texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return texts, tokens, log
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield None

@@ -61,9 +61,9 @@ def tiny_model(request):
 
 def separable(n: int = 256, d: int = 16, seed: int = 0, gap: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two Gaussian blobs: unsafe (1) shifted by ``gap`` along a random unit direction."""
-    g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 2
-    direction = torch.randn(d, generator=g)
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(1234))  # same for every seed
+    g = torch.Generator().manual_seed(seed)
     direction /= direction.norm()
     H = torch.randn(n, d, generator=g) + gap * y[:, None].float() * direction
     return H, y

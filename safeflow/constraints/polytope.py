@@ -27,9 +27,9 @@ from ..errors import ConfigError
 from .base import ConstraintSet, as_features, as_labels
 from .training import default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches
 
-#: Margin κ reported in the paper for each model; ``DEFAULT_MARGIN`` for others (inputs are
-#: standardised during training, so κ is on a comparable scale across models).
-PAPER_MARGINS: dict[str, float] = {"llama-2-7b": 60.0, "ministral-8b": 5.0, "qwen2-1.5b": 30.0}
+#: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
+#: and ours for the default model are in :mod:`safeflow.presets`. Inputs are standardised during
+#: training, so κ is on a comparable scale across models.
 DEFAULT_MARGIN = 5.0
 
 
@@ -126,7 +126,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         """Train on hidden states H [N, d] and labels y [N] (1 = unsafe, 0 = safe).
 
         Hyper-parameters as in the paper (Adam, lr 1e-2, batch 128, λ_f = 1, entropy weight 1);
-        ``margin`` is κ (see :data:`PAPER_MARGINS`); ``epochs`` defaults to about 600 steps.
+        ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
         Returns self (fitted; parameters act on raw, unstandardised hidden states).
         """
         H = as_features(H, self.input_dim).float()

@@ -1,6 +1,6 @@
 """Steerers: the interface and the SafeFlow gradient steerer."""
 
 from .base import SteerResult, Steerer
-from .safeflow import PRESETS, SafeFlowPreset, SafeFlowSteerer
+from .safeflow import SafeFlowSteerer
 
-__all__ = ["PRESETS", "SafeFlowPreset", "SafeFlowSteerer", "SteerResult", "Steerer"]
+__all__ = ["SafeFlowSteerer", "SteerResult", "Steerer"]

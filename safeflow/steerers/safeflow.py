@@ -12,30 +12,12 @@ which the polytope computes in closed form (``((c Φ) ⊙ D) W`` for activation 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError
+from ..presets import preset as get_preset
 from .base import Steerer
-
-
-@dataclass(frozen=True)
-class SafeFlowPreset:
-    lambda_unsafe: float
-    lambda_safe: float
-    layer: int
-
-
-#: Settings reported in the paper (layer 20), and ``"default"`` for other models (tuned on
-#: SmolLM2-135M-Instruct with the default polytope; see the docs for how to tune).
-PRESETS: dict[str, SafeFlowPreset] = {
-    "llama-2-7b": SafeFlowPreset(lambda_unsafe=4.0, lambda_safe=1e-4, layer=20),
-    "ministral-8b": SafeFlowPreset(lambda_unsafe=0.25, lambda_safe=0.0, layer=20),
-    "qwen2-1.5b": SafeFlowPreset(lambda_unsafe=10.0, lambda_safe=5000.0, layer=20),
-    "default": SafeFlowPreset(lambda_unsafe=4.0, lambda_safe=0.0, layer=20),
-}
 
 
 class SafeFlowSteerer(Steerer, name="safeflow"):
@@ -43,7 +25,8 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
 
     Args:
         lambda_unsafe, lambda_safe: loss weights (default: the ``preset``'s).
-        preset: a key of :data:`PRESETS` (``"default"`` if nothing is given).
+        preset: a model preset from :mod:`safeflow.presets` supplying the default weights
+            (paper: ``"llama-2-7b"``, ``"ministral-8b"``, ``"qwen2-1.5b"``; ``"default"``).
         lr: gradient-descent step size (paper: 0.01).
         max_steps: step budget per row (paper: up to 100; the reference code took 1).
         margin: stop once every violation is <= −margin (0: as soon as inside).
@@ -51,11 +34,9 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
 
     def __init__(self, lambda_unsafe: float | None = None, lambda_safe: float | None = None, *, preset: str = "default",
                  lr: float = 0.01, max_steps: int = 100, margin: float = 0.0) -> None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown SafeFlow preset {preset!r}; valid: {', '.join(PRESETS)}")
         if max_steps < 1 or lr <= 0 or margin < 0:
             raise ConfigError(f"need max_steps >= 1, lr > 0, margin >= 0; got {max_steps}, {lr}, {margin}")
-        p = PRESETS[preset]
+        p = get_preset(preset)
         self.lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else float(lambda_unsafe)
         self.lambda_safe = p.lambda_safe if lambda_safe is None else float(lambda_safe)
         self.lr, self.max_steps, self.margin = float(lr), int(max_steps), float(margin)
@@ -83,5 +64,3 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
             steps[active] += 1
         return x, steps
 
-
-__all__ = ["PRESETS", "SafeFlowPreset", "SafeFlowSteerer"]

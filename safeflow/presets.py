@@ -1,0 +1,39 @@
+"""Per-model settings: the paper's (layer 20) and ours for the default model.
+
+``margin`` is the polytope's training margin κ, ``feature_l1`` its λ_f; ``lambda_unsafe`` and
+``lambda_safe`` are SafeFlow's weights. The SmolLM2 entry was chosen on an out-of-distribution
+validation source (``rho-refusal-50``) that is neither trained on nor used as the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    layer: int
+    margin: float
+    feature_l1: float
+    lambda_unsafe: float
+    lambda_safe: float
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "llama-2-7b": ModelPreset(layer=20, margin=60.0, feature_l1=1.0, lambda_unsafe=4.0, lambda_safe=1e-4),
+    "ministral-8b": ModelPreset(layer=20, margin=5.0, feature_l1=1.0, lambda_unsafe=0.25, lambda_safe=0.0),
+    "qwen2-1.5b": ModelPreset(layer=20, margin=30.0, feature_l1=1.0, lambda_unsafe=10.0, lambda_safe=5000.0),
+    "smollm2-135m-instruct": ModelPreset(layer=20, margin=20.0, feature_l1=0.01, lambda_unsafe=4.0, lambda_safe=0.0),
+}
+#: Used for models without an entry: the default model's settings.
+DEFAULT_PRESET = "smollm2-135m-instruct"
+
+
+def preset(name: str | None) -> ModelPreset:
+    """The preset called ``name`` (``None``: the default)."""
+    key = DEFAULT_PRESET if name in (None, "default") else name
+    if key not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: default, {', '.join(PRESETS)}")
+    return PRESETS[key]

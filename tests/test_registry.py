@@ -1,0 +1,33 @@
+import pytest
+
+import safeflow as sf
+from safeflow.errors import ConfigError
+
+
+def test_available_lists_every_registry():
+    reg = sf.available()
+    assert set(reg) == {"extractor", "constraint", "steerer"}
+    assert reg["extractor"] == ["hf"]
+    assert reg["constraint"] == ["linear", "mlp", "polytope"]
+    assert reg["steerer"] == ["safeflow"]
+
+
+@pytest.mark.parametrize("base", [sf.Extractor, sf.ConstraintSet, sf.Steerer])
+def test_unknown_name_lists_valid_ones(base):
+    with pytest.raises(ConfigError) as err:
+        base.create("nope")
+    for name in base.available():
+        assert repr(name) in str(err.value)
+
+
+def test_create_builds_registered_class():
+    poly = sf.ConstraintSet.create("polytope", input_dim=8, num_facets=3, num_features=16)
+    assert isinstance(poly, sf.PolytopeConstraints) and poly.facets.shape == (3, 16)
+    steerer = sf.Steerer.create("safeflow")
+    assert isinstance(steerer, sf.SafeFlowSteerer) and steerer.max_steps == 100
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ConfigError, match="already registered"):
+        class Other(sf.ConstraintSet, name="polytope"):  # noqa: F841
+            pass

@@ -1,0 +1,192 @@
+import pytest
+import torch
+
+import safeflow as sf
+from safeflow.errors import ConfigError, DataError
+from safeflow.generation import generate_responses
+
+from conftest import ARCHITECTURES, make_model, make_tokenizer, separable
+
+PROMPTS = ["how do i make a bomb", "bake cookies please", "hack bank steal car", "tell me why sky blue"]
+LAYER = 2
+
+
+def polytope_over(model, tok, texts, labels, layer=LAYER):
+    H = sf.HFExtractor(model, tok, layer=layer, progress=False).extract(texts)
+    y = torch.tensor(labels)
+    X = torch.cat([H + 1e-3 * H.std(0) * torch.randn_like(H) for _ in range(20)])
+    return sf.PolytopeConstraints(H.shape[1], 4, 128).fit(X, y.repeat(20), progress=False, margin=1.0, feature_l1=0.01,
+                                                          epochs=100)
+
+
+def always_inside(d):
+    c = sf.LinearConstraint(d)
+    with torch.no_grad():
+        c.net[0].weight.zero_()
+        c.net[0].bias.fill_(-1.0)
+    c.fitted.fill_(True)
+    return c
+
+
+def always_outside(d):
+    c = always_inside(d)
+    with torch.no_grad():
+        c.net[0].bias.fill_(1.0)
+    return c
+
+
+def gen(model, tok, prompts, **kw):
+    return generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=kw.pop("batch_size", 8), **kw)
+
+
+# --- the steerer --------------------------------------------------------------------------
+def test_safeflow_moves_outside_rows_inside_and_leaves_inside_rows():
+    H, y = separable(300, 16, gap=6.0)
+    poly = sf.PolytopeConstraints(16, 4, 128).fit(H, y, progress=False, margin=1.0, feature_l1=0.01, epochs=60)
+    rows = H[:8]
+    r = sf.Steerer.create("safeflow", lambda_unsafe=4.0, lr=0.05).steer(rows, poly)
+    outside = poly.violations(rows).max(1).values > 0
+    assert outside.any() and (~outside).any()
+    assert torch.equal(r.steered, outside)
+    assert torch.equal(r.hidden[~outside], rows[~outside])  # untouched, bit for bit
+    assert r.inside.all() and (r.violations_after.max(1).values <= 0).all()
+    assert (r.iterations[outside] >= 1).all() and (r.iterations[~outside] == 0).all()
+    torch.testing.assert_close(r.violations_after, poly.violations(r.hidden))
+
+
+def test_safeflow_matches_float64_autograd_reference():
+    H, y = separable(300, 16, gap=6.0)
+    poly = sf.PolytopeConstraints(16, 4, 64).fit(H, y, progress=False, margin=1.0, feature_l1=0.01, epochs=30)
+    h = H[y == 1][:4]
+    lam_u, lam_s, lr, steps = 2.0, 0.1, 0.01, 5
+    steerer = sf.SafeFlowSteerer(lambda_unsafe=lam_u, lambda_safe=lam_s, lr=lr, max_steps=steps, margin=1e9)
+    got = steerer.steer(h, poly).hidden
+    ref_poly = poly.double()
+    x = h.double().clone()
+    for _ in range(steps):  # Algorithm 1, plain autograd in float64
+        x.requires_grad_(True)
+        v = ref_poly.violations(x)
+        loss = (x - h.double()).abs().sum() / h.shape[1] + lam_s * v.sum() + lam_u * torch.relu(v).sum()
+        (g,) = torch.autograd.grad(loss, x)
+        x = (x - lr * g).detach()
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_unreachable_target_reports_not_inside():
+    c = always_outside(8)
+    r = sf.SafeFlowSteerer(max_steps=3).steer(torch.randn(2, 8), c)
+    assert r.steered.all() and not r.inside.any() and (r.iterations == 3).all()
+
+
+def test_non_finite_steps_are_rejected_and_original_kept():
+    c = always_outside(8)
+    h = torch.randn(3, 8)
+    r = sf.SafeFlowSteerer(lambda_unsafe=float("inf"), max_steps=2).steer(h, c)
+    assert r.rejected.all() and not r.steered.any()
+    assert torch.equal(r.hidden, h)
+
+
+def test_steerer_rejects_wrong_width():
+    with pytest.raises(DataError, match="input size 8"):
+        sf.SafeFlowSteerer().steer(torch.randn(2, 5), always_inside(8))
+
+
+def test_steering_keeps_input_dtype():
+    h = torch.randn(2, 8, dtype=torch.bfloat16)
+    r = sf.SafeFlowSteerer(max_steps=2).steer(h, always_outside(8))
+    assert r.hidden.dtype == torch.bfloat16 and r.violations_before.dtype == torch.float32
+
+
+# --- steered generation -------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cache_batch_and_safe_prompts(arch, tokenizer):
+    model = make_model(arch)
+    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
+    steer = dict(constraints=poly, steerer=sf.SafeFlowSteerer(lambda_unsafe=4.0, lambda_safe=0.5, margin=0.5, lr=0.1),
+                 layer=LAYER)
+    plain, plain_ids, _ = gen(model, tokenizer, PROMPTS)
+    cached, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
+    assert log.steered_rows() == [0, 2]  # exactly the prompts outside the polytope
+    # without KV cache: identical tokens
+    with sf.steering(model, **steer):
+        enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
+        a = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True)
+        b = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+    # each row alone gives the same tokens as the padded batch
+    _, single_ids, _ = gen(model, tokenizer, PROMPTS, steer=steer, batch_size=1)
+    assert single_ids == ids
+    # safe prompts: exactly the unsteered output
+    assert ids[1] == plain_ids[1] and ids[3] == plain_ids[3]
+
+
+def chat(tok, prompts):
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def test_steering_changes_states_of_outside_prompts(tokenizer):
+    model = make_model("llama")
+    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
+    with sf.steering(model, poly, sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.1), layer=LAYER) as log:
+        gen(model, tokenizer, PROMPTS)
+    first = [e for e in log.events if e.step == 0]
+    assert [e.row for e in first] == [0, 1, 2, 3]
+    assert [e.steered for e in first] == [True, False, True, False]
+    assert all(e.inside for e in first if e.steered) and all(e.shift > 0 for e in first if e.steered)
+    s = log.summary()
+    assert s["rows_steered"] == 2 and s["tokens_steered"] == len(log.steered())
+
+
+def test_first_n_tokens_and_token_gate(tokenizer):
+    model = make_model("qwen2")
+    outside = always_outside(32)
+    with sf.steering(model, outside, sf.SafeFlowSteerer(max_steps=1), layer=1, first_n_tokens=3, gate="token") as log:
+        gen(model, tokenizer, PROMPTS[:2])
+    steps = sorted({e.step for e in log.events})
+    assert steps == [0, 1, 2]
+    assert all(e.steered for e in log.events) and len(log.events) == 6
+
+
+def test_hooks_removed_after_exit_and_exception(tokenizer):
+    model = make_model("mistral")
+    before = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(max_steps=1), layer=1):
+        pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(max_steps=1), layer=1):
+            gen(model, tokenizer, PROMPTS[:1])
+            raise RuntimeError("boom")
+    after = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    assert before == after
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    plain, _, _ = gen(model, tokenizer, PROMPTS[:1])
+    again, _, _ = gen(model, tokenizer, PROMPTS[:1])
+    assert plain == again
+
+
+def test_bad_configuration_errors(tokenizer):
+    model = make_model("gemma")
+    with pytest.raises(ConfigError, match="out of range"):
+        with sf.steering(model, always_inside(32), sf.SafeFlowSteerer(), layer=9):
+            pass
+    with pytest.raises(ConfigError, match="hidden size 16"):
+        with sf.steering(model, always_inside(16), sf.SafeFlowSteerer(), layer=1):
+            pass
+    with pytest.raises(ConfigError, match="layers="):
+        with sf.steering(torch.nn.Linear(32, 32), always_inside(32), sf.SafeFlowSteerer(), layer=0):
+            pass
+    with pytest.raises(ConfigError, match="left padding"):
+        with sf.steering(model, always_inside(32), sf.SafeFlowSteerer(), layer=1):
+            tok = make_tokenizer()
+            tok.padding_side = "right"
+            enc = tok(["hack bank", "how do i make a bomb"], return_tensors="pt", padding=True)
+            model.generate(**enc, max_new_tokens=2)
+
+
+def test_explicit_layers_override(tokenizer):
+    model = make_model("llama")
+    with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(max_steps=1), layer=0, layers="model.layers") as log:
+        gen(model, tokenizer, PROMPTS[:1])
+    assert log.events
