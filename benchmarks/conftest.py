@@ -1,0 +1,60 @@
+"""Shared fixtures for the benchmarks, and a summary of the ratios the targets are stated in.
+
+Run with ``make bench`` (``OMP_NUM_THREADS=1 pytest benchmarks --benchmark-enable``).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+import safeflow as sf
+
+MEDIANS: dict[str, float] = {}
+LAYER = 20
+
+
+def record(benchmark, key: str, per: float = 1.0) -> None:
+    """Remember the median of ``benchmark`` divided by ``per`` under ``key``."""
+    MEDIANS[key] = benchmark.stats.stats.median / per
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    torch.manual_seed(0)
+    return sf.load_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return sf.load_prompts("default")
+
+
+@pytest.fixture(scope="session")
+def polytope(default_model, prompts):
+    """A width-16384 polytope on 400 training prompts (a short fit: realistic shapes and violations)."""
+    model, tok = default_model
+    data = prompts.where(sources=["advbench", "safeflow-everyday", "safeflow-instructions"]).subset(range(0, 1120, 3))
+    H = sf.HFExtractor(model, tok, layer=LAYER, progress=False).extract(data.texts)
+    return sf.PolytopeConstraints(H.shape[1], 14, 16384).fit(H, data.y, margin=20.0, feature_l1=0.01, epochs=20,
+                                                              progress=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not MEDIANS:
+        return
+    tr = terminalreporter
+    tr.section("safeflow benchmark summary")
+    tr.write_line(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                  f"torch {torch.__version__}, python {platform.python_version()}")
+    for key, value in sorted(MEDIANS.items()):
+        tr.write_line(f"{key:45s} {value * 1e3:10.2f} ms")
+    for b in (1, 8):
+        base = MEDIANS.get(f"token b{b} unsteered")
+        if base:
+            for kind in ("check only (safe prompt)", "steered (prompt outside)"):
+                other = MEDIANS.get(f"token b{b} {kind}")
+                if other:
+                    tr.write_line(f"ratio b{b} {kind:35s} {other / base:6.3f}x unsteered")

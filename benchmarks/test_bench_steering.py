@@ -1,0 +1,46 @@
+"""Per-token generation latency on the default model (CPU), unsteered vs with the steering hook.
+
+Targets (issue 3): the check adds <= 5% to an unsteered token; a steered token costs <= 3x.
+"""
+
+import pytest
+
+import safeflow as sf
+
+from conftest import LAYER, record
+
+NEW_TOKENS = 16
+
+
+def _generate(model, tok, prompts):
+    enc = tok([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    return model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                          pad_token_id=tok.pad_token_id)
+
+
+def _pick(polytope, model, tok, texts, outside: bool, n: int):
+    H = sf.HFExtractor(model, tok, layer=LAYER, progress=False).extract(texts)
+    mask = (polytope.violations(H).max(1).values > 0) == outside
+    chosen = [t for t, m in zip(texts, mask.tolist()) if m][:n]
+    assert len(chosen) == n, "not enough prompts on the requested side of the polytope"
+    return chosen
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("mode", ["unsteered", "check only (safe prompt)", "steered (prompt outside)"])
+def test_token_latency(benchmark, default_model, prompts, polytope, batch, mode):
+    model, tok = default_model
+    if mode == "steered (prompt outside)":
+        texts = _pick(polytope, model, tok, prompts.where(sources=["strongreject"]).texts[:40], True, batch)
+    else:
+        texts = _pick(polytope, model, tok, prompts.where(sources=["rho-gsm8k"]).texts[:40], False, batch)
+    if mode == "unsteered":
+        run = lambda: _generate(model, tok, texts)  # noqa: E731
+    else:
+        def run():
+            with sf.steering(model, polytope, sf.SafeFlowSteerer(), layer=LAYER, first_n_tokens=None) as log:
+                _generate(model, tok, texts)
+            benchmark.extra_info["tokens_steered"] = log.summary()["tokens_steered"]
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    record(benchmark, f"token b{batch} {mode}", per=NEW_TOKENS)

