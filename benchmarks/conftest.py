@@ -51,10 +51,10 @@ def pytest_terminal_summary(terminalreporter):
                   f"torch {torch.__version__}, python {platform.python_version()}")
     for key, value in sorted(MEDIANS.items()):
         tr.write_line(f"{key:45s} {value * 1e3:10.2f} ms")
+    # each ratio compares the same prompts with and without the hook
+    pairs = {"check only (safe prompt)": "unsteered", "steered (prompt outside)": "unsteered (outside prompts)"}
     for b in (1, 8):
-        base = MEDIANS.get(f"token b{b} unsteered")
-        if base:
-            for kind in ("check only (safe prompt)", "steered (prompt outside)"):
-                other = MEDIANS.get(f"token b{b} {kind}")
-                if other:
-                    tr.write_line(f"ratio b{b} {kind:35s} {other / base:6.3f}x unsteered")
+        for kind, base_kind in pairs.items():
+            base, other = MEDIANS.get(f"token b{b} {base_kind}"), MEDIANS.get(f"token b{b} {kind}")
+            if base and other:
+                tr.write_line(f"ratio b{b} {kind:30s} {other / base:6.3f}x {base_kind}")

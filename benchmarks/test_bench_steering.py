@@ -28,14 +28,15 @@ def _pick(polytope, model, tok, texts, outside: bool, n: int):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("mode", ["unsteered", "check only (safe prompt)", "steered (prompt outside)"])
+@pytest.mark.parametrize("mode", ["unsteered", "check only (safe prompt)", "unsteered (outside prompts)",
+                                  "steered (prompt outside)"])
 def test_token_latency(benchmark, default_model, prompts, polytope, batch, mode):
     model, tok = default_model
-    if mode == "steered (prompt outside)":
-        texts = _pick(polytope, model, tok, prompts.where(sources=["strongreject"]).texts[:40], True, batch)
+    if mode.endswith("outside)") or mode.endswith("outside prompts)"):
+        texts = _pick(polytope, model, tok, prompts.where(sources=["advbench"]).texts[1::3][:60], True, batch)
     else:
         texts = _pick(polytope, model, tok, prompts.where(sources=["rho-gsm8k"]).texts[:40], False, batch)
-    if mode == "unsteered":
+    if mode.startswith("unsteered"):
         run = lambda: _generate(model, tok, texts)  # noqa: E731
     else:
         def run():

@@ -103,11 +103,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     layer = args.layer if args.layer is not None else preset(args.preset).layer
     constraints = ConstraintSet.load(args.constraints)
-    steer = dict(constraints=constraints, steerer=Steerer.create(args.steerer), layer=layer, first_n_tokens=args.first_n)
+    steerer = Steerer.create(args.steerer, **({"preset": args.preset} if args.preset else {}))
+    steer = dict(constraints=constraints, steerer=steerer, layer=layer, first_n_tokens=args.first_n)
     plain, _, _ = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens)
     steered, _, log = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens, steer=steer)
-    rows = set(log.steered_rows()) if log else set()
-    for i, (p, a, b) in enumerate(zip(prompts, plain, steered)):
+    for p, a, b in zip(prompts, plain, steered):
         print(f"=== {p}\n--- unsteered:\n{a}\n--- steered ({'moved' if a != b else 'unchanged'}):\n{b}\n")
     if log:
         print(json.dumps({k: v for k, v in log.summary().items() if k != "steered_tokens_per_row"}))
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraints", default="runs/polytope.safetensors")
     p.add_argument("--steerer", default="safeflow")
     p.add_argument("--layer", type=int, default=None, help="default: the preset's layer")
-    p.add_argument("--preset", default=None)
+    p.add_argument("--preset", default=None, help="model preset for the layer and the steerer's weights")
     p.add_argument("--first-n", type=int, default=20, help="steer only the first n generated tokens")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)

@@ -35,7 +35,7 @@ class SteerEvent:
 
     call: int  #: index of the generate() call within the context (0-based)
     row: int  #: batch row
-    step: int  #: generation step: 0 = prefill (produces generated token 1), s = produces token s+1
+    step: int  #: generation step (0 = prefill, which produces generated token 1; step s produces token s+1)
     position: int  #: absolute position in the padded sequence
     violation_before: float  #: largest violation before steering (> 0 means outside)
     violation_after: float  #: largest violation after steering

@@ -27,7 +27,7 @@ PRESETS: dict[str, ModelPreset] = {
     "qwen2-1.5b": ModelPreset(layer=20, margin=30.0, feature_l1=1.0, lambda_unsafe=10.0, lambda_safe=5000.0),
     "smollm2-135m-instruct": ModelPreset(layer=20, margin=20.0, feature_l1=0.01, lambda_unsafe=4.0, lambda_safe=0.0),
 }
-#: Used for models without an entry: the default model's settings.
+#: The preset used for models without an entry (the default model's settings).
 DEFAULT_PRESET = "smollm2-135m-instruct"
 
 

@@ -72,8 +72,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
 
     Args:
         input_dim: hidden size d.
-        num_facets: K.
-        num_features: width F of the feature map (paper: 16384).
+        num_facets: number of facets K.
+        num_features: the width F of the feature map (paper: 16384).
     """
 
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384) -> None:
