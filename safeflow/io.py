@@ -61,7 +61,7 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the path of a file written by .save()")
+        raise FileNotFoundError(f"{path} does not exist; pass the path of a file written by safeflow (.save() or `safeflow extract`)")
     try:
         from safetensors import safe_open
 
