@@ -115,7 +115,7 @@ def evaluate_steering(
         steered_tokens[e.call * batch_size + e.row] = steered_tokens.get(e.call * batch_size + e.row, 0) + 1
     records = [
         {"group": g, "prompt": p, "unsteered": a, "steered": b, "refused_unsteered": judge(a), "refused_steered": judge(b),
-         "unchanged": ia == ib, "steered_tokens": steered_tokens.get(i, 0)}
+         "unchanged": ia == ib, "steered_tokens": steered_tokens.get(i, 0), "was_steered": i in steered_tokens}
         for i, ((g, p), a, b, ia, ib) in enumerate(zip(groups, plain, steered, plain_ids, steered_ids))
     ]
 
@@ -126,7 +126,7 @@ def evaluate_steering(
     return {
         "harmful_refusal_unsteered": rate("harmful", "refused_unsteered"),
         "harmful_refusal_steered": rate("harmful", "refused_steered"),
-        "harmful_rows_steered": sum(r["steered_tokens"] > 0 for r in records if r["group"] == "harmful") / max(1, len(harmful)),
+        "harmful_rows_steered": rate("harmful", "was_steered"),
         "benign_unchanged": rate("benign", "unchanged"),
         "edgy_false_refusal_unsteered": rate("edgy", "refused_unsteered"),
         "edgy_false_refusal_steered": rate("edgy", "refused_steered"),

@@ -6,9 +6,9 @@ the last prompt token at prefill, then each new token — for the first ``first_
 generation steps. With ``gate="prompt"`` (default) a row is eligible only if its prompt (the
 last prompt token, which is what the constraint set is trained on) is outside; with
 ``gate="token"`` every row is checked at every step. Rows inside the constraint set are left
-bit-for-bit untouched; rows outside are replaced by the steerer's result. Steered states are remembered per (row, position) and
-re-applied whenever generation recomputes earlier positions (``use_cache=False``), so
-generation with and without the KV cache sees the same hidden states.
+bit-for-bit untouched; rows outside are replaced by the steerer's result. Steered states are
+remembered per (row, position) and re-applied whenever generation recomputes earlier positions
+(``use_cache=False``), so generation with and without the KV cache sees the same hidden states.
 
 Batches must be left-padded (the usual setting for generation with decoder-only models).
 """
@@ -88,10 +88,10 @@ class SteeringLog:
 class _SequenceState:
     """Per-generate() bookkeeping: tokens seen, step counter and steered replacements."""
 
-    def __init__(self, call: int, input_ids: torch.Tensor | None, length: int) -> None:
+    def __init__(self, call: int) -> None:
         self.call = call
-        self.tokens = input_ids
-        self.length = length  # positions seen so far
+        self.tokens: torch.Tensor | None = None  # token ids seen so far [B, length]
+        self.length = 0  # positions seen so far
         self.step = -1
         self.flagged: torch.Tensor | None = None  # rows whose prompt was outside (gate="prompt")
         self.start = 0  # absolute position of column 0 in the current forward
@@ -135,7 +135,7 @@ class _SteeringHooks:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.ndim == 2 and not bool(mask[:, -1].all()):
                 raise ConfigError("steered generation needs left padding; set tokenizer.padding_side = 'left'")
-            self.state = s = _SequenceState(self.calls, None, 0)
+            self.state = s = _SequenceState(self.calls)
             self.calls += 1
         assert s is not None
         s.step += 1
@@ -218,7 +218,7 @@ def steering(
             f"the constraint set expects hidden size {constraints.input_dim} but the model's is {d}; "
             "train the constraint set on hidden states of this model"
         )
-    constraints._require_fitted()
+    constraints.require_fitted()
     if gate not in ("prompt", "token"):
         raise ConfigError(f"gate must be 'prompt' or 'token', got {gate!r}")
     if first_n_tokens is not None and first_n_tokens < 0:

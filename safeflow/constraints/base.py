@@ -110,7 +110,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         return (self.score(H) > 0).long()
 
     def _check(self, H: Any) -> torch.Tensor:
-        self._require_fitted()
+        self.require_fitted()
         H = as_features(H, self.input_dim)
         param = next(self.parameters())
         return H.to(device=param.device, dtype=param.dtype)
@@ -139,6 +139,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             raise CorruptFileError(f"{path} does not match its own config ({exc}); re-create it with .save()") from None
         return obj
 
-    def _require_fitted(self) -> None:
+    def require_fitted(self) -> None:
+        """Raise :class:`DataError` unless the constraint set has been fitted or loaded."""
         if not bool(self.fitted):
             raise DataError(f"this {type(self).__name__} has not been fitted; call .fit(H, y) or load a saved one")
