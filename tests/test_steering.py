@@ -190,3 +190,16 @@ def test_explicit_layers_override(tokenizer):
     with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(max_steps=1), layer=0, layers="model.layers") as log:
         gen(model, tokenizer, PROMPTS[:1])
     assert log.events
+
+
+def test_sampling_with_and_without_cache_is_identical(tokenizer):
+    model = make_model("llama")
+    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
+    enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
+    outs = []
+    with sf.steering(model, poly, sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.1), layer=LAYER) as log:
+        for use_cache in (True, False):
+            torch.manual_seed(7)
+            outs.append(model.generate(**enc, max_new_tokens=6, do_sample=True, top_k=0, use_cache=use_cache))
+    assert torch.equal(outs[0], outs[1])
+    assert log.steered_rows(0) == log.steered_rows(1) == [0, 2]
