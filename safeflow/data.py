@@ -124,13 +124,14 @@ def load_prompts(name_or_path: str = "default", sources: Sequence[str] | None = 
     if unknown:
         raise ConfigError(f"unknown prompt source(s) {unknown}; valid: {', '.join(known)}")
     seen: set[str] = set()
-    texts, labels, cats, srcs = [], [], [], []
+    rows: list[tuple[str, int, str, str]] = []
     for source in chosen:
         for text, label, category in _read_source(source):
             key = " ".join(text.lower().split())
             if text.strip() and key not in seen:
                 seen.add(key)
-                texts.append(text.strip()), labels.append(label), cats.append(category), srcs.append(source)
+                rows.append((text.strip(), label, category, source))
+    texts, labels, cats, srcs = (list(col) for col in zip(*rows))
     return PromptSet(texts, labels, cats, srcs)
 
 

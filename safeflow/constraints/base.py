@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,9 @@ from ..io import load_tensors, save_tensors
 from ..registry import Registered
 
 FORMAT_VERSION = 1
+
+#: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
+Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 def as_features(H: Any, input_dim: int | None = None, name: str = "H") -> torch.Tensor:
@@ -86,7 +90,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         """Constructor arguments that rebuild this object's shape (saved in the JSON header)."""
 
     # --- shared behaviour ----------------------------------------------------------------
-    def violations_vjp(self, H: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
         """Violations V [N, K] and the vector-Jacobian product ``∂(Σ_k weights[:, k]·V[:, k])/∂H`` [N, d].
 
         ``weights`` may be a function of V: pass a callable ``V -> [N, K]``. Implementations

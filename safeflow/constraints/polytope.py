@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .base import ConstraintSet, as_features, as_labels
+from .base import ConstraintSet, Weights, as_features, as_labels
 from .training import default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches
 
 #: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
@@ -97,7 +97,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         """V = f(H) Φᵀ − ξ, [N, K]."""
         return self.features(H) @ self.facets.T - self.thresholds
 
-    def violations_vjp(self, H: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed form: inside the activation pattern D = [W h + b > 0], ∂v/∂h = Φ D W, so the
         product with weights c [N, K] is ``((c Φ) ⊙ D) W``. Same result as autograd, one pass."""
         with torch.no_grad():
