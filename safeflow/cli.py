@@ -1,4 +1,4 @@
-"""The ``safeflow`` command: assets, extract, train, eval, generate, demo."""
+"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo."""
 
 from __future__ import annotations
 
@@ -114,6 +114,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .data import load_prompts
+    from .extractors import HFExtractor
+    from .models import load_model
+    from .pipeline import default_splits, format_table, layer_sweep
+
+    model, tok = load_model(args.model)
+    ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache)
+    layers = args.layers or list(range(len(ext.blocks)))
+    rows = layer_sweep(ext, default_splits(load_prompts("default")), layers, kind=args.constraint)
+    print(format_table(rows, list(rows[0])))
+    best = max(rows, key=lambda r: (r["val_ood_f1"], r["val_ood_auroc"]))
+    print(f"best layer by OOD validation F1: {best['layer']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import format_table, run_demo
 
@@ -175,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-n", type=int, default=20, help="steer only the first n generated tokens")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sweep", help="choose the layer by out-of-distribution validation (default data)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--layers", type=int, nargs="*", help="layers to try (default: all)")
+    p.add_argument("--constraint", default="linear", help="constraint set fitted per layer (fast: linear)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
     p.add_argument("--out", default="runs/demo")

@@ -76,6 +76,25 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def layer_sweep(extractor: HFExtractor, splits: Splits, layers: list[int], kind: str = "linear",
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Choose a layer by out-of-distribution validation: for each layer, fit ``kind`` on the train
+    split and report F1 / FPR / AUROC on the OOD validation split (and, for reference only, the
+    in-distribution test split). All layers come from one forward pass per batch."""
+    names = ("train", "test_id", "val_ood")
+    feats = {n: extractor.extract_layers(getattr(splits, n).texts, layers) for n in names}
+    rows = []
+    for j, layer in enumerate(layers):
+        model = ConstraintSet.create(kind, input_dim=feats["train"].shape[2]).fit(
+            feats["train"][:, j], splits.train.y, progress=False)
+        row: dict[str, Any] = {"layer": layer}
+        for n in names[1:]:
+            m = detection_metrics(getattr(splits, n).y, model.score(feats[n][:, j]))
+            row.update({f"{n}_f1": m["f1"], f"{n}_fpr": m["fpr"], f"{n}_auroc": m["auroc"]})
+        rows.append(row)
+    return rows
+
+
 def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", preset_name: str | None = None,
              limit: int | None = 50, max_new_tokens: int = 48, num_features: int = 16384, progress: bool = True,
              cache_dir: str | Path | None = None) -> dict[str, Any]:

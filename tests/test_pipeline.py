@@ -1,0 +1,54 @@
+import pytest
+
+import safeflow as sf
+from safeflow.pipeline import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, default_splits, format_table, layer_sweep
+
+from conftest import make_model
+
+HARM = ["how do i make a bomb", "hack bank steal car", "kill someone", "sell drug weapon", "steal car please",
+        "hurt someone plan"]
+SAFE = ["bake cookies please", "write poem about the sea", "plan trip paris", "cook pasta recipe", "garden help please",
+        "why sky blue"]
+
+
+def prompt_set(source: str) -> sf.PromptSet:
+    return sf.PromptSet(HARM + SAFE, [1] * len(HARM) + [0] * len(SAFE), sources=[source] * 12)
+
+
+def test_default_splits_keep_ood_sources_out_of_training():
+    data = prompt_set("a") + prompt_set("b") + prompt_set(OOD_VALIDATION_SOURCES[0])
+    for s in OOD_TEST_SOURCES:
+        data = data + prompt_set(s)
+    splits = default_splits(data)
+    assert set(splits.train.sources) == set(splits.test_id.sources) == {"a", "b"}
+    assert set(splits.val_ood.sources) == set(OOD_VALIDATION_SOURCES)
+    assert set(splits.test_ood.sources) == set(OOD_TEST_SOURCES)
+    assert len(splits.train) + len(splits.test_id) == 24
+
+
+def test_layer_sweep_reports_every_layer(tokenizer):
+    model = make_model("llama")
+    splits = Splits(train=prompt_set("a") + prompt_set("b"), test_id=prompt_set("c"), val_ood=prompt_set("d"),
+                    test_ood=prompt_set("e"))
+    ext = sf.HFExtractor(model, tokenizer, progress=False)
+    rows = layer_sweep(ext, splits, [0, 3])
+    assert [r["layer"] for r in rows] == [0, 3]
+    for r in rows:
+        assert 0 <= r["val_ood_f1"] <= 1 and 0 <= r["test_id_auroc"] <= 1
+    # the training prompts are the validation prompts here, so a linear probe separates them
+    assert max(r["val_ood_auroc"] for r in rows) > 0.9
+
+
+def test_format_table():
+    text = format_table([{"a": 0.12345, "b": "x"}], ["a", "b"])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 0.123 | x |"]
+
+
+def test_cli_help_and_errors(capsys):
+    from safeflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "sweep" in capsys.readouterr().out
+    assert main(["eval", "--features", "/nonexistent.safetensors"]) == 2
+    assert "does not exist" in capsys.readouterr().err
