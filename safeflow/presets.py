@@ -2,7 +2,10 @@
 
 ``margin`` is the polytope's training margin κ, ``feature_l1`` its λ_f; ``lambda_unsafe`` and
 ``lambda_safe`` are SafeFlow's weights. The SmolLM2 entry was chosen on an out-of-distribution
-validation source (``rho-refusal-50``) that is neither trained on nor used as the test set.
+validation source (``rho-refusal-50``) that is neither trained on nor used as the test set:
+``safeflow sweep`` (linear probe per layer) gives OOD-validation F1 0.947 for layers 18, 20 and
+22 alike (0.84 at layer 12, 0.54 at layer 8), so the paper's layer 20 is kept; κ and λ_f were then
+picked on the same validation source.
 """
 
 from __future__ import annotations
