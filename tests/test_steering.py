@@ -24,6 +24,7 @@ def always_inside(d):
     with torch.no_grad():
         c.net[0].weight.zero_()
         c.net[0].bias.fill_(-1.0)
+        c.input_covariance.copy_(torch.eye(d))
     c.fitted.fill_(True)
     return c
 
@@ -54,22 +55,52 @@ def test_safeflow_moves_outside_rows_inside_and_leaves_inside_rows():
     torch.testing.assert_close(r.violations_after, poly.violations(r.hidden))
 
 
-def test_safeflow_matches_float64_autograd_reference():
+@pytest.mark.parametrize("precondition", ["none", "covariance"])
+def test_safeflow_matches_float64_autograd_reference(precondition):
     H, y = separable(300, 16, gap=6.0)
+    H = H * torch.linspace(0.2, 3.0, 16)  # anisotropic, so preconditioning matters
     poly = sf.PolytopeConstraints(16, 4, 64).fit(H, y, progress=False, margin=1.0, feature_l1=0.01, epochs=30)
     h = H[y == 1][:4]
-    lam_u, lam_s, lr, steps = 2.0, 0.1, 0.01, 5
-    steerer = sf.SafeFlowSteerer(lambda_unsafe=lam_u, lambda_safe=lam_s, lr=lr, max_steps=steps, margin=1e9)
-    got = steerer.steer(h, poly).hidden
+    lam_u, lam_s, lr, steps, margin = 2.0, 0.1, 0.01, 5, 50.0  # margin: no row can stop early
+    steerer = sf.SafeFlowSteerer(lambda_unsafe=lam_u, lambda_safe=lam_s, lr=lr, max_steps=steps, margin=margin,
+                                 precondition=precondition)
+    got = steerer.steer(h, poly)
+    assert (got.iterations == steps).all()
     ref_poly = poly.double()
+    cov = torch.cov(H.T.double())
+    P = cov / (cov.trace() / 16) if precondition == "covariance" else torch.eye(16, dtype=torch.float64)
     x = h.double().clone()
-    for _ in range(steps):  # Algorithm 1, plain autograd in float64
+    for _ in range(steps):  # Algorithm 1 with a target margin, plain autograd in float64
         x.requires_grad_(True)
         v = ref_poly.violations(x)
-        loss = (x - h.double()).abs().sum() / h.shape[1] + lam_s * v.sum() + lam_u * torch.relu(v).sum()
+        loss = (x - h.double()).abs().sum() / h.shape[1] + lam_s * v.sum() + lam_u * torch.relu(v + margin).sum()
         (g,) = torch.autograd.grad(loss, x)
-        x = (x - lr * g).detach()
-    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+        x = (x - lr * g @ P).detach()
+    torch.testing.assert_close(got.hidden.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_covariance_is_recorded_saved_and_required(tmp_path):
+    H, y = separable(200, 8)
+    lin = sf.LinearConstraint(8).fit(H, y, progress=False, epochs=2)
+    torch.testing.assert_close(lin.input_covariance, torch.cov(H.T))
+    lin.save(tmp_path / "lin.safetensors")
+    assert torch.equal(sf.ConstraintSet.load(tmp_path / "lin.safetensors").input_covariance, lin.input_covariance)
+    unfitted_geometry = always_outside(8)
+    unfitted_geometry.input_covariance.zero_()
+    with pytest.raises(DataError, match="precondition='none'"):
+        sf.SafeFlowSteerer(precondition="covariance").steer(torch.randn(2, 8), unfitted_geometry)
+    with pytest.raises(ConfigError, match="precondition"):
+        sf.SafeFlowSteerer(precondition="diagonal")
+
+
+def test_margin_steers_deeper_inside():
+    H, y = separable(300, 16, gap=6.0)
+    poly = sf.PolytopeConstraints(16, 4, 128).fit(H, y, progress=False, margin=1.0, feature_l1=0.01, epochs=60)
+    rows = H[y == 1][:6]
+    shallow = sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.05, margin=0.0).steer(rows, poly)
+    deep = sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.05, margin=0.5, max_steps=400).steer(rows, poly)
+    assert (deep.violations_after.max(1).values <= -0.5).all()
+    assert (deep.shift > shallow.shift).all()
 
 
 def test_unreachable_target_reports_not_inside():
@@ -146,6 +177,24 @@ def test_first_n_tokens_and_token_gate(tokenizer):
     steps = sorted({e.step for e in log.events})
     assert steps == [0, 1, 2]
     assert all(e.steered for e in log.events) and len(log.events) == 6
+
+
+def test_detector_gate_steers_only_the_prompts_it_flags(tokenizer):
+    model = make_model("llama")
+    detector = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
+    plain, plain_ids, _ = gen(model, tokenizer, PROMPTS)
+    steer = dict(constraints=always_outside(32), steerer=sf.SafeFlowSteerer(max_steps=1, lr=1.0), layer=LAYER,
+                 gate=detector, first_n_tokens=3)
+    _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
+    assert log.steered_rows() == [0, 2] and {e.row for e in log.events} == {0, 2}
+    assert sorted({e.step for e in log.events}) == [0, 1, 2]
+    assert ids[1] == plain_ids[1] and ids[3] == plain_ids[3]
+    with pytest.raises(ConfigError, match="hidden size 16"):
+        with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(), layer=LAYER, gate=always_inside(16)):
+            pass
+    with pytest.raises(ConfigError, match="gate must be"):
+        with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(), layer=LAYER, gate="sometimes"):
+            pass
 
 
 def test_hooks_removed_after_exit_and_exception(tokenizer):

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CorruptFileError, DataError
+from ..errors import ConfigError, CorruptFileError, DataError
 from ..io import load_tensors, save_tensors
 from ..registry import Registered
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -72,9 +72,15 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     input_dim: int
     num_constraints: int
 
-    def __init__(self) -> None:
+    def __init__(self, input_dim: int) -> None:
         nn.Module.__init__(self)
+        if not isinstance(input_dim, int) or input_dim < 1:
+            raise ConfigError(f"input_dim must be a positive int, got {input_dim!r}")
+        self.input_dim = input_dim
         self.register_buffer("fitted", torch.tensor(False))
+        #: Covariance [d, d] of the hidden states seen by ``fit`` (zeros until fitted); steerers
+        #: may use it as the geometry of the hidden-state space (see ``SafeFlowSteerer``).
+        self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
 
     # --- what an implementation provides -------------------------------------------------
     @abstractmethod
@@ -142,6 +148,12 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         except (TypeError, ValueError, RuntimeError) as exc:
             raise CorruptFileError(f"{path} does not match its own config ({exc}); re-create it with .save()") from None
         return obj
+
+    def _record_fit(self, H: torch.Tensor) -> None:
+        """Mark fitted and store the covariance of the training rows H [N, d]."""
+        cov = torch.cov(H.T.double()) if H.shape[0] > 1 else torch.zeros(self.input_dim, self.input_dim)
+        self.input_covariance.copy_(cov.to(self.input_covariance))
+        self.fitted.fill_(True)
 
     def require_fitted(self) -> None:
         """Raise :class:`DataError` unless the constraint set has been fitted or loaded."""

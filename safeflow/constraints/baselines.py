@@ -23,10 +23,8 @@ class _LogitConstraint(ConstraintSet):
     net: nn.Sequential
 
     def __init__(self, input_dim: int) -> None:
-        super().__init__()
-        if not isinstance(input_dim, int) or input_dim < 1:
-            raise ConfigError(f"input_dim must be a positive int, got {input_dim!r}")
-        self.input_dim, self.num_constraints = input_dim, 1
+        super().__init__(input_dim)
+        self.num_constraints = 1
 
     def violations(self, H: torch.Tensor) -> torch.Tensor:
         return self.net(H)
@@ -67,7 +65,7 @@ class _LogitConstraint(ConstraintSet):
         )
         first = self.net[0]
         fold_standardization(first.weight.data, first.bias.data, mean.to(device), std.to(device))
-        self.fitted.fill_(True)
+        self._record_fit(H)
         return self
 
 

@@ -77,11 +77,11 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
     """
 
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384) -> None:
-        super().__init__()
-        for name, value in (("input_dim", input_dim), ("num_facets", num_facets), ("num_features", num_features)):
+        super().__init__(input_dim)
+        for name, value in (("num_facets", num_facets), ("num_features", num_features)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        self.input_dim, self.num_constraints, self.num_features = input_dim, num_facets, num_features
+        self.num_constraints, self.num_features = num_facets, num_features
         self.feature_map = nn.Linear(input_dim, num_features)
         self.facets = nn.Parameter(torch.randn(num_facets, num_features) / math.sqrt(num_features))
         self.thresholds = nn.Parameter(torch.zeros(num_facets))
@@ -156,7 +156,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             progress=progress, desc="polytope",
         )
         fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean.to(device), std.to(device))
-        self.fitted.fill_(True)
+        self._record_fit(H)
         return self
 
     @torch.no_grad()
