@@ -164,6 +164,65 @@ class HFExtractor(Extractor, name="hf"):
         }
         return HiddenStateCache(self.cache_dir, fingerprint)
 
+    def extract_responses(self, prompts: Sequence[str], responses: Sequence[str], max_tokens: int = 12) -> list[torch.Tensor]:
+        """Hidden states that *produce* each response under teacher forcing.
+
+        Each prompt is formatted as for :meth:`extract` and followed by the first ``max_tokens``
+        tokens r_1..r_n of its response. Row i of the result is [n_i, d] (float32, CPU): the state
+        at the last prompt token (which produces r_1), then at r_1 (which produces r_2), ... up to
+        r_{n-1} — exactly the states steering sees at generation steps 0..n-1 when the model
+        generates that response itself.
+        """
+        prompts, responses = list(prompts), list(responses)
+        if len(prompts) != len(responses) or not prompts:
+            raise DataError(f"need one response per prompt and at least one pair; got {len(prompts)} prompts "
+                            f"and {len(responses)} responses")
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+        tok = self.tokenizer
+        formatted = format_prompts(tok, prompts, self.chat_template, self.system_prompt)
+        rows = []
+        for text, response in zip(formatted, responses):
+            p_ids = tok(text, add_special_tokens=False)["input_ids"][-self.max_length:]
+            r_ids = tok(response, add_special_tokens=False)["input_ids"][:max_tokens]
+            if not r_ids:
+                raise DataError(f"empty response for prompt {text[:60]!r}; drop rows without a response")
+            rows.append((p_ids + r_ids[:-1], len(p_ids) - 1))
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        bar = tqdm(total=len(rows), desc="extract responses", unit="pair", disable=not self.progress)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(rows[i][0]) for i in batch)
+            pad = tok.pad_token_id
+            ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in batch])
+            mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in batch])
+            hidden = self._layer_output(ids, mask, self.layer)
+            for j, i in enumerate(batch):
+                out[i] = hidden[j, rows[i][1] : len(rows[i][0])].float().cpu()
+            bar.update(len(batch))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _layer_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block ``layer``'s full output [B, T, d] for a right-padded batch (forward stops there)."""
+        device = next(self.model.parameters()).device
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(block_output(output))
+            raise _StopForward
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
     @torch.no_grad()
     def _forward(self, prompts: list[str], layers: list[int]) -> torch.Tensor:
         tok = self.tokenizer

@@ -1,0 +1,106 @@
+"""Response-conditioned training data: hidden states labelled by what the model goes on to say.
+
+A polytope trained on *prompt* states learns "this looks like a harmful request"; moving a
+state into it makes the prompt look benign, which does not make a model refuse. For steering,
+the safe set has to contain the states of *safe conversations* — including harmful requests
+that are refused. :func:`response_states` builds such data from prompts alone:
+
+* harmful prompt + the model's own greedy answer → **unsafe (1)**, every state that produces
+  one of its first ``max_tokens`` tokens (the first of them is the prompt's last-token state);
+  if the judge finds the answer is already a refusal, the row is **safe (0)** instead;
+* harmful prompt + a refusal from ``refusals`` (teacher-forced) → **safe (0)**, the states
+  after the prompt (the prompt state itself is shared with the row above and keeps its label);
+* benign prompt + the model's own greedy answer → **safe (0)**, every state.
+
+The states are exactly the ones the steering hook sees while the model generates (see
+:meth:`safeflow.extractors.HFExtractor.extract_responses`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DataError
+from .evaluation import RefusalJudge
+from .extractors import HFExtractor
+from .generation import generate_responses
+
+#: Refusals used as the safe continuation of harmful prompts (project-written; any list works).
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot assist with that. It could cause serious harm to people.",
+    "I'm sorry, I can't provide instructions for that.",
+    "As an AI assistant, I can't help with anything illegal or dangerous.",
+    "I won't help with this request because it could hurt someone.",
+    "Sorry, but I cannot provide that information.",
+    "I can't help with that. If you or someone else is in danger, please contact local authorities.",
+    "I'm not able to help with that request.",
+    "I must decline. This request asks for something harmful, and I won't provide it.",
+    "I'm sorry, but helping with this would be unsafe and against my guidelines.",
+)
+
+
+@dataclass
+class ResponseStates:
+    """Labelled hidden states [N, d] with, per row, the prompt it came from and its role."""
+
+    H: torch.Tensor  #: [N, d] float32
+    y: torch.Tensor  #: [N] long, 1 = unsafe
+    prompt_index: torch.Tensor  #: [N] long, index into harmful + benign (in that order)
+    kind: list[str]  #: per row: "complied", "refused-own", "refusal", "benign"
+
+    def counts(self) -> dict[str, int]:
+        return {k: self.kind.count(k) for k in ("complied", "refused-own", "refusal", "benign")}
+
+
+def response_states(
+    extractor: HFExtractor,
+    harmful: Sequence[str],
+    benign: Sequence[str] = (),
+    *,
+    max_tokens: int = 12,
+    refusals: Sequence[str] = REFUSALS,
+    judge: RefusalJudge | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> ResponseStates:
+    """Generate the model's own answers and build response-conditioned states (see the module doc).
+
+    Without ``benign`` prompts the data contrasts complying with refusing on harmful prompts only;
+    a polytope fitted to it is a *refusal polytope* — the constraint set used for steering.
+    """
+    harmful, benign = list(harmful), list(benign)
+    if not harmful:
+        raise DataError("need at least one harmful prompt; response states contrast complying with refusing")
+    if not refusals:
+        raise DataError("refusals is empty; pass at least one refusal text")
+    judge = judge or RefusalJudge()
+    model, tok = extractor.model, extractor.tokenizer
+    answers, _, _ = generate_responses(model, tok, harmful + benign, max_new_tokens=max_tokens, batch_size=batch_size,
+                                       chat_template=extractor.chat_template, system_prompt=extractor.system_prompt,
+                                       progress=progress)
+    rng = random.Random(seed)
+    pairs: list[tuple[int, str, str, int, bool]] = []  # prompt index, response, kind, label, keep first state
+    for i, answer in enumerate(answers[: len(harmful)]):
+        if answer.strip():
+            refused = judge(answer)
+            pairs.append((i, answer, "refused-own" if refused else "complied", 0 if refused else 1, True))
+        pairs.append((i, rng.choice(list(refusals)), "refusal", 0, not answer.strip()))
+    for i, answer in enumerate(answers[len(harmful):], start=len(harmful)):
+        if answer.strip():
+            pairs.append((i, answer, "benign", 0, True))
+    prompts = harmful + benign
+    states = extractor.extract_responses([prompts[i] for i, *_ in pairs], [r for _, r, *_ in pairs], max_tokens)
+    kept = [s if first else s[1:] for s, (*_, first) in zip(states, pairs)]
+    rows = [(s, pair) for s, pair in zip(kept, pairs) if len(s)]
+    return ResponseStates(
+        H=torch.cat([s for s, _ in rows]),
+        y=torch.cat([torch.full((len(s),), p[3], dtype=torch.long) for s, p in rows]),
+        prompt_index=torch.cat([torch.full((len(s),), p[0], dtype=torch.long) for s, p in rows]),
+        kind=[p[2] for s, p in rows for _ in range(len(s))],
+    )
