@@ -89,6 +89,7 @@ def evaluate_steering(
     harmful: Sequence[str],
     benign: Sequence[str],
     edgy: Sequence[str] = (),
+    gate: Any = "prompt",
     first_n_tokens: int | None = 20,
     max_new_tokens: int = 48,
     batch_size: int = 8,
@@ -96,6 +97,8 @@ def evaluate_steering(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Generate every prompt with and without steering and compare.
+
+    ``gate`` and ``first_n_tokens`` are passed to :func:`safeflow.steering`.
 
     Returns rates — harmful refusal (unsteered / steered), benign outputs token-for-token
     unchanged, false refusals on ``edgy`` (benign but edgy) prompts (unsteered / steered) — plus
@@ -108,7 +111,7 @@ def evaluate_steering(
     prompts = [p for _, p in groups]
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     plain, plain_ids, _ = generate_responses(model, tokenizer, prompts, **kw)
-    steer = dict(constraints=constraints, steerer=steerer, layer=layer, first_n_tokens=first_n_tokens)
+    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens)
     steered, steered_ids, log = generate_responses(model, tokenizer, prompts, steer=steer, **kw)
     steered_tokens: dict[int, int] = {}
     for e in log.steered() if log else []:

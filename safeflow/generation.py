@@ -3,10 +3,12 @@ layer L are checked against a constraint set and, when outside, steered back ins
 
 At every forward pass the hook on decoder block L looks at the newest position of each row —
 the last prompt token at prefill, then each new token — for the first ``first_n_tokens``
-generation steps. With ``gate="prompt"`` (default) a row is eligible only if its prompt (the
-last prompt token, which is what the constraint set is trained on) is outside; with
-``gate="token"`` every row is checked at every step. Rows inside the constraint set are left
-bit-for-bit untouched; rows outside are replaced by the steerer's result. Steered states are
+generation steps. The gate decides which rows are eligible, once, at the prompt: with
+``gate="prompt"`` (default) rows whose prompt state is outside the constraint set; with a
+constraint set as the gate (a detector trained on prompt states), rows whose prompt it flags as
+unsafe; with ``gate="token"`` every row. Eligible rows are checked at every step; rows inside
+the constraint set are left bit-for-bit untouched, rows outside are replaced by the steerer's
+result. Steered states are
 remembered per (row, position) and re-applied whenever generation recomputes earlier positions
 (``use_cache=False``), so generation with and without the KV cache sees the same hidden states.
 
@@ -108,7 +110,7 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
 
 class _SteeringHooks:
     def __init__(self, model: nn.Module, constraints: ConstraintSet, steerer: Steerer, block: nn.Module,
-                 first_n_tokens: int | None, gate: str, log: SteeringLog) -> None:
+                 first_n_tokens: int | None, gate: str | ConstraintSet, log: SteeringLog) -> None:
         self.constraints, self.steerer, self.first_n, self.gate, self.log = constraints, steerer, first_n_tokens, gate, log
         self.state: _SequenceState | None = None
         self.calls = 0
@@ -159,8 +161,10 @@ class _SteeringHooks:
             new = hidden.clone() if new is None else new
             new[rows, p - s.start] = values.to(new.dtype)
         if check:
+            if s.flagged is None and isinstance(self.gate, ConstraintSet):
+                s.flagged = (self.gate.score(hidden[:, -1].float()) > 0).to(hidden.device)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            if self.gate == "prompt" and s.flagged is not None:
+            if self.gate != "token" and s.flagged is not None:
                 rows = rows[s.flagged]
             if rows.numel():
                 result = self.steerer.steer(hidden[rows, -1], self.constraints)
@@ -193,7 +197,7 @@ def steering(
     steerer: Steerer,
     layer: int,
     first_n_tokens: int | None = 20,
-    gate: str = "prompt",
+    gate: str | ConstraintSet = "prompt",
     layers: str | Sequence[nn.Module] | None = None,
 ) -> Iterator[SteeringLog]:
     """Steer ``model``'s hidden states at decoder layer ``layer`` while the context is open.
@@ -205,7 +209,9 @@ def steering(
         layer: decoder block index, as used for extraction.
         first_n_tokens: check/steer only the first n generation steps of each row (None: all).
         gate: ``"prompt"`` — steer only rows whose prompt is outside the constraint set;
-            ``"token"`` — check every row at every step (the paper's Algorithm 1 literally).
+            a :class:`ConstraintSet` — steer only rows whose prompt it flags as unsafe (a
+            detector, e.g. a prompt polytope, gating a refusal polytope); ``"token"`` — check
+            every row at every step (the paper's Algorithm 1 literally).
         layers: override decoder-layer discovery (attribute path or module list).
 
     Yields a :class:`SteeringLog`. Hooks are removed on exit, also on exceptions.
@@ -213,14 +219,16 @@ def steering(
     blocks = find_decoder_layers(model, layers)
     index = normalize_layer(layer, len(blocks))
     d = hidden_size(model)
-    if constraints.input_dim != d:
-        raise ConfigError(
-            f"the constraint set expects hidden size {constraints.input_dim} but the model's is {d}; "
-            "train the constraint set on hidden states of this model"
-        )
-    constraints.require_fitted()
-    if gate not in ("prompt", "token"):
-        raise ConfigError(f"gate must be 'prompt' or 'token', got {gate!r}")
+    checked = [constraints] + ([gate] if isinstance(gate, ConstraintSet) else [])
+    for c in checked:
+        if c.input_dim != d:
+            raise ConfigError(
+                f"the constraint set expects hidden size {c.input_dim} but the model's is {d}; "
+                "train the constraint set on hidden states of this model"
+            )
+        c.require_fitted()
+    if not isinstance(gate, ConstraintSet) and gate not in ("prompt", "token"):
+        raise ConfigError(f"gate must be 'prompt', 'token' or a fitted ConstraintSet, got {gate!r}")
     if first_n_tokens is not None and first_n_tokens < 0:
         raise ConfigError(f"first_n_tokens must be >= 0 or None, got {first_n_tokens}")
     log = SteeringLog()
