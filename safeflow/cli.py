@@ -47,13 +47,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
     from .io import save_tensors
     from .models import load_model
+    from .responses import response_states
 
     model, tok = load_model(args.model)
     data = load_prompts(args.data)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
-    H = ext.extract(data.texts)
-    save_tensors(args.out, {"hidden": H, "labels": data.y},
-                 {"model": args.model, "layer": ext.layer, "pooling": args.pooling, "sources": data.sources})
+    header = {"model": args.model, "layer": ext.layer, "pooling": args.pooling}
+    if args.responses:
+        harmful, benign = data.where(label=1), data.where(label=0)
+        states = response_states(ext, harmful.texts, benign.texts if args.with_benign else (),
+                                 max_tokens=args.responses, progress=True)
+        sources = harmful.sources + benign.sources
+        H, y = states.H, states.y
+        header.update(responses=args.responses, sources=[sources[i] for i in states.prompt_index.tolist()], kinds=states.kind)
+    else:
+        H, y = ext.extract(data.texts), data.y
+        header["sources"] = data.sources
+    save_tensors(args.out, {"hidden": H, "labels": y}, header)
     print(f"wrote {tuple(H.shape)} hidden states (layer {ext.layer}) to {args.out}")
     return 0
 
@@ -103,8 +113,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     layer = args.layer if args.layer is not None else preset(args.preset).layer
     constraints = ConstraintSet.load(args.constraints)
+    gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
     steerer = Steerer.create(args.steerer, **({"preset": args.preset} if args.preset else {}))
-    steer = dict(constraints=constraints, steerer=steerer, layer=layer, first_n_tokens=args.first_n)
+    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n)
     plain, _, _ = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens)
     steered, _, log = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens, steer=steer)
     for p, a, b in zip(prompts, plain, steered):
@@ -134,7 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import format_table, run_demo
 
     result = run_demo(args.out, model_name=args.model, limit=args.limit or None, max_new_tokens=args.max_new_tokens,
-                      num_features=args.features_width, cache_dir=args.cache)
+                      num_features=args.features_width, refusal_prompts=args.refusal_prompts,
+                      refusal_features=args.refusal_features_width, cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
     s = result["steering"]
     print(format_table([{k: s[k] for k in ("harmful_refusal_unsteered", "harmful_refusal_steered", "benign_unchanged",
@@ -161,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["last", "mean"], default="last")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
+    p.add_argument("--responses", type=int, default=0, metavar="N",
+                   help="instead of prompt states: response states of the harmful prompts over N response tokens "
+                        "(own answer = unsafe, refusal = safe); train a refusal polytope on them")
+    p.add_argument("--with-benign", action="store_true", help="with --responses: add benign prompts' answers as safe")
     p.add_argument("--out", default="runs/features.safetensors")
     p.set_defaults(func=cmd_extract)
 
@@ -186,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--constraints", default="runs/polytope.safetensors")
     p.add_argument("--steerer", default="safeflow")
+    p.add_argument("--gate", default="prompt",
+                   help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
     p.add_argument("--layer", type=int, default=None, help="default: the preset's layer")
     p.add_argument("--preset", default=None, help="model preset for the layer and the steerer's weights")
     p.add_argument("--first-n", type=int, default=20, help="steer only the first n generated tokens")
@@ -205,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--limit", type=int, default=50, help="prompts per group for the steering evaluation (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--features-width", type=int, default=16384)
+    p.add_argument("--features-width", type=int, default=16384, help="detection polytope width F")
+    p.add_argument("--refusal-prompts", type=int, default=240, help="harmful train prompts for the refusal polytope")
+    p.add_argument("--refusal-features-width", type=int, default=4096, help="refusal (steering) polytope width F")
     p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -164,11 +164,13 @@ class HFExtractor(Extractor, name="hf"):
         }
         return HiddenStateCache(self.cache_dir, fingerprint)
 
-    def extract_responses(self, prompts: Sequence[str], responses: Sequence[str], max_tokens: int = 12) -> list[torch.Tensor]:
+    def extract_responses(self, prompts: Sequence[str], responses: Sequence[str | Sequence[int]],
+                          max_tokens: int = 12) -> list[torch.Tensor]:
         """Hidden states that *produce* each response under teacher forcing.
 
         Each prompt is formatted as for :meth:`extract` and followed by the first ``max_tokens``
-        tokens r_1..r_n of its response. Row i of the result is [n_i, d] (float32, CPU): the state
+        tokens r_1..r_n of its response (a text, or token ids as returned by
+        :func:`~safeflow.generation.generate_responses`). Row i of the result is [n_i, d] (float32, CPU): the state
         at the last prompt token (which produces r_1), then at r_1 (which produces r_2), ... up to
         r_{n-1} — exactly the states steering sees at generation steps 0..n-1 when the model
         generates that response itself.
@@ -184,7 +186,8 @@ class HFExtractor(Extractor, name="hf"):
         rows = []
         for text, response in zip(formatted, responses):
             p_ids = tok(text, add_special_tokens=False)["input_ids"][-self.max_length:]
-            r_ids = tok(response, add_special_tokens=False)["input_ids"][:max_tokens]
+            r_ids = list(tok(response, add_special_tokens=False)["input_ids"] if isinstance(response, str) else response)
+            r_ids = r_ids[:max_tokens]
             if not r_ids:
                 raise DataError(f"empty response for prompt {text[:60]!r}; drop rows without a response")
             rows.append((p_ids + r_ids[:-1], len(p_ids) - 1))

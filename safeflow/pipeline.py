@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from .evaluation import detection_metrics, evaluate_steering
 from .extractors import HFExtractor
 from .io import write_text_atomic
 from .presets import preset as get_preset
+from .responses import ResponseStates, response_states
 from .steerers.safeflow import SafeFlowSteerer
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,15 @@ def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: 
         model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=14, num_features=num_features)
         return model.fit(H, y, margin=p.margin, feature_l1=p.feature_l1, progress=progress)
     return ConstraintSet.create(kind, input_dim=H.shape[1]).fit(H, y, progress=progress)
+
+
+def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], preset_name: str | None = None,
+                           num_features: int = 4096, max_tokens: int = 12,
+                           progress: bool = True) -> tuple[ConstraintSet, ResponseStates]:
+    """The steering constraint set: a polytope on :func:`~safeflow.responses.response_states` of
+    ``harmful`` prompts — complying is unsafe, refusing is safe — with the preset's settings."""
+    states = response_states(extractor, harmful, max_tokens=max_tokens, progress=progress)
+    return train_constraints("polytope", states.H, states.y, preset_name, num_features, progress), states
 
 
 def detection_table(models: dict[str, ConstraintSet], sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
@@ -96,11 +108,15 @@ def layer_sweep(extractor: HFExtractor, splits: Splits, layers: list[int], kind:
 
 
 def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", preset_name: str | None = None,
-             limit: int | None = 50, max_new_tokens: int = 48, num_features: int = 16384, progress: bool = True,
+             limit: int | None = 50, max_new_tokens: int = 48, num_features: int = 16384,
+             refusal_prompts: int = 240, refusal_features: int = 4096, progress: bool = True,
              cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the whole pipeline, write ``report.md``, ``metrics.json`` and the polytope to ``out_dir``.
+    """Run the whole pipeline, write ``report.md``, ``metrics.json`` and both polytopes to ``out_dir``.
 
-    ``limit`` caps the prompts per group in the (slow, generation-based) steering evaluation.
+    Detection: polytope / mlp / linear on prompt states of the train split. Steering: a refusal
+    polytope (``refusal_features`` wide) on response states of ``refusal_prompts`` harmful train
+    prompts, gated by the detection polytope; ``limit`` caps the prompts per group in the (slow,
+    generation-based) steering evaluation.
     """
     from .models import load_model
 
@@ -127,19 +143,26 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     detection = detection_table(models, feats)
 
     t = time.perf_counter()
+    harmful = splits.train.where(label=1).texts
+    harmful = random.Random(0).sample(harmful, min(refusal_prompts, len(harmful)))
+    refusal, states = train_refusal_polytope(ext, harmful, preset_name, refusal_features, progress=progress)
+    refusal.save(out / "refusal_polytope.safetensors")
+    timings["train_refusal"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     test = splits.test_ood
     cap = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
     steering = evaluate_steering(
-        model, tok, models["polytope"], SafeFlowSteerer(preset=preset_name or "default"), p.layer,
+        model, tok, refusal, SafeFlowSteerer(preset=preset_name or "default"), p.layer,
         harmful=cap(test.where(sources=["rho-refusal-100"], label=1).texts),
         benign=cap(test.where(sources=["rho-refusal-100"], label=0).texts),
         edgy=cap(test.where(sources=["rho-overrefusal"]).texts),
-        max_new_tokens=max_new_tokens, progress=progress,
+        gate=models["polytope"], max_new_tokens=max_new_tokens, progress=progress,
     )
     timings["steer"] = time.perf_counter() - t
     result = {"model": model_name, "layer": p.layer, "preset": vars(p), "data": {k: v.summary() for k, v in vars(splits).items()},
-              "detection": detection, "steering": {k: v for k, v in steering.items() if k != "records"},
-              "timings_s": timings}
+              "detection": detection, "refusal_states": states.counts(),
+              "steering": {k: v for k, v in steering.items() if k != "records"}, "timings_s": timings}
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=2))
     write_text_atomic(out / "steering_records.jsonl", "\n".join(json.dumps(r) for r in steering["records"]) + "\n")
     write_text_atomic(out / "report.md", render_report(result, steering["records"]))
@@ -151,7 +174,7 @@ def render_report(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
     steer_rows = [
         {"metric": "harmful refusal rate, unsteered", "value": s["harmful_refusal_unsteered"]},
         {"metric": "harmful refusal rate, steered", "value": s["harmful_refusal_steered"]},
-        {"metric": "harmful prompts steered (outside the polytope)", "value": s["harmful_rows_steered"]},
+        {"metric": "harmful prompts steered (flagged by the detector)", "value": s["harmful_rows_steered"]},
         {"metric": "benign outputs token-for-token unchanged", "value": s["benign_unchanged"]},
         {"metric": "edgy (over-refusal) false refusals, unsteered", "value": s["edgy_false_refusal_unsteered"]},
         {"metric": "edgy (over-refusal) false refusals, steered", "value": s["edgy_false_refusal_steered"]},
@@ -163,6 +186,8 @@ def render_report(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "## Detection", "",
         format_table(result["detection"], ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"]),
         "", "## Steering (SafeFlow, greedy decoding)", "",
+        "Steered into a refusal polytope (response states of harmful training prompts: "
+        f"{result['refusal_states']}), gated by the detection polytope.", "",
         f"Prompts: {s['counts']}", "", format_table(steer_rows, ["metric", "value"]), "",
         "Steering log: " + json.dumps({k: v for k, v in s["steering"].items() if k != "steered_tokens_per_row"}), "",
         "### Examples (harmful prompts that were steered)", "",

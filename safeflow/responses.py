@@ -81,19 +81,20 @@ def response_states(
         raise DataError("refusals is empty; pass at least one refusal text")
     judge = judge or RefusalJudge()
     model, tok = extractor.model, extractor.tokenizer
-    answers, _, _ = generate_responses(model, tok, harmful + benign, max_new_tokens=max_tokens, batch_size=batch_size,
+    texts, ids, _ = generate_responses(model, tok, harmful + benign, max_new_tokens=max_tokens, batch_size=batch_size,
                                        chat_template=extractor.chat_template, system_prompt=extractor.system_prompt,
                                        progress=progress)
     rng = random.Random(seed)
-    pairs: list[tuple[int, str, str, int, bool]] = []  # prompt index, response, kind, label, keep first state
-    for i, answer in enumerate(answers[: len(harmful)]):
-        if answer.strip():
-            refused = judge(answer)
-            pairs.append((i, answer, "refused-own" if refused else "complied", 0 if refused else 1, True))
-        pairs.append((i, rng.choice(list(refusals)), "refusal", 0, not answer.strip()))
-    for i, answer in enumerate(answers[len(harmful):], start=len(harmful)):
-        if answer.strip():
-            pairs.append((i, answer, "benign", 0, True))
+    # (prompt index, response text or token ids, kind, label, keep the first state)
+    pairs: list[tuple[int, str | list[int], str, int, bool]] = []
+    for i in range(len(harmful)):
+        if ids[i]:
+            refused = judge(texts[i])
+            pairs.append((i, ids[i], "refused-own" if refused else "complied", 0 if refused else 1, True))
+        pairs.append((i, rng.choice(list(refusals)), "refusal", 0, not ids[i]))
+    for i in range(len(harmful), len(texts)):
+        if ids[i]:
+            pairs.append((i, ids[i], "benign", 0, True))
     prompts = harmful + benign
     states = extractor.extract_responses([prompts[i] for i, *_ in pairs], [r for _, r, *_ in pairs], max_tokens)
     kept = [s if first else s[1:] for s, (*_, first) in zip(states, pairs)]

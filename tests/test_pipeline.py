@@ -52,3 +52,29 @@ def test_cli_help_and_errors(capsys):
     assert "sweep" in capsys.readouterr().out
     assert main(["eval", "--features", "/nonexistent.safetensors"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_refusal_polytope_round_trip(tmp_path, tokenizer, capsys):
+    """extract --responses → train → generate with a detector gate, on a tiny saved model."""
+    from safeflow.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_model("qwen2", vocab_size=len(tokenizer), seed=4).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "prompts.csv"
+    data.write_text("text,label\n" + "".join(f"{t},1\n" for t in HARM) + "".join(f"{t},0\n" for t in SAFE))
+    common = ["--model", str(model_dir), "--layer", "2"]
+    assert main(["extract", *common, "--data", str(data), "--out", str(tmp_path / "prompts.safetensors")]) == 0
+    assert main(["extract", *common, "--data", str(data), "--responses", "3",
+                 "--out", str(tmp_path / "responses.safetensors")]) == 0
+    tensors, header = sf.io.load_tensors(tmp_path / "responses.safetensors")
+    assert header["responses"] == 3 and len(header["kinds"]) == len(tensors["labels"]) == tensors["hidden"].shape[0]
+    assert set(header["kinds"]) <= {"complied", "refused-own", "refusal"}  # harmful prompts only
+    for name in ("prompts", "responses"):
+        assert main(["train", "--features", str(tmp_path / f"{name}.safetensors"), "--features-width", "64",
+                     "--epochs", "2", "--out", str(tmp_path / f"{name}-poly.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "bake cookies please", *common, "--constraints", str(tmp_path / "responses-poly.safetensors"),
+                 "--gate", str(tmp_path / "prompts-poly.safetensors"), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "--- unsteered:" in out and '"checks"' in out
