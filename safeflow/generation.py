@@ -8,9 +8,9 @@ generation steps. The gate decides which rows are eligible, once, at the prompt:
 constraint set as the gate (a detector trained on prompt states), rows whose prompt it flags as
 unsafe; with ``gate="token"`` every row. Eligible rows are checked at every step; rows inside
 the constraint set are left bit-for-bit untouched, rows outside are replaced by the steerer's
-result. Steered states are
-remembered per (row, position) and re-applied whenever generation recomputes earlier positions
-(``use_cache=False``), so generation with and without the KV cache sees the same hidden states.
+result. Steered states are remembered per (row, position) and re-applied whenever generation
+recomputes earlier positions (``use_cache=False``), so generation with and without the KV cache
+sees the same hidden states.
 
 Batches must be left-padded (the usual setting for generation with decoder-only models).
 """

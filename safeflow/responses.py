@@ -85,23 +85,31 @@ def response_states(
                                        chat_template=extractor.chat_template, system_prompt=extractor.system_prompt,
                                        progress=progress)
     rng = random.Random(seed)
-    # (prompt index, response text or token ids, kind, label, keep the first state)
-    pairs: list[tuple[int, str | list[int], str, int, bool]] = []
+    pairs: list[_Pair] = []
     for i in range(len(harmful)):
         if ids[i]:
             refused = judge(texts[i])
-            pairs.append((i, ids[i], "refused-own" if refused else "complied", 0 if refused else 1, True))
-        pairs.append((i, rng.choice(list(refusals)), "refusal", 0, not ids[i]))
-    for i in range(len(harmful), len(texts)):
-        if ids[i]:
-            pairs.append((i, ids[i], "benign", 0, True))
+            pairs.append(_Pair(i, ids[i], "refused-own" if refused else "complied", int(not refused)))
+        pairs.append(_Pair(i, rng.choice(list(refusals)), "refusal", 0, keep_prompt_state=not ids[i]))
+    pairs += [_Pair(i, ids[i], "benign", 0) for i in range(len(harmful), len(texts)) if ids[i]]
     prompts = harmful + benign
-    states = extractor.extract_responses([prompts[i] for i, *_ in pairs], [r for _, r, *_ in pairs], max_tokens)
-    kept = [s if first else s[1:] for s, (*_, first) in zip(states, pairs)]
-    rows = [(s, pair) for s, pair in zip(kept, pairs) if len(s)]
+    states = extractor.extract_responses([prompts[p.prompt] for p in pairs], [p.response for p in pairs], max_tokens)
+    rows = [(s if p.keep_prompt_state else s[1:], p) for s, p in zip(states, pairs)]
+    rows = [(s, p) for s, p in rows if len(s)]
     return ResponseStates(
         H=torch.cat([s for s, _ in rows]),
-        y=torch.cat([torch.full((len(s),), p[3], dtype=torch.long) for s, p in rows]),
-        prompt_index=torch.cat([torch.full((len(s),), p[0], dtype=torch.long) for s, p in rows]),
-        kind=[p[2] for s, p in rows for _ in range(len(s))],
+        y=torch.cat([torch.full((len(s),), p.label, dtype=torch.long) for s, p in rows]),
+        prompt_index=torch.cat([torch.full((len(s),), p.prompt, dtype=torch.long) for s, p in rows]),
+        kind=[p.kind for s, p in rows for _ in range(len(s))],
     )
+
+
+@dataclass
+class _Pair:
+    """One (prompt, response) to teacher-force, with the label of its states."""
+
+    prompt: int  #: index into harmful + benign
+    response: str | list[int]  #: text, or the model's own token ids
+    kind: str
+    label: int
+    keep_prompt_state: bool = True  #: False: drop the first state (shared with the own-answer row)

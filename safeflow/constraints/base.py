@@ -67,10 +67,14 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     """Learned constraints on hidden states. Labels: 1 = unsafe, 0 = safe.
 
     Subclasses implement ``violations``, ``fit`` and ``config``; everything else is shared.
+    ``fit`` also records ``input_covariance`` [d, d], the covariance of the training rows (saved
+    with the parameters), which ``SafeFlowSteerer(precondition="covariance")`` steps in.
     """
 
     input_dim: int
     num_constraints: int
+    fitted: torch.Tensor
+    input_covariance: torch.Tensor
 
     def __init__(self, input_dim: int) -> None:
         nn.Module.__init__(self)
@@ -78,8 +82,6 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             raise ConfigError(f"input_dim must be a positive int, got {input_dim!r}")
         self.input_dim = input_dim
         self.register_buffer("fitted", torch.tensor(False))
-        #: Covariance [d, d] of the hidden states seen by ``fit`` (zeros until fitted); steerers
-        #: may use it as the geometry of the hidden-state space (see ``SafeFlowSteerer``).
         self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
 
     # --- what an implementation provides -------------------------------------------------
