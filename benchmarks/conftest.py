@@ -42,6 +42,17 @@ def polytope(default_model, prompts):
                                                               progress=False)
 
 
+@pytest.fixture(scope="session")
+def refusal_polytope(default_model, prompts):
+    """A width-4096 refusal polytope (the steering set) on response states of 48 harmful prompts."""
+    model, tok = default_model
+    harmful = prompts.where(sources=["advbench"]).texts[::10][:48]
+    ext = sf.HFExtractor(model, tok, layer=LAYER, progress=False)
+    states = sf.response_states(ext, harmful)
+    return sf.PolytopeConstraints(states.H.shape[1], 14, 4096).fit(states.H, states.y, margin=20.0, feature_l1=0.01,
+                                                                   progress=False)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not MEDIANS:
         return
@@ -58,3 +69,7 @@ def pytest_terminal_summary(terminalreporter):
             base, other = MEDIANS.get(f"token b{b} {base_kind}"), MEDIANS.get(f"token b{b} {kind}")
             if base and other:
                 tr.write_line(f"ratio b{b} {kind:30s} {other / base:6.3f}x {base_kind}")
+        # a token whose state is steered costs one unsteered token plus one steer call
+        base, call = MEDIANS.get(f"token b{b} unsteered (outside prompts)"), MEDIANS.get(f"steer call b{b}")
+        if base and call:
+            tr.write_line(f"ratio b{b} {'steered token (token + call)':30s} {(base + call) / base:6.3f}x unsteered")

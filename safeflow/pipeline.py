@@ -72,6 +72,12 @@ def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], prese
     return train_constraints("polytope", states.H, states.y, preset_name, num_features, progress), states
 
 
+def choose_gate(detection: list[dict[str, Any]]) -> str:
+    """The detector to gate steering with: best F1 (then AUROC) on the OOD validation split."""
+    rows = [r for r in detection if r["split"] == "val_ood"]
+    return max(rows, key=lambda r: (r["f1"], r["auroc"]))["model"]
+
+
 def detection_table(models: dict[str, ConstraintSet], sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
     """One row per (model, evaluation set) with :func:`detection_metrics`."""
     return [{"model": name, "split": split, **detection_metrics(y, m.score(H))}
@@ -115,8 +121,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
 
     Detection: polytope / mlp / linear on prompt states of the train split. Steering: a refusal
     polytope (``refusal_features`` wide) on response states of ``refusal_prompts`` harmful train
-    prompts, gated by the detection polytope; ``limit`` caps the prompts per group in the (slow,
-    generation-based) steering evaluation.
+    prompts, gated by the detector with the best OOD-validation F1 (:func:`choose_gate`);
+    ``limit`` caps the prompts per group in the (slow, generation-based) steering evaluation.
     """
     from .models import load_model
 
@@ -141,6 +147,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     models["polytope"].save(out / "polytope.safetensors")
     timings["train"] = time.perf_counter() - t
     detection = detection_table(models, feats)
+    gate = choose_gate(detection)
 
     t = time.perf_counter()
     harmful = splits.train.where(label=1).texts
@@ -157,11 +164,11 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
         harmful=cap(test.where(sources=["rho-refusal-100"], label=1).texts),
         benign=cap(test.where(sources=["rho-refusal-100"], label=0).texts),
         edgy=cap(test.where(sources=["rho-overrefusal"]).texts),
-        gate=models["polytope"], max_new_tokens=max_new_tokens, progress=progress,
+        gate=models[gate], max_new_tokens=max_new_tokens, progress=progress,
     )
     timings["steer"] = time.perf_counter() - t
     result = {"model": model_name, "layer": p.layer, "preset": vars(p), "data": {k: v.summary() for k, v in vars(splits).items()},
-              "detection": detection, "refusal_states": states.counts(),
+              "detection": detection, "gate": gate, "refusal_states": states.counts(),
               "steering": {k: v for k, v in steering.items() if k != "records"}, "timings_s": timings}
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=2))
     write_text_atomic(out / "steering_records.jsonl", "\n".join(json.dumps(r) for r in steering["records"]) + "\n")
@@ -187,7 +194,8 @@ def render_report(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
         format_table(result["detection"], ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"]),
         "", "## Steering (SafeFlow, greedy decoding)", "",
         "Steered into a refusal polytope (response states of harmful training prompts: "
-        f"{result['refusal_states']}), gated by the detection polytope.", "",
+        f"{result['refusal_states']}), gated by the `{result['gate']}` detector (best F1 on the OOD "
+        "validation split).", "",
         f"Prompts: {s['counts']}", "", format_table(steer_rows, ["metric", "value"]), "",
         "Steering log: " + json.dumps({k: v for k, v in s["steering"].items() if k != "steered_tokens_per_row"}), "",
         "### Examples (harmful prompts that were steered)", "",

@@ -9,8 +9,8 @@ The SmolLM2 entry was chosen on an out-of-distribution validation source (``rho-
 that is neither trained on nor used as the test set. Detection: ``safeflow sweep`` (linear probe
 per layer) gives OOD-validation F1 0.947 for layers 18, 20 and 22 alike (0.84 at layer 12, 0.54 at
 layer 8), so the paper's layer 20 is kept; κ and λ_f were then picked on the same source.
-Steering (a refusal polytope gated by the detection polytope, 50 harmful + 50 benign validation
-prompts, 32 greedy tokens): harmful refusal 0.02 unsteered; steered with covariance
+Steering (a refusal polytope gated by a detection polytope that flags 0.86 of them, 50 harmful +
+50 benign validation prompts, 32 greedy tokens): harmful refusal 0.02 unsteered; steered with covariance
 preconditioning 0.72 at ``steer_margin`` 60, 0.80 at 100 (0.78 with lr 0.04), **0.84 at 150**
 (the gate flags 0.86 of them, so 0.86 is the ceiling); benign outputs unchanged 1.00 throughout.
 """

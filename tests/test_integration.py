@@ -28,14 +28,21 @@ def splits():
 
 
 @pytest.fixture(scope="module")
-def trained(model_and_tokenizer, splits):
-    """A polytope (F = 4096 for speed) on a stratified third of the training split."""
+def train_states(model_and_tokenizer, splits):
+    """Prompt states and labels of a stratified third of the training split."""
     model, tok = model_and_tokenizer
     train = splits.train.subset(range(0, len(splits.train), 3))
+    return sf.HFExtractor(model, tok, layer=LAYER, progress=False).extract(train.texts), train.y
+
+
+@pytest.fixture(scope="module")
+def trained(model_and_tokenizer, splits, train_states):
+    """A polytope (F = 4096 for speed) on a stratified third of the training split."""
+    model, tok = model_and_tokenizer
+    H, y = train_states
     test = splits.test_id.subset(range(0, len(splits.test_id), 2))
-    ext = sf.HFExtractor(model, tok, layer=LAYER, progress=False)
-    H, Ht = ext.extract(train.texts), ext.extract(test.texts)
-    poly = sf.PolytopeConstraints(H.shape[1], 14, 4096).fit(H, train.y, margin=20.0, feature_l1=0.01, progress=False)
+    Ht = sf.HFExtractor(model, tok, layer=LAYER, progress=False).extract(test.texts)
+    poly = sf.PolytopeConstraints(H.shape[1], 14, 4096).fit(H, y, margin=20.0, feature_l1=0.01, progress=False)
     return poly, Ht, test.y
 
 
@@ -91,12 +98,12 @@ def test_steered_generation_on_default_model(model_and_tokenizer, trained, split
     assert torch.equal(a, b)
 
 
-def test_refusal_polytope_steers_harmful_prompts_to_refusals(model_and_tokenizer, trained, splits):
+def test_refusal_polytope_steers_harmful_prompts_to_refusals(model_and_tokenizer, train_states, splits):
     """End to end on a small budget: a refusal polytope from 64 harmful training prompts, gated by
-    the detection polytope, turns compliant answers to held-out harmful prompts into refusals and
+    a linear detector, turns compliant answers to held-out harmful prompts into refusals and
     leaves the benign prompts the gate passes token-for-token unchanged."""
     model, tok = model_and_tokenizer
-    detector, _, _ = trained
+    detector = sf.LinearConstraint(train_states[0].shape[1]).fit(*train_states, progress=False)
     ext = sf.HFExtractor(model, tok, layer=LAYER, progress=False)
     harmful_train = splits.train.where(label=1).texts[::8][:64]
     refusal, states = train_refusal_polytope(ext, harmful_train, num_features=1024, progress=False)

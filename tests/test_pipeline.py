@@ -1,7 +1,8 @@
 import pytest
 
 import safeflow as sf
-from safeflow.pipeline import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, default_splits, format_table, layer_sweep
+from safeflow.pipeline import (OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, choose_gate, default_splits, format_table,
+                               layer_sweep)
 
 from conftest import make_model
 
@@ -37,6 +38,14 @@ def test_layer_sweep_reports_every_layer(tokenizer):
         assert 0 <= r["val_ood_f1"] <= 1 and 0 <= r["test_id_auroc"] <= 1
     # the training prompts are the validation prompts here, so a linear probe separates them
     assert max(r["val_ood_auroc"] for r in rows) > 0.9
+
+
+def test_choose_gate_uses_ood_validation_only():
+    rows = [{"model": "polytope", "split": "val_ood", "f1": 0.65, "auroc": 0.99},
+            {"model": "polytope", "split": "test_ood", "f1": 0.99, "auroc": 0.99},
+            {"model": "linear", "split": "val_ood", "f1": 0.95, "auroc": 0.98},
+            {"model": "mlp", "split": "val_ood", "f1": 0.95, "auroc": 0.999}]
+    assert choose_gate(rows) == "mlp"  # F1 tie broken by AUROC; test_ood never consulted
 
 
 def test_format_table():
