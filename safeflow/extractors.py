@@ -170,10 +170,10 @@ class HFExtractor(Extractor, name="hf"):
 
         Each prompt is formatted as for :meth:`extract` and followed by the first ``max_tokens``
         tokens r_1..r_n of its response (a text, or token ids as returned by
-        :func:`~safeflow.generation.generate_responses`). Row i of the result is [n_i, d] (float32, CPU): the state
-        at the last prompt token (which produces r_1), then at r_1 (which produces r_2), ... up to
-        r_{n-1} — exactly the states steering sees at generation steps 0..n-1 when the model
-        generates that response itself.
+        :func:`~safeflow.generation.generate_responses`). Row i of the result is [n_i, d]
+        (float32, CPU): the state at the last prompt token (which produces r_1), then at r_1
+        (which produces r_2), ... up to r_{n-1} — exactly the states steering sees at generation
+        steps 0..n-1 when the model generates that response itself.
         """
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses) or not prompts:
