@@ -183,12 +183,24 @@ def test_detector_gate_steers_only_the_prompts_it_flags(tokenizer):
     model = make_model("llama")
     detector = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
     plain, plain_ids, _ = gen(model, tokenizer, PROMPTS)
-    steer = dict(constraints=always_outside(32), steerer=sf.SafeFlowSteerer(max_steps=1, lr=1.0), layer=LAYER,
+    sloped = always_outside(32)  # v(h) = 0.1·Σh + 1000: outside everywhere, with a gradient to follow
+    with torch.no_grad():
+        sloped.net[0].weight.fill_(0.1)
+        sloped.net[0].bias.fill_(1000.0)
+    steer = dict(constraints=sloped, steerer=sf.SafeFlowSteerer(max_steps=1, lr=1.0), layer=LAYER,
                  gate=detector, first_n_tokens=3)
     _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
     assert log.steered_rows() == [0, 2] and {e.row for e in log.events} == {0, 2}
     assert sorted({e.step for e in log.events}) == [0, 1, 2]
     assert ids[1] == plain_ids[1] and ids[3] == plain_ids[3]
+    assert ids[0] != plain_ids[0] or ids[2] != plain_ids[2]
+    _, single_ids, _ = gen(model, tokenizer, PROMPTS, steer=steer, batch_size=1)
+    assert single_ids == ids
+    with sf.steering(model, **steer):
+        enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
+        a = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True)
+        b = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="hidden size 16"):
         with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(), layer=LAYER, gate=always_inside(16)):
             pass
