@@ -1,6 +1,6 @@
 """Per-token generation latency on the default model (CPU), unsteered vs with the steering hook.
 
-The configuration is the one the demo measures: the detection polytope (F = 16384) gates, the
+The detection polytope (F = 16384) gates (the costlier of the demo's candidate gates), the
 refusal polytope (F = 4096) is the steering set, SafeFlow with the default preset (covariance
 preconditioning, steer margin 150). Targets (issue 3): the check adds <= 5% to an unsteered
 token; a steered token costs <= 3x an unsteered one.
