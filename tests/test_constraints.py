@@ -151,3 +151,16 @@ def test_standardisation_is_folded_into_raw_space():
     H = H * 100 + 1000  # badly scaled raw states
     model = fitted("linear", H, y, epochs=200)
     assert sf.detection_metrics(y, model.score(H))["f1"] > 0.95
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_local_affine_reproduces_violations_and_jacobian(kind):
+    """v(h) = A h − c at h itself, and A is the float64 autograd Jacobian (the polytope's closed form too)."""
+    torch.manual_seed(0)
+    model = sf.ConstraintSet.create(kind, input_dim=6, **KINDS[kind]).double()
+    H = torch.randn(5, 6, dtype=torch.float64)
+    A, c = model.local_affine(H)
+    assert A.shape == (5, model.num_constraints, 6) and c.shape == (5, model.num_constraints)
+    torch.testing.assert_close(torch.einsum("nkd,nd->nk", A, H) - c, model.violations(H))
+    J = torch.stack([torch.autograd.functional.jacobian(lambda h: model.violations(h[None])[0], h) for h in H])
+    torch.testing.assert_close(A, J)

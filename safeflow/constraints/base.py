@@ -111,6 +111,21 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             (grad,) = torch.autograd.grad((V * w).sum(), H)
         return V.detach(), grad
 
+    def local_affine(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-order model of the violations at each row: ``v(h) ≈ A_i h − c_i``.
+
+        Returns ``A`` [N, K, d] (the Jacobian ∂V/∂H of row i) and ``c`` [N, K] with
+        ``A_i h_i − c_i = v(h_i)``. Exact within a row's ReLU activation pattern for piecewise-linear
+        constraint sets (polytope, linear, ReLU MLP). This generic version uses autograd;
+        structured implementations override it with a closed form.
+        """
+        with torch.enable_grad():
+            H = H.detach()
+            J = torch.func.vmap(torch.func.jacrev(lambda h: self.violations(h[None])[0]))(H)
+            V = self.violations(H).detach()
+        A = J.detach()
+        return A, torch.einsum("nkd,nd->nk", A, H) - V
+
     @torch.no_grad()
     def score(self, H: Any) -> torch.Tensor:
         """Continuous unsafety score [N]: the largest violation (> 0 means unsafe). Use for ROC."""

@@ -107,6 +107,16 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             grad = ((c @ self.facets) * (pre > 0)) @ self.feature_map.weight
         return V, grad
 
+    def local_affine(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed form: with D = diag(W h + b > 0), ``A = Φ D W`` [N, K, d] and
+        ``c = ξ − Φ D b`` [N, K], so that ``v(h) = A h − c`` within the activation pattern of h."""
+        with torch.no_grad():
+            D = (self.feature_map(H) > 0).to(H.dtype)  # [N, F]
+            PhiD = self.facets.unsqueeze(0) * D.unsqueeze(1)  # [N, K, F]
+            A = PhiD @ self.feature_map.weight  # [N, K, d]
+            c = self.thresholds - PhiD @ self.feature_map.bias  # [N, K]
+        return A, c
+
     def fit(
         self,
         H: Any,
