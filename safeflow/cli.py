@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,29 +43,80 @@ def cmd_assets(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _load_model(args: argparse.Namespace, world):
+    """Load ``args.model`` on this rank's device (or split by ``--device-map``); the first rank of
+    each node loads first, so the default model is fetched and converted once per node."""
+    import torch
+
+    from .models import load_model
+
+    dtype = getattr(torch, args.dtype)
+    if args.device_map:
+        kwargs = {"device_map": args.device_map, "max_memory": world.max_memory() if world.size > 1 else None}
+    else:
+        kwargs = {"device": world.device()}
+    loaded = load_model(args.model, dtype=dtype, progress=world.is_main, **kwargs) if world.local_rank == 0 else None
+    world.barrier()
+    return loaded or load_model(args.model, dtype=dtype, progress=False, **kwargs)
+
+
+def _join(args: argparse.Namespace):
+    """This process's :class:`~safeflow.distributed.World` (joined if launched by accelerate/torchrun)."""
+    from . import distributed
+    from .errors import ConfigError
+
+    world = distributed.init()
+    if world.size > 1 and not args.cache:
+        raise ConfigError(f"{world.size} processes exchange rows through a cache directory; pass --cache DIR "
+                          "(on a filesystem every process sees)")
+    return world
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    """``--processes N``: run this command in N processes on this machine."""
+    import os
+
+    from . import distributed
+    from .errors import ConfigError
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError("--processes is the one-machine shortcut; under accelerate launch / torchrun leave it at 1")
+    if not args.cache:
+        raise ConfigError(f"--processes {args.processes} exchanges rows through a cache directory; pass --cache DIR")
+    return distributed.launch(run, args.processes, argparse.Namespace(**{**vars(args), "processes": 1}))
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .extractors import HFExtractor
     from .io import save_tensors
-    from .models import load_model
     from .responses import response_states
 
-    model, tok = load_model(args.model)
+    if args.processes > 1:
+        return _spawn(args)
+    world = _join(args)
+    model, tok = _load_model(args, world)
     data = load_prompts(args.data)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
     header = {"model": args.model, "layer": ext.layer, "pooling": args.pooling}
     if args.responses:
         harmful, benign = data.where(label=1), data.where(label=0)
         states = response_states(ext, harmful.texts, benign.texts if args.with_benign else (),
-                                 max_tokens=args.responses, progress=True)
+                                 max_tokens=args.responses, progress=world.is_main)
         sources = harmful.sources + benign.sources
         H, y = states.H, states.y
         header.update(responses=args.responses, sources=[sources[i] for i in states.prompt_index.tolist()], kinds=states.kind)
+    elif world.size > 1:
+        ext.fill_cache(data.texts)  # every rank computes its share; rank 0 reads and writes the file
+        H, y = (ext.cached(data.texts) if world.is_main else None), data.y
+        header["sources"] = data.sources
     else:
         H, y = ext.extract(data.texts), data.y
         header["sources"] = data.sources
-    save_tensors(args.out, {"hidden": H, "labels": y}, header)
-    print(f"wrote {tuple(H.shape)} hidden states (layer {ext.layer}) to {args.out}")
+    if world.is_main:
+        save_tensors(args.out, {"hidden": H, "labels": y}, header)
+        print(f"wrote {tuple(H.shape)} hidden states (layer {ext.layer}) to {args.out}"
+              + (f" ({world.size} processes)" if world.size > 1 else ""))
     return 0
 
 
@@ -128,16 +180,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .extractors import HFExtractor
-    from .models import load_model
     from .pipeline import default_splits, format_table, layer_sweep
 
-    model, tok = load_model(args.model)
-    ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache)
+    if args.processes > 1:
+        return _spawn(args)
+    world = _join(args)
+    model, tok = _load_model(args, world)
+    ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache, progress=world.is_main)
     layers = args.layers or list(range(len(ext.blocks)))
-    rows = layer_sweep(ext, default_splits(load_prompts("default")), layers, kind=args.constraint)
-    print(format_table(rows, list(rows[0])))
-    best = max(rows, key=lambda r: (r["val_ood_f1"], r["val_ood_auroc"]))
-    print(f"best layer by OOD validation F1: {best['layer']}")
+    rows = layer_sweep(ext, default_splits(load_prompts("default")), layers, kind=args.constraint,
+                       progress=world.is_main)
+    if world.is_main:
+        print(format_table(rows, list(rows[0])))
+        best = max(rows, key=lambda r: (r["val_ood_f1"], r["val_ood_auroc"]))
+        print(f"best layer by OOD validation F1: {best['layer']}")
     return 0
 
 
@@ -155,6 +211,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         "edgy_false_refusal_unsteered", "edgy_false_refusal_steered"]))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _scale_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run in N processes on this machine (needs --cache); on several machines use "
+                        "`accelerate launch -m safeflow ...` instead")
+    p.add_argument("--device-map", default=None,
+                   help="split a model too large for one GPU, e.g. 'auto' (each process gets its share of the GPUs)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model weights dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(own answer = unsafe, refusal = safe); train a refusal polytope on them")
     p.add_argument("--with-benign", action="store_true", help="with --responses: add benign prompts' answers as safe")
     p.add_argument("--out", default="runs/features.safetensors")
+    _scale_options(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train a constraint set on a features file")
@@ -216,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", default="linear", help="constraint set fitted per layer (fast: linear)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
+    _scale_options(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
@@ -232,12 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; errors print one line and return exit code 2."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
     except (SafeflowError, FileNotFoundError) as exc:
-        print(f"safeflow: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK")
+        print(f"safeflow: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
 
 
