@@ -93,6 +93,15 @@ class HiddenStateCache:
     def __len__(self) -> int:
         return len(self._index)
 
+    def location(self, key: str) -> tuple[Path, int]:
+        """(chunk file, row) of ``key``; ``KeyError`` if it has no row."""
+        return self._index[key]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one row without its first (ragged) dimension, e.g. (L, d); () while empty."""
+        return self._row_shape or ()
+
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The keys (in order, without repeats) that have no row in the cache."""
         return [k for k in dict.fromkeys(keys) if k not in self._index]

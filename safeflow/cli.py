@@ -124,13 +124,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .presets import preset
 
-    H, y, _ = _features_file(args.features)
+    if args.chunk_rows:  # stream from disk: the features file(s) are never loaded whole
+        from .features import FeatureDataset
+
+        H, y = FeatureDataset.from_files(args.features, chunk_rows=args.chunk_rows), None
+        dim = H.dim
+    else:
+        H, y, _ = _features_file(args.features)
+        dim = H.shape[1]
     if args.constraint == "polytope":
         p = preset(args.preset)
-        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=args.facets, num_features=args.features_width)
+        model = ConstraintSet.create("polytope", input_dim=dim, num_facets=args.facets, num_features=args.features_width)
         model.fit(H, y, margin=args.margin if args.margin is not None else p.margin, feature_l1=p.feature_l1, epochs=args.epochs)
     else:
-        model = ConstraintSet.create(args.constraint, input_dim=H.shape[1]).fit(H, y, epochs=args.epochs)
+        model = ConstraintSet.create(args.constraint, input_dim=dim).fit(H, y, epochs=args.epochs)
     model.save(args.out)
     print(f"wrote {args.constraint} constraint set to {args.out}")
     return 0
@@ -254,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=None, help="polytope margin κ (default: the preset's)")
     p.add_argument("--preset", default=None, help="model preset (see safeflow.presets)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--chunk-rows", type=int, default=0, metavar="N",
+                   help="stream the features from disk in chunks of N rows instead of loading them "
+                        "(--features may then also be a directory of feature files)")
     p.add_argument("--out", default="runs/polytope.safetensors")
     p.set_defaults(func=cmd_train)
 

@@ -18,6 +18,7 @@ from . import distributed
 from .cache import HiddenStateCache, text_key, weights_digest
 from .distributed import World
 from .errors import ConfigError, DataError
+from .features import FeatureDataset
 from .layers import block_output, find_decoder_layers, normalize_layer
 from .registry import Registered
 
@@ -211,6 +212,14 @@ class HFExtractor(Extractor, name="hf"):
             raise ConfigError("cached() reads cache_dir, which is None; pass cache_dir=... to HFExtractor")
         H = _finite(torch.stack(cache.read([text_key(t) for t in texts])))
         return H[:, 0] if layers is None else H
+
+    def dataset(self, texts: Sequence[str], labels: Sequence[int] | torch.Tensor) -> FeatureDataset:
+        """The cached rows of ``texts`` as a :class:`~safeflow.features.FeatureDataset` that
+        ``fit`` streams from disk; computes missing rows first (collective, like :meth:`fill_cache`)."""
+        self.fill_cache(texts)
+        cache = self._cache(self._layers(None))
+        assert cache is not None
+        return FeatureDataset.from_cache(cache, [text_key(t) for t in self._check_texts(texts)], labels)
 
     def _check_texts(self, texts: Sequence[str]) -> list[str]:
         texts = list(texts)

@@ -90,8 +90,9 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         """Violations V [N, K] of hidden states H [N, d]; unsafe iff any V > 0. Differentiable."""
 
     @abstractmethod
-    def fit(self, H: Any, y: Any, **options: Any) -> ConstraintSet:
-        """Learn the constraints from hidden states H [N, d] and labels y [N] (1 = unsafe)."""
+    def fit(self, H: Any, y: Any = None, **options: Any) -> ConstraintSet:
+        """Learn the constraints from hidden states H [N, d] and labels y [N] (1 = unsafe), or from
+        a :class:`~safeflow.features.FeatureDataset` passed as ``H`` (streamed; ``y`` None)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -166,10 +167,9 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             raise CorruptFileError(f"{path} does not match its own config ({exc}); re-create it with .save()") from None
         return obj
 
-    def _record_fit(self, H: torch.Tensor) -> None:
-        """Mark fitted and store the covariance of the training rows H [N, d]."""
-        cov = torch.cov(H.T.double()) if H.shape[0] > 1 else torch.zeros(self.input_dim, self.input_dim)
-        self.input_covariance.copy_(cov.to(self.input_covariance))
+    def _record_fit(self, covariance: torch.Tensor) -> None:
+        """Mark fitted and store the covariance [d, d] of the training rows."""
+        self.input_covariance.copy_(covariance.to(self.input_covariance))
         self.fitted.fill_(True)
 
     def require_fitted(self) -> None:

@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .base import ConstraintSet, Weights, as_features, as_labels
-from .training import default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches
+from .base import ConstraintSet, Weights
+from .training import default_epochs, entropy_bits, fold_standardization, train_minibatches, training_data
 
 #: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
 #: and ours for the default model are in :mod:`safeflow.presets`. Inputs are standardised during
@@ -120,7 +120,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
     def fit(
         self,
         H: Any,
-        y: Any,
+        y: Any = None,
         *,
         margin: float = DEFAULT_MARGIN,
         unsafe_weight: float = 1.0,
@@ -133,19 +133,19 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         seed: int = 0,
         progress: bool = True,
     ) -> PolytopeConstraints:
-        """Train on hidden states H [N, d] and labels y [N] (1 = unsafe, 0 = safe).
+        """Train on hidden states H [N, d] and labels y [N] (1 = unsafe, 0 = safe), or on a
+        :class:`~safeflow.features.FeatureDataset` ``H`` (streamed from disk; ``y`` None).
 
         Hyper-parameters as in the paper (Adam, lr 1e-2, batch 128, λ_f = 1, entropy weight 1);
         ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
         Returns self (fitted; parameters act on raw, unstandardised hidden states).
         """
-        H = as_features(H, self.input_dim).float()
-        y = as_labels(y, H.shape[0])
+        data = training_data(H, y, self.input_dim)
         device = self.facets.device
         torch.manual_seed(seed)
         self.reset_parameters()
-        mean, std = standardization(H)
-        Z, y = ((H - mean) / std).to(device), y.to(device)
+        stats = data.moments(device)
+        mean, std = stats.standardization()
         kappa = float(margin)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -161,12 +161,12 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             return hinge / len(labels) + reg
 
         self.train_history = train_minibatches(
-            self.parameters(), loss_fn, Z, y,
-            epochs=epochs or default_epochs(len(y), batch_size), batch_size=batch_size, lr=lr, seed=seed,
+            self.parameters(), loss_fn, data, mean, std,
+            epochs=epochs or default_epochs(len(data), batch_size), batch_size=batch_size, lr=lr, seed=seed,
             progress=progress, desc="polytope",
         )
-        fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean.to(device), std.to(device))
-        self._record_fit(H)
+        fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean, std)
+        self._record_fit(stats.covariance())
         return self
 
     @torch.no_grad()
