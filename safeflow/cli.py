@@ -54,7 +54,7 @@ def _load_model(args: argparse.Namespace, world):
     if args.device_map:
         kwargs = {"device_map": args.device_map, "max_memory": world.max_memory() if world.size > 1 else None}
     else:
-        kwargs = {"device": world.device()}
+        kwargs = {"device": "cpu" if args.cpu else world.device()}
     loaded = load_model(args.model, dtype=dtype, progress=world.is_main, **kwargs) if world.local_rank == 0 else None
     world.barrier()
     return loaded or load_model(args.model, dtype=dtype, progress=False, **kwargs)
@@ -65,6 +65,8 @@ def _join(args: argparse.Namespace):
     from . import distributed
     from .errors import ConfigError
 
+    if args.cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a rank under torchrun / accelerate launch
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     world = distributed.init()
     if world.size > 1 and not args.cache:
         raise ConfigError(f"{world.size} processes exchange rows through a cache directory; pass --cache DIR "
@@ -83,7 +85,7 @@ def _spawn(args: argparse.Namespace) -> int:
         raise ConfigError("--processes is the one-machine shortcut; under accelerate launch / torchrun leave it at 1")
     if not args.cache:
         raise ConfigError(f"--processes {args.processes} exchanges rows through a cache directory; pass --cache DIR")
-    return distributed.launch(run, args.processes, argparse.Namespace(**{**vars(args), "processes": 1}))
+    return distributed.launch(run, args.processes, argparse.Namespace(**{**vars(args), "processes": 1}), cpu=args.cpu)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -227,6 +229,7 @@ def _scale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None,
                    help="split a model too large for one GPU, e.g. 'auto' (each process gets its share of the GPUs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model weights dtype")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even where there are GPUs")
 
 
 def build_parser() -> argparse.ArgumentParser:

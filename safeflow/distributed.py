@@ -63,15 +63,15 @@ class World:
         return box[0]
 
     def device(self) -> torch.device:
-        """This rank's device: ``cuda:<local rank>`` when CUDA is available, else the CPU."""
-        if torch.cuda.is_available():
+        """This rank's device: ``cuda:<local rank>`` unless :func:`use_cpu`, else the CPU."""
+        if not use_cpu():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
 
     def max_memory(self) -> dict[int | str, int] | None:
         """For ``device_map="auto"``: this rank's share of the node's GPUs (GPU index → bytes),
         the GPUs split evenly between the ranks of the node; None without CUDA."""
-        if not torch.cuda.is_available():
+        if use_cpu():
             return None
         gpus = gpu_share(self.local_rank, self.local_size, torch.cuda.device_count())
         return {g: torch.cuda.get_device_properties(g).total_memory for g in gpus}
@@ -85,14 +85,27 @@ def current() -> World:
                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def use_cpu() -> bool:
+    """True without CUDA, or when ``ACCELERATE_USE_CPU`` is set (``accelerate launch --cpu``,
+    ``--cpu`` of the CLI, ``launch(..., cpu=True)``): ranks then run on the CPU with gloo."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
 def init() -> World:
     """Join the process group described by the environment (``accelerate launch``, ``torchrun``,
-    :func:`launch`): gloo on CPU, nccl on GPU, through accelerate's ``PartialState``. Without such
-    an environment (``WORLD_SIZE`` unset or 1) nothing is initialised."""
+    :func:`launch`): gloo on CPU, nccl on GPU (one GPU per process), through accelerate's
+    ``PartialState``. Without such an environment (``WORLD_SIZE`` unset or 1) nothing is initialised."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available())
+        cpu = use_cpu()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if not cpu and local > torch.cuda.device_count():
+            from .errors import ConfigError
+
+            raise ConfigError(f"{local} processes on this machine but {torch.cuda.device_count()} GPU(s); nccl needs "
+                              "one GPU per process: start at most that many, or run on the CPU (--cpu)")
+        PartialState(cpu=cpu)
     return current()
 
 
@@ -130,11 +143,12 @@ def map_batches(world: World, fn: Callable[[list[Any]], list[Any]], items: Seque
     return [x for j in range(len(batches)) for x in results[j]]
 
 
-def launch(fn: Callable[..., int | None], nprocs: int, *args: Any) -> int:
+def launch(fn: Callable[..., int | None], nprocs: int, *args: Any, cpu: bool = False) -> int:
     """Run ``fn(*args)`` in ``nprocs`` fresh processes forming one process group on this machine.
 
     Each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``
-    and calls :func:`init` first. If one process fails, the others are stopped (what they have
+    and calls :func:`init` first (``cpu=True``: on the CPU with gloo even where there are
+    GPUs). If one process fails, the others are stopped (what they have
     written stays). Returns 0, or the exit code of the first process that failed.
     ``fn`` must be importable (a module-level function).
     """
@@ -144,7 +158,7 @@ def launch(fn: Callable[..., int | None], nprocs: int, *args: Any) -> int:
         raise ConfigError(f"the number of processes must be >= 1, got {nprocs}")
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(fn, rank, nprocs, port, args), name=f"safeflow-rank{rank}")
+    procs = [ctx.Process(target=_worker, args=(fn, rank, nprocs, port, cpu, args), name=f"safeflow-rank{rank}")
              for rank in range(nprocs)]
     for p in procs:
         p.start()
@@ -167,9 +181,11 @@ def launch(fn: Callable[..., int | None], nprocs: int, *args: Any) -> int:
             p.join()
 
 
-def _worker(fn: Callable[..., int | None], rank: int, nprocs: int, port: int, args: tuple[Any, ...]) -> None:
+def _worker(fn: Callable[..., int | None], rank: int, nprocs: int, port: int, cpu: bool, args: tuple[Any, ...]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     init()
     try:
         code = fn(*args)

@@ -33,7 +33,7 @@ from .cache import HiddenStateCache
 from .errors import ConfigError, CorruptFileError, DataError
 from .io import save_tensors
 
-#: Rows per block when statistics are computed over an in-memory tensor.
+#: Rows per block of the statistics pass (bounds its float64 temporaries to 2 × 8192 × d).
 STATS_BLOCK = 8192
 
 
@@ -74,11 +74,13 @@ class Moments:
 
 
 def moments(chunks: Iterable[torch.Tensor], device: torch.device | str | None = None) -> Moments:
-    """:class:`Moments` of all rows of ``chunks`` (each [n_i, d]), one chunk in memory at a time."""
+    """:class:`Moments` of all rows of ``chunks`` (each [n_i, d]), one chunk in memory at a time,
+    in blocks of at most :data:`STATS_BLOCK` rows."""
     total: Moments | None = None
     for X in chunks:
-        m = Moments.of(X.to(device) if device is not None else X)
-        total = m if total is None else total.merge(m)
+        for block in X.split(STATS_BLOCK):  # bounds the float64 temporaries
+            m = Moments.of(block.to(device) if device is not None else block)
+            total = m if total is None else total.merge(m)
     if total is None:
         raise DataError("no rows to compute statistics of; pass at least one row")
     return total
@@ -226,11 +228,9 @@ class FeatureDataset:
             yield X
 
     def moments(self, device: torch.device | str | None = None) -> Moments:
-        """Mean, std and covariance of all rows in one pass (:class:`Moments`). An in-memory
-        tensor is read in blocks of :data:`STATS_BLOCK` rows, so no float64 copy of H is made."""
-        if self._tensor is not None:
-            return moments(self._tensor.split(STATS_BLOCK), device)
-        return moments(self.chunks(), device)
+        """Mean, std and covariance of all rows in one pass (:class:`Moments`), in blocks of
+        :data:`STATS_BLOCK` rows: no float64 copy of H is ever made."""
+        return moments([self._tensor] if self._tensor is not None else self.chunks(), device)
 
     def batches(self, batch_size: int, generator: torch.Generator,
                 device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -105,7 +105,7 @@ def test_two_processes_equal_one_process_and_refuse_bad_input(tmp_path):
     reference = one.extract(TEXTS)
     states = sf.response_states(one, HARM, SAFE, max_tokens=3, batch_size=4)
     sweep = layer_sweep(one, prompt_splits(), [0, 1, 3], progress=False)
-    assert distributed.launch(work, 2, str(tmp_path), str(tmp_path / "cache"), "everything") == 0
+    assert distributed.launch(work, 2, str(tmp_path), str(tmp_path / "cache"), "everything", cpu=True) == 0
     computed = []
     for rank in (0, 1):  # every rank returns every row, in input order, identical to one process
         got, header = load_tensors(tmp_path / f"rank{rank}.safetensors")
@@ -135,14 +135,15 @@ def test_killed_rank_costs_only_its_unfinished_chunk_and_the_cli_resumes(tmp_pat
     make_model("qwen2", vocab_size=len(tok), seed=4).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     cache = tmp_path / "cache"
-    assert distributed.launch(work, 2, str(tmp_path), str(cache), "die", str(model_dir)) == 17
+    assert distributed.launch(work, 2, str(tmp_path), str(cache), "die", str(model_dir), cpu=True) == 17
     before = set(cache.rglob("chunk-*.safetensors"))
     kept = cached_rows(cache)
     assert 3 <= kept < len(TEXTS)  # rank 1's finished batch (and whatever rank 0 finished) survived
 
     data = tmp_path / "prompts.csv"
     data.write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(TEXTS)))
-    common = ["extract", "--model", str(model_dir), "--data", str(data), "--layer", str(LAYER), "--batch-size", "3"]
+    common = ["extract", "--model", str(model_dir), "--data", str(data), "--layer", str(LAYER), "--batch-size", "3",
+              "--cpu"]
     assert main([*common, "--out", str(tmp_path / "two.safetensors"), "--processes", "2"]) == 2
     assert "pass --cache DIR" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "two.safetensors"), "--processes", "2", "--cache", str(cache)]) == 0
