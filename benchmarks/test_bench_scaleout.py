@@ -33,12 +33,13 @@ def extraction_worker(out: str, cache: str, texts: list[str], started: float) ->
     sf.HFExtractor(model, tok, layer=LAYER, batch_size=BATCH, progress=False, distributed=False).extract(texts[:BATCH])
     ext = sf.HFExtractor(model, tok, layer=LAYER, batch_size=BATCH, cache_dir=cache, progress=False)
     world.barrier()
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     ext.fill_cache(texts)
+    cpu = world.all_gather(time.process_time() - c0)  # this rank's CPU seconds: independent of other jobs
     world.barrier()
     t1 = time.time()
     if world.is_main:
-        Path(out).write_text(json.dumps({"startup_s": t0 - started, "extract_s": t1 - t0}))
+        Path(out).write_text(json.dumps({"startup_s": t0 - started, "extract_s": t1 - t0, "cpu_s": cpu}))
     return 0
 
 
@@ -70,10 +71,16 @@ def test_extraction_two_processes_vs_one(benchmark, default_model, prompts, tmp_
     MEDIANS["extract 64 prompts, 1 process x 1 thread"] = t1
     MEDIANS["extract 64 prompts, 2 processes x 1 thread"] = t2
     MEDIANS["process start-up (2 processes, median)"] = statistics.median(r["startup_s"] for r in rounds[2])
-    benchmark.extra_info.update(speedup=t1 / t2, prompts_per_s_1=len(texts) / t1, prompts_per_s_2=len(texts) / t2,
-                                load_average=load, rounds={str(k): v for k, v in rounds.items()})
-    print(f"\nextraction speed-up, 2 processes vs 1: {t1 / t2:.2f}x ({len(texts) / t1:.1f} vs {len(texts) / t2:.1f} "
-          f"prompts/s); 1-min load average over the run: {load}")
+    # on a machine shared with other jobs the wall-clock ratio depends on their load; the busiest
+    # rank's CPU time vs the single process's is what 2 otherwise idle cores would give
+    cpu1 = statistics.median(r["cpu_s"][0] for r in rounds[1])
+    cpu2 = statistics.median(max(r["cpu_s"]) for r in rounds[2])
+    benchmark.extra_info.update(speedup=t1 / t2, cpu_speedup=cpu1 / cpu2, prompts_per_s_1=len(texts) / t1,
+                                prompts_per_s_2=len(texts) / t2, load_average=load,
+                                rounds={str(k): v for k, v in rounds.items()})
+    print(f"\nextraction speed-up, 2 processes vs 1: {t1 / t2:.2f}x wall clock ({len(texts) / t1:.1f} vs "
+          f"{len(texts) / t2:.1f} prompts/s), {cpu1 / cpu2:.2f}x by the busiest rank's CPU time "
+          f"({cpu1:.1f} s vs {cpu2:.1f} s); 1-min load average over the run: {load}")
 
 
 # --- streaming fit ------------------------------------------------------------------------------
