@@ -88,15 +88,14 @@ def moments(chunks: Iterable[torch.Tensor], device: torch.device | str | None = 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """Rows ``start:stop`` of tensor ``key`` in file ``path`` (None: the in-memory tensor),
-    optionally a selection ``rows`` of them and one ``layer`` of a [n, L, d] tensor."""
+    """Rows ``start:stop`` of tensor ``hidden`` in file ``path`` (None: the in-memory tensor), or
+    the selection ``rows`` of a cache chunk file, taking one ``layer`` of its [n, L, d] rows."""
 
     path: Path | None
     start: int
     stop: int
     rows: torch.Tensor | None = None
     layer: int | None = None
-    key: str = "hidden"
 
     def __len__(self) -> int:
         return self.stop - self.start if self.rows is None else len(self.rows)
@@ -197,18 +196,16 @@ class FeatureDataset:
         return len(self.labels)
 
     def read(self, i: int) -> torch.Tensor:
-        """Chunk ``i``'s hidden states [n_i, d] (float32, CPU; from disk or memory)."""
+        """Chunk ``i``'s hidden states [n_i, d], float32: read from disk (only that chunk's bytes
+        of the memory-mapped file) to the CPU, or a view of the in-memory tensor."""
         c = self._chunks[i]
         if c.path is None:
             assert self._tensor is not None
-            X = self._tensor[c.start : c.stop] if c.rows is None else self._tensor[c.rows]
+            X = self._tensor[c.start : c.stop]
         else:
             try:
                 with safe_open(str(c.path), framework="pt") as f:
-                    if c.rows is None:
-                        X = f.get_slice(c.key)[c.start : c.stop]
-                    else:
-                        X = f.get_tensor(c.key)[c.rows]
+                    X = f.get_slice("hidden")[c.start : c.stop] if c.rows is None else f.get_tensor("hidden")[c.rows]
             except (SafetensorError, OSError) as exc:
                 raise CorruptFileError(f"{c.path} became unreadable ({exc}); re-create it") from None
             if c.layer is not None:
