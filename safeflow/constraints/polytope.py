@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ConfigError
-from .base import ConstraintSet, Weights, as_features, as_labels
-from .training import default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches
+from .base import ConstraintSet, Weights, as_features, as_labels, check_positive_int
+from .training import (default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches,
+                       validate_fit_options)
 
 #: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
 #: and ours for the default model are in :mod:`safeflow.presets`. Inputs are standardised during
@@ -78,9 +78,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
 
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384) -> None:
         super().__init__(input_dim)
-        for name, value in (("num_facets", num_facets), ("num_features", num_features)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("num_facets", num_facets)
+        check_positive_int("num_features", num_features)
         self.num_constraints, self.num_features = num_facets, num_features
         self.feature_map = nn.Linear(input_dim, num_features)
         self.facets = nn.Parameter(torch.randn(num_facets, num_features) / math.sqrt(num_features))
@@ -139,6 +138,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
         Returns self (fitted; parameters act on raw, unstandardised hidden states).
         """
+        validate_fit_options(self, margin=margin, unsafe_weight=unsafe_weight, feature_l1=feature_l1, facet_l1=facet_l1,
+                             entropy_weight=entropy_weight, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
         H = as_features(H, self.input_dim).float()
         y = as_labels(y, H.shape[0])
         device = self.facets.device

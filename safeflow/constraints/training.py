@@ -9,10 +9,69 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+
+#: Largest training margin accepted: hinge terms stay finite in float32 well below it.
+MAX_MARGIN = 1e6
+#: Largest learning rate accepted (Adam's step is about lr in parameter units; beyond this it overflows).
+MAX_LR = 1e6
+
+
+def _int(low: int, optional: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v is None and optional:
+            return None
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return None if ok else f"an int >= {low}" + (" or None (the default)" if optional else "")
+    return check
+
+
+def _real(low: float, high: float = math.inf, strict: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+            v > low if strict else v >= low) and v <= high
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        return None if ok else f"a finite number {bound}" + (f" and <= {high:g}" if high < math.inf else "")
+    return check
+
+
+#: What each ``fit`` keyword must be; :func:`validate_fit_options` checks the ones it is given.
+FIT_OPTION_RULES: dict[str, Callable[[Any], str | None]] = {
+    "epochs": _int(1, optional=True),
+    "batch_size": _int(1),
+    "lr": _real(0.0, MAX_LR, strict=True),
+    "margin": _real(0.0, MAX_MARGIN),
+    "unsafe_weight": _real(0.0),
+    "feature_l1": _real(0.0),
+    "facet_l1": _real(0.0),
+    "entropy_weight": _real(0.0),
+    "weight_decay": _real(0.0),
+    "seed": _int(0),
+    "progress": lambda v: None if isinstance(v, bool) else "True or False",
+}
+
+
+def validate_fit_options(model: nn.Module, **options: Any) -> None:
+    """Check ``fit`` settings up front: raise :class:`ConfigError` naming the first bad one.
+
+    Every option with a rule in :data:`FIT_OPTION_RULES` is checked; the model must hold float32
+    parameters (training runs in float32).
+    """
+    for name, value in options.items():
+        rule = FIT_OPTION_RULES.get(name)
+        need = rule(value) if rule else None
+        if need:
+            raise ConfigError(f"fit option {name}={value!r} is invalid: it must be {need}")
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise ConfigError(f"fit trains in float32 but this {type(model).__name__} is {dtype}; call .float() "
+                          "before fit (and convert it again afterwards if you need another dtype)")
 
 
 def standardization(H: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
