@@ -111,8 +111,11 @@ def test_unreachable_target_reports_not_inside():
 
 def test_non_finite_steps_are_rejected_and_original_kept():
     c = always_outside(8)
+    with torch.no_grad():
+        c.net[0].weight.fill_(1e10)  # finite settings whose step overflows float32
+        c.net[0].bias.fill_(1e12)
     h = torch.randn(3, 8)
-    r = sf.SafeFlowSteerer(lambda_unsafe=float("inf"), max_steps=2).steer(h, c)
+    r = sf.SafeFlowSteerer(lambda_unsafe=1e30, max_steps=2).steer(h, c)
     assert r.rejected.all() and not r.steered.any()
     assert torch.equal(r.hidden, h)
 

@@ -21,6 +21,8 @@ difference is what changes the model's behaviour (see the concepts page of the d
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..constraints.base import ConstraintSet
@@ -49,15 +51,20 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
                  lr: float = 0.01, max_steps: int = 100, margin: float | None = None,
                  precondition: str | None = None) -> None:
         p = get_preset(preset)
-        margin = p.steer_margin if margin is None else float(margin)
+        values = {"lambda_unsafe": p.lambda_unsafe if lambda_unsafe is None else lambda_unsafe,
+                  "lambda_safe": p.lambda_safe if lambda_safe is None else lambda_safe,
+                  "margin": p.steer_margin if margin is None else margin, "lr": lr}
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                    name == "lr" and v == 0):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigError(f"max_steps must be an int >= 1, got {max_steps!r}")
         precondition = p.precondition if precondition is None else precondition
-        if max_steps < 1 or lr <= 0 or margin < 0:
-            raise ConfigError(f"need max_steps >= 1, lr > 0, margin >= 0; got {max_steps}, {lr}, {margin}")
         if precondition not in PRECONDITIONERS:
             raise ConfigError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
-        self.lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else float(lambda_unsafe)
-        self.lambda_safe = p.lambda_safe if lambda_safe is None else float(lambda_safe)
-        self.lr, self.max_steps, self.margin, self.precondition = float(lr), int(max_steps), margin, precondition
+        self.lambda_unsafe, self.lambda_safe = float(values["lambda_unsafe"]), float(values["lambda_safe"])
+        self.lr, self.max_steps, self.margin, self.precondition = float(lr), max_steps, float(values["margin"]), precondition
 
     def __repr__(self) -> str:
         return (f"SafeFlowSteerer(lambda_unsafe={self.lambda_unsafe}, lambda_safe={self.lambda_safe}, lr={self.lr}, "
@@ -66,15 +73,17 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
     def _weights(self, V: torch.Tensor) -> torch.Tensor:
         return self.lambda_safe + self.lambda_unsafe * (V > -self.margin).to(V.dtype)
 
+    def check(self, constraints: ConstraintSet) -> None:
+        super().check(constraints)
+        if self.precondition == "covariance" and not constraints.input_covariance.trace() > 0:
+            raise DataError("precondition='covariance' needs the covariance of the constraint set's training states, "
+                            "which this one lacks; fit it with this version of safeflow or pass precondition='none'")
+
     def _preconditioner(self, constraints: ConstraintSet) -> torch.Tensor | None:
         if self.precondition == "none":
             return None
-        cov = constraints.input_covariance.float()
-        scale = cov.trace() / cov.shape[0]
-        if not scale > 0:
-            raise DataError("precondition='covariance' needs the covariance of the constraint set's training states, "
-                            "which this one lacks; fit it with this version of safeflow or pass precondition='none'")
-        return cov / scale
+        cov = constraints.input_covariance
+        return cov / (cov.trace() / cov.shape[0])
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         P = self._preconditioner(constraints)
