@@ -26,7 +26,7 @@ from .constraints.base import ConstraintSet
 from .data import PromptSet, load_prompts, source_split, stratified_split
 from .evaluation import detection_metrics, evaluate_steering
 from .extractors import HFExtractor
-from .io import write_text_atomic
+from .io import json_text, write_text_atomic
 from .presets import preset as get_preset
 from .responses import ResponseStates, response_states
 from .steerers.safeflow import SafeFlowSteerer
@@ -170,8 +170,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     result = {"model": model_name, "layer": p.layer, "preset": vars(p), "data": {k: v.summary() for k, v in vars(splits).items()},
               "detection": detection, "gate": gate, "refusal_states": states.counts(),
               "steering": {k: v for k, v in steering.items() if k != "records"}, "timings_s": timings}
-    write_text_atomic(out / "metrics.json", json.dumps(result, indent=2))
-    write_text_atomic(out / "steering_records.jsonl", "\n".join(json.dumps(r) for r in steering["records"]) + "\n")
+    write_text_atomic(out / "metrics.json", json_text(result, indent=2))
+    write_text_atomic(out / "steering_records.jsonl", "\n".join(json_text(r) for r in steering["records"]) + "\n")
     write_text_atomic(out / "report.md", render_report(result, steering["records"]))
     return result
 
