@@ -8,6 +8,7 @@ constraint set. Saved files are one safetensors file with a JSON header — neve
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -21,7 +22,11 @@ from ..errors import ConfigError, CorruptFileError, DataError
 from ..io import load_tensors, save_tensors
 from ..registry import Registered
 
-FORMAT_VERSION = 2
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 3
+#: Older formats that still load: version 2 lacks ``safe_depth`` (loaded as 0, "unknown").
+READABLE_VERSIONS = (2, 3)
 
 #: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -67,14 +72,22 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     """Learned constraints on hidden states. Labels: 1 = unsafe, 0 = safe.
 
     Subclasses implement ``violations``, ``fit`` and ``config``; everything else is shared.
-    ``fit`` also records ``input_covariance`` [d, d], the covariance of the training rows (saved
-    with the parameters), which ``SafeFlowSteerer(precondition="covariance")`` steps in.
+    ``fit`` also records, saved with the parameters:
+
+    * ``input_covariance`` [d, d], the covariance of the training rows, which
+      ``SafeFlowSteerer(precondition="covariance")`` and the projection steerer's covariance
+      metric use;
+    * ``safe_depth`` [], the typical depth of the safe training rows inside the set — the median
+      of ``−max_k v_k(h)`` over them — the unit in which steering depths are given, so the same
+      setting means the same thing on any model, layer or constraint set (see
+      :meth:`calibrate_depth`).
     """
 
     input_dim: int
     num_constraints: int
     fitted: torch.Tensor
     input_covariance: torch.Tensor
+    safe_depth: torch.Tensor
 
     def __init__(self, input_dim: int) -> None:
         nn.Module.__init__(self)
@@ -83,6 +96,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         self.input_dim = input_dim
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
+        self.register_buffer("safe_depth", torch.tensor(0.0))
 
     # --- what an implementation provides -------------------------------------------------
     @abstractmethod
@@ -151,8 +165,10 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     def load(cls, path: str | os.PathLike[str]) -> ConstraintSet:
         """Read a file written by :meth:`save`. Never executes code from the file."""
         tensors, header = load_tensors(path)
-        if header.get("format_version") != FORMAT_VERSION or not isinstance(header.get("config"), dict):
+        if header.get("format_version") not in READABLE_VERSIONS or not isinstance(header.get("config"), dict):
             raise CorruptFileError(f"{path} has an unsupported safeflow header {header!r}; re-create it with .save()")
+        if header["format_version"] == 2:
+            tensors.setdefault("safe_depth", torch.tensor(0.0))
         impl = ConstraintSet.registry.get(str(header.get("type")))
         if cls is not ConstraintSet and not issubclass(impl, cls):
             raise CorruptFileError(f"{path} holds a {header['type']!r} constraint set, not a {cls.__name__}")
@@ -166,11 +182,30 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             raise CorruptFileError(f"{path} does not match its own config ({exc}); re-create it with .save()") from None
         return obj
 
-    def _record_fit(self, H: torch.Tensor) -> None:
-        """Mark fitted and store the covariance of the training rows H [N, d]."""
+    def _record_fit(self, H: torch.Tensor, y: torch.Tensor) -> None:
+        """Mark fitted; store the covariance of the training rows H [N, d] and the depth of the safe ones."""
         cov = torch.cov(H.T.double()) if H.shape[0] > 1 else torch.zeros(self.input_dim, self.input_dim)
         self.input_covariance.copy_(cov.to(self.input_covariance))
         self.fitted.fill_(True)
+        try:
+            self.calibrate_depth(H[y.to(H.device) == 0])
+        except DataError:
+            self.safe_depth.fill_(0.0)
+            log.warning("no safe training row ended inside the %s, so its safe depth is unknown and relative steering "
+                        "depths cannot be used with it; train longer or check the labels", type(self).__name__)
+
+    @torch.no_grad()
+    def calibrate_depth(self, H_safe: Any) -> float:
+        """Record ``safe_depth``: the median of ``−max_k v_k(h)`` over safe states ``H_safe`` [N, d]
+        that are inside. ``fit`` calls it with the safe training rows; call it yourself on a file
+        saved before format 3 (which loads with ``safe_depth`` 0, unknown). Returns the depth."""
+        depth = -self.score(H_safe)
+        depth = depth[depth > 0]
+        if depth.numel() == 0:
+            raise DataError("none of the safe states is inside the constraint set, so it has no safe depth; "
+                            "check the labels (0 = safe) or train longer")
+        self.safe_depth.fill_(float(depth.median()))
+        return float(self.safe_depth)
 
     def require_fitted(self) -> None:
         """Raise :class:`DataError` unless the constraint set has been fitted or loaded."""

@@ -14,6 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
+
+SCHEDULES = ("constant", "cosine")
+
 
 def standardization(H: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std [d] of H [N, d] (std floored at ``eps``)."""
@@ -37,17 +41,33 @@ def train_minibatches(
     batch_size: int = 128,
     lr: float = 1e-2,
     seed: int = 0,
+    schedule: str = "constant",
+    average: float = 0.0,
     progress: bool = True,
     desc: str = "train",
 ) -> list[float]:
     """Adam over shuffled minibatches; returns the mean loss of each epoch.
 
+    ``schedule``: ``"constant"`` learning rate, or ``"cosine"`` decay from ``lr`` to 0 over all steps.
+    ``average``: if > 0, the parameters are replaced at the end by their mean over the last
+    ``average`` fraction of optimiser steps (Polyak–Ruppert / SWA averaging), which removes most
+    of the dependence of the result on the order of the last minibatches.
     Raises ``FloatingPointError`` if the loss becomes non-finite (lower ``lr``).
     """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 0.0 <= average < 1.0:
+        raise ConfigError(f"average must be a fraction in [0, 1), got {average!r}")
     params = list(params)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = H.shape[0]
+    total_steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps) if schedule == "cosine" else None
+    average_from = total_steps - int(average * total_steps) if average > 0 else None
+    mean_params = [torch.zeros_like(p) for p in params] if average_from is not None else []
+    averaged = 0
+    step = 0
     history: list[float] = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
     for _ in bar:
@@ -61,9 +81,21 @@ def train_minibatches(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            if average_from is not None and step > average_from:
+                averaged += 1
+                with torch.no_grad():
+                    for m, p in zip(mean_params, params):
+                        m.add_(p.detach() - m, alpha=1.0 / averaged)
             total += loss.item() * len(idx)
         history.append(total / n)
         bar.set_postfix(loss=f"{history[-1]:.4g}")
+    if averaged:
+        with torch.no_grad():
+            for m, p in zip(mean_params, params):
+                p.copy_(m)
     return history
 
 
