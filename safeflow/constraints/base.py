@@ -25,8 +25,10 @@ from ..registry import Registered
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
-#: Older formats that still load: version 2 lacks ``safe_depth`` (loaded as 0, "unknown").
+#: Older formats that still load: version 2 lacks ``safe_depth`` (loaded as :data:`UNKNOWN_DEPTH`).
 READABLE_VERSIONS = (2, 3)
+#: ``safe_depth`` of a constraint set that has not measured it (unfitted, or saved in format 2).
+UNKNOWN_DEPTH = -1.0
 
 #: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -78,7 +80,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
       ``SafeFlowSteerer(precondition="covariance")`` and the projection steerer's covariance
       metric use;
     * ``safe_depth`` [], the typical depth of the safe training rows inside the set — the median
-      of ``−max_k v_k(h)`` over them — the unit in which steering depths are given, so the same
+      of ``max(0, −max_k v_k(h))`` over them — the unit in which steering depths are given, so the same
       setting means the same thing on any model, layer or constraint set (see
       :meth:`calibrate_depth`).
     """
@@ -96,7 +98,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         self.input_dim = input_dim
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
-        self.register_buffer("safe_depth", torch.tensor(0.0))
+        self.register_buffer("safe_depth", torch.tensor(UNKNOWN_DEPTH))
 
     # --- what an implementation provides -------------------------------------------------
     @abstractmethod
@@ -168,7 +170,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         if header.get("format_version") not in READABLE_VERSIONS or not isinstance(header.get("config"), dict):
             raise CorruptFileError(f"{path} has an unsupported safeflow header {header!r}; re-create it with .save()")
         if header["format_version"] == 2:
-            tensors.setdefault("safe_depth", torch.tensor(0.0))
+            tensors.setdefault("safe_depth", torch.tensor(UNKNOWN_DEPTH))
         impl = ConstraintSet.registry.get(str(header.get("type")))
         if cls is not ConstraintSet and not issubclass(impl, cls):
             raise CorruptFileError(f"{path} holds a {header['type']!r} constraint set, not a {cls.__name__}")
@@ -187,24 +189,17 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         cov = torch.cov(H.T.double()) if H.shape[0] > 1 else torch.zeros(self.input_dim, self.input_dim)
         self.input_covariance.copy_(cov.to(self.input_covariance))
         self.fitted.fill_(True)
-        try:
-            self.calibrate_depth(H[y.to(H.device) == 0])
-        except DataError:
-            self.safe_depth.fill_(0.0)
-            log.warning("no safe training row ended inside the %s, so its safe depth is unknown and relative steering "
-                        "depths cannot be used with it; train longer or check the labels", type(self).__name__)
+        depth = self.calibrate_depth(H[y.to(H.device) == 0])
+        if depth == 0:
+            log.warning("most safe training rows are not inside the fitted %s (median depth 0), so relative steering "
+                        "depths steer only to its boundary; train longer or check the labels", type(self).__name__)
 
     @torch.no_grad()
     def calibrate_depth(self, H_safe: Any) -> float:
-        """Record ``safe_depth``: the median of ``−max_k v_k(h)`` over safe states ``H_safe`` [N, d]
-        that are inside. ``fit`` calls it with the safe training rows; call it yourself on a file
-        saved before format 3 (which loads with ``safe_depth`` 0, unknown). Returns the depth."""
-        depth = -self.score(H_safe)
-        depth = depth[depth > 0]
-        if depth.numel() == 0:
-            raise DataError("none of the safe states is inside the constraint set, so it has no safe depth; "
-                            "check the labels (0 = safe) or train longer")
-        self.safe_depth.fill_(float(depth.median()))
+        """Record and return ``safe_depth``: the median of ``max(0, −max_k v_k(h))`` over safe
+        states ``H_safe`` [N, d]. ``fit`` calls it with the safe training rows; call it yourself to
+        use relative steering depths with a file saved before format 3."""
+        self.safe_depth.fill_(float((-self.score(H_safe)).clamp_min(0).median()))
         return float(self.safe_depth)
 
     def require_fitted(self) -> None:
