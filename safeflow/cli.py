@@ -247,9 +247,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     H, y, _ = _features_file(args.features)
     if args.constraint == "polytope":
-        p = preset(args.preset)
-        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=args.facets, num_features=args.features_width)
-        model.fit(H, y, margin=args.margin if args.margin is not None else p.margin, feature_l1=p.feature_l1, epochs=args.epochs)
+        p = preset(args.preset or "default")
+        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=args.facets or p.num_facets, num_features=args.features_width)
+        options = p.fit_options() | ({"margin": args.margin} if args.margin is not None else {})
+        model.fit(H, y, **options, epochs=args.epochs)
     else:
         model = ConstraintSet.create(args.constraint, input_dim=H.shape[1]).fit(H, y, epochs=args.epochs)
     model.save(args.out)
@@ -277,19 +278,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .generation import check_steering, generate_responses
     from .io import json_text
+    from .layers import find_decoder_layers
     from .models import load_model
-    from .presets import preset
+    from .presets import preset, resolve_layer
     from .steerers.base import Steerer
 
     prompts = list(args.prompt) + (Path(args.file).read_text("utf-8").splitlines() if args.file else [])
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise SafeflowError("no prompt given; pass PROMPT or --file FILE (one prompt per line)")
-    model, tok = load_model(args.model)
-    layer = args.layer if args.layer is not None else preset(args.preset).layer
     constraints = ConstraintSet.load(args.constraints)
     gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
     steerer = Steerer.create(args.steerer, **({"preset": args.preset} if args.preset else {}))
+    model, tok = load_model(args.model)
+    layer = args.layer if args.layer is not None else resolve_layer(preset(args.preset, model),
+                                                                      len(find_decoder_layers(model)))
     steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n)
     check_steering(model, **steer)  # fail before the unsteered pass, not after it
     plain, _, _ = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens)
@@ -362,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=input_file, default="runs/features.safetensors")
     p.add_argument("--constraint", type=registered("constraint"), default="polytope",
                    help="registered name: polytope, mlp, linear")
-    p.add_argument("--facets", type=positive_int, default=14)
+    p.add_argument("--facets", type=positive_int, default=None, help="number of facets K (default: the preset's)")
     p.add_argument("--features-width", type=positive_int, default=16384, help="polytope feature-map width F")
     p.add_argument("--margin", type=nonnegative_float, default=None, help="polytope margin κ (default: the preset's)")
     p.add_argument("--preset", default=None, help="model preset (see safeflow.presets)")

@@ -301,3 +301,21 @@ def test_temp_files_of_a_killed_save_are_cleaned_up_by_the_next_save(tmp_path):
     model.save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c.safetensors", live.name, other.name])
     assert isinstance(sf.ConstraintSet.load(target), sf.PolytopeConstraints)
+
+
+def test_format_2_files_load_without_safe_depth_and_are_still_checked(tmp_path):
+    from safeflow.constraints.base import UNKNOWN_DEPTH
+
+    model = fitted_polytope()
+    path = saved(tmp_path, model)
+    tensors, header = parts(path)
+    del tensors["safe_depth"]
+    h = json.loads(header)
+    h["format_version"] = 2
+    rewrite(path, tensors=tensors, header=h)
+    loaded = sf.ConstraintSet.load(path)
+    assert float(loaded.safe_depth) == UNKNOWN_DEPTH and torch.equal(loaded.facets, model.facets)
+    h["config"]["input_dim"] = 16_000
+    rewrite(path, header=h)
+    with pytest.raises(CorruptFileError, match="needs"):
+        sf.ConstraintSet.load(path)

@@ -177,6 +177,11 @@ def test_steering_arguments_are_checked_on_entry(tokenizer):
     with pytest.raises(DataError, match="precondition='none'"):
         with sf.steering(model, no_covariance, sf.SafeFlowSteerer(precondition="covariance"), layer=1):
             pass
+    without_depth = always_outside(32)  # e.g. loaded from a format-2 file: relative depths cannot be resolved
+    without_depth.safe_depth.fill_(-1.0)
+    with pytest.raises(DataError, match="safe_depth"):
+        with sf.steering(model, without_depth, sf.SafeFlowSteerer(depth=1.0), layer=1):
+            pass
     assert not model._forward_pre_hooks and not any(b._forward_hooks for b in find_decoder_layers(model))
     assert not sf.generation.steering_active(model)
 

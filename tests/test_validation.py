@@ -48,7 +48,7 @@ def test_training_that_diverges_is_not_marked_fitted():
     with torch.no_grad():
         linear.net[0].weight[0, 3] = float("nan")  # what a diverged training procedure leaves behind
     with pytest.raises(ConfigError, match=r"NaN/inf in \['net.0.weight'\]; lower lr"):
-        linear._record_fit(H)
+        linear._record_fit(H, y)
     assert not bool(linear.fitted)
 
 

@@ -8,6 +8,7 @@ constraint set. Saved files are one safetensors file with a JSON header — neve
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -18,10 +19,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, CorruptFileError, DataError
-from ..io import FLOAT_DTYPES, short_repr, load_tensors, read_header, save_tensors
+from ..io import FLOAT_DTYPES, TensorSpec, load_tensors, read_header, save_tensors, short_repr
 from ..registry import Registered
 
-FORMAT_VERSION = 2
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 3
+#: Older formats that still load: version 2 lacks ``safe_depth`` (loaded as :data:`UNKNOWN_DEPTH`).
+READABLE_VERSIONS = (2, 3)
+#: ``safe_depth`` of a constraint set that has not measured it (unfitted, or saved in format 2).
+UNKNOWN_DEPTH = -1.0
 
 #: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -99,20 +106,29 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     """Learned constraints on hidden states. Labels: 1 = unsafe, 0 = safe.
 
     Subclasses implement ``violations``, ``fit`` and ``config``; everything else is shared.
-    ``fit`` also records ``input_covariance`` [d, d], the covariance of the training rows (saved
-    with the parameters), which ``SafeFlowSteerer(precondition="covariance")`` steps in.
+    ``fit`` also records, saved with the parameters:
+
+    * ``input_covariance`` [d, d], the covariance of the training rows, which
+      ``SafeFlowSteerer(precondition="covariance")`` and the projection steerer's covariance
+      metric use;
+    * ``safe_depth`` [], the typical depth of the safe training rows inside the set — the median
+      of ``max(0, −max_k v_k(h))`` over them — the unit in which steering depths are given, so the same
+      setting means the same thing on any model, layer or constraint set (see
+      :meth:`calibrate_depth`).
     """
 
     input_dim: int
     num_constraints: int
     fitted: torch.Tensor
     input_covariance: torch.Tensor
+    safe_depth: torch.Tensor
 
     def __init__(self, input_dim: int) -> None:
         nn.Module.__init__(self)
         self.input_dim = check_positive_int("input_dim", input_dim)
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
+        self.register_buffer("safe_depth", torch.tensor(UNKNOWN_DEPTH))
 
     # --- what an implementation provides -------------------------------------------------
     @abstractmethod
@@ -183,10 +199,14 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
 
         The config is checked against the file's own tensor names, shapes and dtypes before
         anything is built, and every parameter must be finite: a hostile or damaged file raises
-        :class:`CorruptFileError` and costs no more memory than its own size.
+        :class:`CorruptFileError` and costs no more memory than its own size. Format 2 files
+        (without ``safe_depth``) load with ``safe_depth`` = :data:`UNKNOWN_DEPTH`.
         """
         specs, header = read_header(path)
         impl, config = _constructor(path, header, cls)
+        old_format = header["format_version"] == 2 and "safe_depth" not in specs
+        if old_format:
+            specs["safe_depth"] = TensorSpec("F32", ())
         expected = _expected_specs(path, impl, config, len(specs))
         if set(expected) != set(specs):
             raise CorruptFileError(f"{path} holds tensors {sorted(specs)[:8]} but its config {short_repr(config)} needs "
@@ -198,6 +218,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
                 raise CorruptFileError(f"{path}: tensor {name!r} is {spec.dtype} {list(spec.shape)} but its config "
                                        f"{short_repr(config)} needs {dtype} {list(shape)}; re-create it with .save()")
         tensors, _ = load_tensors(path)
+        if old_format:
+            tensors["safe_depth"] = torch.tensor(UNKNOWN_DEPTH)
         for name, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CorruptFileError(f"{path}: tensor {name!r} has NaN/inf values; a constraint set with them "
@@ -209,8 +231,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         obj.load_state_dict(tensors)
         return obj
 
-    def _record_fit(self, H: torch.Tensor) -> None:
-        """Mark fitted and store the covariance of the training rows H [N, d].
+    def _record_fit(self, H: torch.Tensor, y: torch.Tensor) -> None:
+        """Mark fitted; store the covariance of the training rows H [N, d] and the depth of the safe ones.
 
         Raises :class:`ConfigError` if training left any parameter NaN/inf (the set is not marked fitted).
         """
@@ -220,6 +242,18 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         if bad:
             raise ConfigError(f"training produced NaN/inf in {bad}; lower lr or the margin, or rescale the hidden states")
         self.fitted.fill_(True)
+        depth = self.calibrate_depth(H[y.to(H.device) == 0])
+        if depth == 0:
+            log.warning("most safe training rows are not inside the fitted %s (median depth 0), so relative steering "
+                        "depths steer only to its boundary; train longer or check the labels", type(self).__name__)
+
+    @torch.no_grad()
+    def calibrate_depth(self, H_safe: Any) -> float:
+        """Record and return ``safe_depth``: the median of ``max(0, −max_k v_k(h))`` over safe
+        states ``H_safe`` [N, d]. ``fit`` calls it with the safe training rows; call it yourself to
+        use relative steering depths with a file saved before format 3."""
+        self.safe_depth.fill_(float((-self.score(H_safe)).clamp_min(0).median()))
+        return float(self.safe_depth)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -238,9 +272,9 @@ def _constructor(path: Any, header: dict[str, Any], cls: type) -> tuple[type[Con
     if kind is None or "format_version" not in header:
         raise CorruptFileError(f"{path} is not a saved constraint set (its safeflow header has keys "
                                f"{short_repr(sorted(header))}); pass a file written by ConstraintSet.save() or `safeflow train`")
-    if header["format_version"] != FORMAT_VERSION or not isinstance(config, dict):
+    if header["format_version"] not in READABLE_VERSIONS or not isinstance(config, dict):
         raise CorruptFileError(f"{path} has an unsupported constraint-set header (format_version "
-                               f"{short_repr(header['format_version'])}, this safeflow reads {FORMAT_VERSION}); "
+                               f"{short_repr(header['format_version'])}, this safeflow reads {READABLE_VERSIONS}); "
                                "re-create it with .save()")
     if not isinstance(kind, str) or kind not in ConstraintSet.registry.names():
         raise CorruptFileError(f"{path} holds an unknown constraint-set type {short_repr(kind)} (known: "

@@ -66,7 +66,7 @@ class _LogitConstraint(ConstraintSet):
         )
         first = self.net[0]
         fold_standardization(first.weight.data, first.bias.data, mean.to(device), std.to(device))
-        self._record_fit(H)
+        self._record_fit(H, y)
         return self
 
 

@@ -41,6 +41,36 @@ class SteerResult:
     nonfinite: torch.Tensor  #: [B] bool, the row or its violations were NaN/inf on arrival; left untouched
 
 
+def target_margin(constraints: ConstraintSet, margin: float | None, depth: float | None) -> float:
+    """The steering target depth m in the constraint set's violation units: ``margin`` as given
+    (absolute), or ``depth × constraints.safe_depth`` (relative: 1 = as deep as a typical safe
+    training state). Exactly one of the two is set."""
+    if margin is not None:
+        return margin
+    assert depth is not None
+    if depth == 0:
+        return 0.0
+    unit = float(constraints.safe_depth)
+    if unit < 0:
+        raise DataError(
+            f"a relative steering depth ({depth}) needs the constraint set's safe_depth, which this one lacks "
+            "(it was saved before format 3); call constraints.calibrate_depth(H_safe) with safe hidden states "
+            "(and save it again), or give an absolute margin= instead of depth="
+        )
+    return depth * unit
+
+
+def check_depth(margin: float | None, depth: float | None) -> None:
+    """Validate a steerer's ``margin`` / ``depth`` pair: exactly one, finite and >= 0."""
+    if (margin is None) == (depth is None):
+        raise ConfigError(f"give exactly one of margin= (absolute) and depth= (relative to the constraint set's "
+                          f"safe depth); got margin={margin!r}, depth={depth!r}")
+    value = margin if margin is not None else depth
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+        raise ConfigError(f"the steering {'margin' if margin is not None else 'depth'} must be a finite number >= 0, "
+                          f"got {value!r}")
+
+
 class Steerer(Registered, ABC, kind="steerer"):
     """Moves hidden states outside a constraint set back inside. Configured by its own
     hyper-parameters; receives the constraint set at call time."""
