@@ -155,7 +155,8 @@ def load_prompt_file(path: str | Path) -> PromptSet:
                 try:
                     records.append(json.loads(line))
                 except (ValueError, RecursionError) as exc:
-                    raise DataError(f"{path}:{n} is not valid JSON ({str(exc)[:100]}); write one JSON object per line") from None
+                    raise DataError(f"{path}:{n} is not valid JSON ({str(exc)[:100]}); write one JSON object "
+                                    "per line") from None
     else:
         raise DataError(f"{path} must end in .csv or .jsonl")
     if not records:

@@ -44,11 +44,13 @@ def detection_metrics(y_true: Any, score: Any, threshold: float = 0.0) -> dict[s
     if y.shape != s.shape or y.ndim != 1 or len(y) == 0:
         raise DataError(f"labels {y.shape} and scores {s.shape} must be equal-length, non-empty 1-D arrays")
     if y.dtype.kind not in "biuf":
-        raise DataError(f"labels must be 0 (safe) or 1 (unsafe), got {y.dtype} values; map them to 1 = unsafe, 0 = safe")
+        raise DataError(f"labels must be 0 (safe) or 1 (unsafe), got {y.dtype} values; map them to 1 = unsafe, "
+                        "0 = safe")
     bad = ~np.isin(y, (0, 1))
     if bad.any():
         raise DataError(f"labels must be 0 (safe) or 1 (unsafe); found {sorted(set(y[bad].tolist()))[:5]} in "
-                        f"{int(bad.sum())} row(s) (first: {np.flatnonzero(bad)[:5].tolist()}); map them to 1 = unsafe, 0 = safe")
+                        f"{int(bad.sum())} row(s) (first: {np.flatnonzero(bad)[:5].tolist()}); map them to "
+                        "1 = unsafe, 0 = safe")
     y = y.astype(int)
     nan = np.isnan(s)
     if nan.any():

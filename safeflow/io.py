@@ -207,7 +207,8 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CorruptFileError(
-            f"{path} is not a readable safetensors file ({short_repr(str(exc), 200)}); it may be truncated or corrupted: "
+            f"{path} is not a readable safetensors file ({short_repr(str(exc), 200)}); it may be truncated or "
+            "corrupted: "
             "re-create it with .save()"
         ) from None
     return tensors, header

@@ -29,7 +29,8 @@ COMMON_BAD = [("epochs", -1), ("epochs", 0), ("epochs", 2.5), ("epochs", True), 
               ("batch_size", 0), ("lr", 0), ("lr", -0.1), ("lr", float("nan")), ("lr", float("inf")), ("lr", 1e38),
               ("seed", -1)]
 POLYTOPE_BAD = [("margin", float("nan")), ("margin", float("inf")), ("margin", 1e38), ("margin", -1.0),
-                ("unsafe_weight", -1.0), ("feature_l1", float("nan")), ("facet_l1", -1e-3), ("entropy_weight", "1")]
+                ("unsafe_weight", -1.0), ("feature_l1", float("nan")), ("facet_l1", -1e-3), ("entropy_weight", "1"),
+                ("schedule", "linear"), ("average", 1.0), ("average", -0.1), ("assignment", "random"), ("init", None)]
 
 
 @pytest.mark.parametrize("kind,option,value", [(k, *bad) for k in KINDS
@@ -40,6 +41,23 @@ def test_bad_fit_settings_are_refused_before_training(kind, option, value):
     with pytest.raises(ConfigError, match=f"{option}="):
         model.fit(H, y, progress=False, **{option: value})
     assert not bool(model.fitted)
+
+
+def test_refit_interrupted_during_training_is_not_left_marked_fitted(monkeypatch):
+    H, y = separable(64, 8)
+    model = fit(make("polytope"), H, y)
+    assert bool(model.fitted)
+    with pytest.raises(ConfigError):  # refused up front: nothing changed, still fitted
+        model.fit(H, y, progress=False, average=2.0)
+    assert bool(model.fitted)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safeflow.constraints.polytope.train_minibatches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(H, y, progress=False)
+    assert not bool(model.fitted)  # parameters were reset: it must not claim to be trained
 
 
 def test_training_that_diverges_is_not_marked_fitted():

@@ -65,7 +65,8 @@ def as_features(H: Any, input_dim: int | None = None, name: str = "H") -> torch.
                         f"(first: {_first_rows(~finite)}); drop or re-extract those rows")
     big = H.abs().amax(1) > MAX_ABS
     if big.any():
-        raise DataError(f"{name} has values beyond ±{MAX_ABS:g} in {int(big.sum())} row(s) (first: {_first_rows(big)}, "
+        raise DataError(f"{name} has values beyond ±{MAX_ABS:g} in {int(big.sum())} row(s) "
+                        f"(first: {_first_rows(big)}, "
                         f"largest {float(H.abs().max()):.3g}); such states overflow float32 arithmetic: rescale them "
                         "or check the extraction")
     return H
@@ -209,7 +210,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             specs["safe_depth"] = TensorSpec("F32", ())
         expected = _expected_specs(path, impl, config, len(specs))
         if set(expected) != set(specs):
-            raise CorruptFileError(f"{path} holds tensors {sorted(specs)[:8]} but its config {short_repr(config)} needs "
+            raise CorruptFileError(f"{path} holds tensors {sorted(specs)[:8]} but its config {short_repr(config)} "
+                                   "needs "
                                    f"{sorted(expected)[:8]}; re-create it with .save()")
         for name, (dtype, shape) in expected.items():
             spec = specs[name]
@@ -240,7 +242,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         self.input_covariance.copy_(cov.to(self.input_covariance))
         bad = [n for n, t in self.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            raise ConfigError(f"training produced NaN/inf in {bad}; lower lr or the margin, or rescale the hidden states")
+            raise ConfigError(f"training produced NaN/inf in {bad}; lower lr or the margin, or rescale the hidden "
+                              "states")
         self.fitted.fill_(True)
         depth = self.calibrate_depth(H[y.to(H.device) == 0])
         if depth == 0:
@@ -271,7 +274,8 @@ def _constructor(path: Any, header: dict[str, Any], cls: type) -> tuple[type[Con
     kind, config = header.get("type"), header.get("config")
     if kind is None or "format_version" not in header:
         raise CorruptFileError(f"{path} is not a saved constraint set (its safeflow header has keys "
-                               f"{short_repr(sorted(header))}); pass a file written by ConstraintSet.save() or `safeflow train`")
+                               f"{short_repr(sorted(header))}); pass a file written by ConstraintSet.save() or "
+                               "`safeflow train`")
     if header["format_version"] not in READABLE_VERSIONS or not isinstance(config, dict):
         raise CorruptFileError(f"{path} has an unsupported constraint-set header (format_version "
                                f"{short_repr(header['format_version'])}, this safeflow reads {READABLE_VERSIONS}); "
@@ -291,7 +295,8 @@ def _expected_specs(path: Any, impl: type[ConstraintSet], config: dict[str, Any]
     """Names, dtypes and shapes of the state ``impl(**config)`` would have, built on the meta
     device (no memory). A config list longer than the file's tensor count cannot match it."""
     if any(isinstance(v, (list, dict)) and len(v) > num_tensors for v in config.values()):
-        raise CorruptFileError(f"{path} has a config with more entries than the file has tensors; re-create it with .save()")
+        raise CorruptFileError(f"{path} has a config with more entries than the file has tensors; re-create it "
+                               "with .save()")
     try:
         with torch.device("meta"):
             state = impl(**config).state_dict()
