@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import CorruptFileError, DataError
+from .errors import ConfigError, CorruptFileError, DataError
 from .io import METADATA_KEY, save_tensors, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class HiddenStateCache:
     def __init__(self, directory: str | Path, fingerprint: dict[str, Any], rank: int = 0, ragged: bool = False) -> None:
         self.fingerprint = {k: str(v) for k, v in fingerprint.items()}
         digest = hashlib.sha256(repr(sorted(self.fingerprint.items())).encode()).hexdigest()[:16]
+        if Path(directory).exists() and not Path(directory).is_dir():
+            raise ConfigError(f"cache directory {directory} is a file; pass a directory (or none)")
         self.directory = Path(directory) / digest
         self.rank = rank
         self.ragged = ragged
@@ -179,9 +181,9 @@ class HiddenStateCache:
                 header = json.loads((f.metadata() or {})[METADATA_KEY])
                 shape = tuple(f.get_slice("hidden").get_shape())
                 has_lengths = "lengths" in f.keys()
-            keys, fingerprint = list(header["keys"]), header["fingerprint"]
-            if len(keys) != shape[0] or has_lengths != self.ragged:
-                raise ValueError(f"{len(keys)} keys for {shape[0]} rows")
+            keys, fingerprint = header["keys"], header["fingerprint"]
+            if not isinstance(keys, list) or len(keys) != shape[0] or has_lengths != self.ragged:
+                raise ValueError(f"keys do not match the {shape[0]} rows")
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             log.warning("cache chunk %s is unreadable (%s); renamed to *.corrupt, its rows will be recomputed", path, exc)
             try:

@@ -187,6 +187,7 @@ class HFExtractor(Extractor, name="hf"):
         every rank passes the same texts, computes its share of the batches into ``cache_dir``,
         and returns all N rows — identical to a single-process run on the same device type.
         """
+        self._check_not_steering()
         texts, layers = self._check_texts(texts), self._layers(layers)
         rows = self._fill(self._cache(layers), [text_key(t) for t in texts], self._prompt_job(texts, layers), "extract")
         return _finite(torch.stack(rows))  # type: ignore[arg-type]
@@ -197,6 +198,7 @@ class HFExtractor(Extractor, name="hf"):
         Collective under a process group, like :meth:`extract_layers`; read the rows afterwards
         with :meth:`cached` on the ranks that need them (``safeflow extract``: rank 0 only).
         """
+        self._check_not_steering()
         texts, layers = self._check_texts(texts), self._layers(layers)
         cache = self._cache(layers)
         if cache is None:
@@ -328,6 +330,7 @@ class HFExtractor(Extractor, name="hf"):
         steps 0..n-1 when the model generates that response itself. Cached and collective under
         a process group like :meth:`extract_layers`.
         """
+        self._check_not_steering()
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses) or not prompts:
             raise DataError(f"need one response per prompt and at least one pair; got {len(prompts)} prompts "
@@ -357,6 +360,13 @@ class HFExtractor(Extractor, name="hf"):
 
         job = _Job(lambda idx: [len(rows[i][0]) for i in idx], compute)
         return self._fill(self._cache([self.layer], responses=True), keys, job, "extract responses")  # type: ignore[return-value]
+
+    def _check_not_steering(self) -> None:
+        from .generation import steering_active
+
+        if steering_active(self.model):
+            raise ConfigError("HFExtractor cannot run on a model inside a `with steering(...)` block (the steering "
+                              "hook would act on its forward passes); extract before or after the block")
 
     @torch.no_grad()
     def _layer_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:

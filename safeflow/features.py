@@ -122,12 +122,12 @@ class FeatureDataset:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_tensors(cls, H: torch.Tensor, y: Any, chunk_rows: int | None = None) -> FeatureDataset:
+    def from_tensors(cls, H: Any, y: Any, chunk_rows: int | None = None, input_dim: int | None = None) -> FeatureDataset:
         """The rows of an in-memory H [N, d] with labels y [N], in chunks of ``chunk_rows``
-        (default: one chunk — the order of ``fit(H, y)``)."""
+        (default: one chunk — the order of ``fit(H, y)``); ``input_dim``: the d H must have."""
         from .constraints.base import as_features, as_labels
 
-        H = as_features(H).float()
+        H = as_features(H, input_dim).float()
         y = as_labels(y, H.shape[0])
         step = H.shape[0] if chunk_rows is None else chunk_rows
         _check_chunk_rows(step)
@@ -216,13 +216,17 @@ class FeatureDataset:
         return X
 
     def chunks(self) -> Iterator[torch.Tensor]:
-        """Every chunk in order, one at a time (rows checked to be finite)."""
+        """Every chunk's hidden states in order, one at a time, checked like ``fit``'s tensors
+        (finite, bounded: :func:`~safeflow.constraints.base.as_features`)."""
+        from .constraints.base import as_features
+
         for i in range(len(self._chunks)):
-            X = self.read(i)
-            if not torch.isfinite(X).all():
-                where = self._chunks[i].path or "memory"
-                raise DataError(f"chunk {i} ({where}) has NaN/inf hidden states; drop or re-extract those rows")
-            yield X
+            yield as_features(self.read(i), self.dim, name=f"chunk {i} ({self._chunks[i].path or 'memory'})")
+
+    def labelled_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(H_i, y_i)`` for every chunk in order (labels on the rows' device)."""
+        for i, X in enumerate(self.chunks()):
+            yield X, self.labels[self._offsets[i] : self._offsets[i + 1]].to(X.device)
 
     def moments(self, device: torch.device | str | None = None) -> Moments:
         """Mean, std and covariance of all rows in one pass (:class:`Moments`), in blocks of
