@@ -61,7 +61,8 @@ def _agree(world: World, cache: HiddenStateCache, keys: list[str]) -> None:
                               "options on every process")
         if text_digest != everyone[0][1]:
             raise DataError(f"rank {rank} was given other texts than rank 0; every rank must pass the same texts "
-                            "in the same order (the work is split for you)")
+                            "in the same order (the work is split for you), or create the extractor with "
+                            "distributed=False to extract per process")
 
 
 def _check_complete(world: World, cache: HiddenStateCache, keys: list[str], batches: list[list[int]],
