@@ -2,8 +2,8 @@
 
 ``steer(hidden [B, d], constraints) -> SteerResult``. Rows already inside (all violations <= 0)
 are returned untouched; only rows outside are handed to the implementation's ``_move``. The
-optimisation runs in float32 whatever the input dtype; rows whose result is not finite are
-rejected (the original hidden state is kept and ``rejected`` says so).
+optimisation runs in float32 whatever the input dtype; rows whose input or result is not finite
+are rejected (the original hidden state is kept and ``rejected`` says so).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class SteerResult:
     violations_after: torch.Tensor  #: [B, K] float32
     iterations: torch.Tensor  #: [B] long, optimisation steps used (0 for rows left alone)
     inside: torch.Tensor  #: [B] bool, all violations_after <= 0
-    rejected: torch.Tensor  #: [B] bool, optimisation produced NaN/inf; original row kept
+    rejected: torch.Tensor  #: [B] bool, input or result NaN/inf (or the steerer gave up); original row kept
     shift: torch.Tensor  #: [B] float32, L2 norm of the change made to each row
 
 
@@ -50,7 +50,7 @@ class Steerer(Registered, ABC, kind="steerer"):
         outside = before.max(dim=1).values > 0
         B = h.shape[0]
         iterations = torch.zeros(B, dtype=torch.long, device=h.device)
-        rejected = torch.zeros(B, dtype=torch.bool, device=h.device)
+        rejected = ~torch.isfinite(h).all(dim=1)  # NaN/inf states are left as they are
         after, new = before, h
         if outside.any():
             moved, steps = self._move(h[outside], constraints)
@@ -77,3 +77,14 @@ class Steerer(Registered, ABC, kind="steerer"):
         Returns the new rows [M, d] (may contain NaN/inf; the caller rejects those rows) and the
         number of steps used per row [M].
         """
+
+
+def scaled_covariance(constraints: ConstraintSet) -> torch.Tensor:
+    """The constraint set's ``input_covariance`` [d, d] (float32) scaled to mean eigenvalue 1."""
+    cov = constraints.input_covariance.float()
+    scale = cov.trace() / cov.shape[0]
+    if not scale > 0:
+        raise DataError("steering in the covariance geometry needs the covariance of the constraint set's training "
+                        "states, which this one lacks; fit it with this version of safeflow, or pass "
+                        "precondition='none' (SafeFlow) / metric='euclidean' (projection)")
+    return cov / scale

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from ..constraints.base import ConstraintSet
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..presets import preset as get_preset
-from .base import Steerer
+from .base import Steerer, scaled_covariance
 
 PRECONDITIONERS = ("none", "covariance")
 
@@ -67,14 +67,7 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
         return self.lambda_safe + self.lambda_unsafe * (V > -self.margin).to(V.dtype)
 
     def _preconditioner(self, constraints: ConstraintSet) -> torch.Tensor | None:
-        if self.precondition == "none":
-            return None
-        cov = constraints.input_covariance.float()
-        scale = cov.trace() / cov.shape[0]
-        if not scale > 0:
-            raise DataError("precondition='covariance' needs the covariance of the constraint set's training states, "
-                            "which this one lacks; fit it with this version of safeflow or pass precondition='none'")
-        return cov / scale
+        return None if self.precondition == "none" else scaled_covariance(constraints)
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         P = self._preconditioner(constraints)
