@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="file with one prompt per line")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--constraints", default="runs/polytope.safetensors")
-    p.add_argument("--steerer", default="safeflow")
+    p.add_argument("--steerer", default="safeflow", help="'safeflow' (gradient steps) or 'projection' (nearest point)")
     p.add_argument("--gate", default="prompt",
                    help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
     p.add_argument("--layer", type=int, default=None, help="default: the preset's layer")

@@ -300,11 +300,66 @@ def test_projection_generation_with_the_default_solver_and_a_gate(tokenizer):
     assert all(e.inside for e in log.steered())
 
 
-def test_degenerate_metric_in_generation_keeps_the_states_and_says_so(tokenizer):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_infeasible_constraints_in_generation_keep_the_states_and_say_so(solver, tokenizer):
     model = make_model("gemma")
-    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])  # covariance of rank ~3: no feasible move
-    plain, plain_ids, _ = gen(model, tokenizer, PROMPTS)
-    steer = dict(constraints=poly, steerer=sf.ProjectionSteerer(solver="native", metric="covariance"), layer=LAYER)
-    _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
+    plain, plain_ids, _ = gen(model, tokenizer, PROMPTS[:2])
+    steer = dict(constraints=Contradictory(32), steerer=sf.ProjectionSteerer(solver=solver, metric="euclidean"),
+                 layer=LAYER, gate="token", first_n_tokens=3)
+    _, ids, log = gen(model, tokenizer, PROMPTS[:2], steer=steer)
     assert ids == plain_ids and not log.steered()
-    assert log.summary()["rejected"] > 0 and all(not e.inside for e in log.events if e.rejected)
+    assert log.summary()["rejected"] == len(log.events) == 6 and not any(e.inside for e in log.events)
+
+
+def test_cli_generate_with_the_projection_steerer(tmp_path, tokenizer, capsys):
+    from safeflow.cli import main
+
+    model = make_model("llama", vocab_size=len(tokenizer), seed=4)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0]).save(tmp_path / "poly.safetensors")
+    assert main(["generate", PROMPTS[0], "--model", str(tmp_path / "tiny"), "--layer", str(LAYER), "--steerer",
+                 "projection", "--constraints", str(tmp_path / "poly.safetensors"), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "--- unsteered:" in out and '"checks"' in out
+
+
+# --- gradients through the projection, end to end ------------------------------------------------
+REFUSAL = "i help please"  # words of the tiny tokenizer
+
+
+def test_refusal_nll_gradient_matches_finite_differences(tokenizer):
+    from safeflow.tuning import refusal_nll
+
+    model = make_model("gpt2")  # GPT-2 runs fully in float64 (Llama's RMSNorm computes in float32)
+    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0]).double()
+    model.double()
+    steerer = sf.ProjectionSteerer(solver="native", metric="euclidean", margin=0.5)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    loss = refusal_nll(model, tokenizer, poly, steerer, prompts, LAYER, refusal=REFUSAL)
+    (grad,) = torch.autograd.grad(loss, poly.thresholds)
+    assert grad.abs().max() > 0
+    eps = 1e-5
+    for k in range(poly.num_constraints):
+        with torch.no_grad():
+            poly.thresholds[k] += eps
+            up = refusal_nll(model, tokenizer, poly, steerer, prompts, LAYER, refusal=REFUSAL)
+            poly.thresholds[k] -= 2 * eps
+            down = refusal_nll(model, tokenizer, poly, steerer, prompts, LAYER, refusal=REFUSAL)
+            poly.thresholds[k] += eps
+        assert abs(float(up - down) / (2 * eps) - float(grad[k])) <= 1e-6 * abs(float(grad[k])) + 1e-9
+
+
+def test_tuning_thresholds_raises_the_refusal_likelihood(tokenizer):
+    from safeflow.tuning import refusal_nll, tune_thresholds
+
+    model = make_model("qwen2")
+    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
+    steerer = sf.ProjectionSteerer(solver="native", metric="euclidean", margin=0.5)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    before = poly.thresholds.detach().clone()
+    losses = tune_thresholds(model, tokenizer, poly, steerer, prompts, LAYER, refusal=REFUSAL, steps=15, lr=0.2)
+    assert losses[-1] < losses[0] and not torch.equal(poly.thresholds.detach(), before)
+    assert all(p.requires_grad for p in [*model.parameters(), *poly.parameters()])  # flags restored
+    with torch.no_grad():
+        assert float(refusal_nll(model, tokenizer, poly, steerer, prompts, LAYER, refusal=REFUSAL)) < losses[0]
