@@ -73,3 +73,15 @@ def pytest_terminal_summary(terminalreporter):
         base, call = MEDIANS.get(f"token b{b} unsteered (outside prompts)"), MEDIANS.get(f"steer call b{b}")
         if base and call:
             tr.write_line(f"ratio b{b} {'steered token (token + call)':30s} {(base + call) / base:6.3f}x unsteered")
+    # the projection (test_bench_projection.py): native vs cvxpylayers per call, steered tokens
+    for key in sorted(k for k in MEDIANS if k.startswith("project B") and k.endswith(" native")):
+        other = MEDIANS.get(key[: -len("native")] + "cvxpylayers")
+        if other:
+            tr.write_line(f"ratio cvxpylayers/native {key[len('project '):-len(' native')]:28s} {other / MEDIANS[key]:8.1f}x")
+    base = MEDIANS.get("projection bench token b1 unsteered")
+    for mode in ("safeflow", "projection native", "projection cvxpylayers"):
+        token, call = MEDIANS.get(f"projection bench token b1 {mode}"), MEDIANS.get(f"projection bench steer call b1 {mode}")
+        if base and token:
+            tr.write_line(f"ratio b1 {mode + ' steered generation':42s} {token / base:6.3f}x unsteered")
+        if base and call:
+            tr.write_line(f"ratio b1 {mode + ' steered token (token + call)':42s} {(base + call) / base:6.3f}x unsteered")

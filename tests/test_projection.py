@@ -71,10 +71,11 @@ def test_kkt_conditions_hold(solver):
     assert ((lam > 0).sum(1) >= 1).all() and ((lam == 0).sum(1) >= 1).any()  # active and inactive facets occur
 
 
-def test_active_set_is_the_exact_dual_minimiser():
+@pytest.mark.parametrize("pdas_steps", [8, 0], ids=["pdas", "lawson-hanson"])
+def test_active_set_is_the_exact_dual_minimiser(pdas_steps):
     h0, A, c, _ = problem(B=6, K=14, d=40, seed=5)
     Q, r = A @ A.mT, (A @ h0[..., None])[..., 0] - c
-    lam, ok = active_set(Q, r)
+    lam, ok = active_set(Q, r, pdas_steps=pdas_steps)
     assert ok.all()
     for i in range(6):
         x = cp.Variable(14)

@@ -11,9 +11,9 @@ Q enters through ``(Q + Qᵀ)/2``).
 
 Two solvers, selected by name:
 
-* ``"native"`` — a batched primal active-set method (Lawson–Hanson for a quadratic objective) in
-  PyTorch: exact in finitely many steps, one masked K×K Cholesky solve per step, any device;
-  backward by the implicit differentiation above.
+* ``"native"`` — batched active-set methods in PyTorch (primal–dual steps, then Lawson–Hanson
+  for a quadratic objective where those have not converged): exact in finitely many steps, one
+  masked K×K Cholesky solve per step, any device; backward by the implicit differentiation above.
 * ``"cvxpylayers"`` — (1) as a DPP-compliant :class:`cvxpylayers.torch.CvxpyLayer` with parameters
   ``L`` (the Cholesky factor of Q, so ``½‖Lᵀλ‖²`` is the quadratic term) and ``r``, solved by
   SCS through diffcp (tolerance 1e-10); gradients from diffcp's (dense) adjoint of the conic program.
@@ -78,23 +78,42 @@ def _solve_on(Q: torch.Tensor, r: torch.Tensor, free: torch.Tensor) -> tuple[tor
     return torch.cholesky_solve(torch.where(free, r, 0.0)[..., None], L)[..., 0], info == 0
 
 
-def active_set(Q: torch.Tensor, r: torch.Tensor, max_iter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched primal active-set solve of (1): λ [B, K] and converged [B] bool.
+def _pdas(Q: torch.Tensor, r: torch.Tensor, tol: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Primal–dual active-set (semismooth Newton) steps from the support guess {k : r_k > 0}: solve
+    on the support F, then keep k ∈ F with λ_k > 0 and add k ∉ F with ``w_k = (r − Qλ)_k > 0``.
+    Usually exact in a few steps, but not guaranteed to converge. Returns the last support, its
+    solution λ, and which rows satisfy KKT (λ_F > 0, w <= 0 off F)."""
+    free = r > tol[:, None]
+    for i in range(iters + 1):
+        lam, factored = _solve_on(Q, r, free)
+        w = r - (Q @ lam[..., None])[..., 0]
+        new = torch.where(free, lam > 0, w > tol[:, None]) & factored[:, None]
+        if i == iters or torch.equal(new, free):
+            break
+        free = new
+    return free, lam, factored & (new == free).all(1)
 
-    Lawson–Hanson with a quadratic objective. The free set starts as {k : r_k > 0} (the
-    violated constraints, usually the final support). Each step solves the problem restricted
-    to the free set; a solution with a non-positive entry is approached only as far as λ stays
-    >= 0 and the entries that reach 0 leave the free set; a positive one is accepted, and the
-    constraint with the largest ``w_k = (r − Qλ)_k > 0`` joins the free set. Stops when no
-    ``w_k`` off the free set is positive (KKT holds).
+
+def active_set(Q: torch.Tensor, r: torch.Tensor, max_iter: int | None = None,
+               pdas_steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched exact solve of (1): λ [B, K] and converged [B] bool.
+
+    First up to ``pdas_steps`` primal–dual active-set steps (:func:`_pdas`); rows they leave unsolved continue
+    with Lawson–Hanson for a quadratic objective (finite, monotone), from λ = 0 and the PDAS
+    support: each step solves the problem restricted to the free set; a solution with a
+    non-positive entry is approached only as far as λ stays >= 0 and the entries that reach 0
+    leave the free set; a positive one is accepted, and the constraint with the largest
+    ``w_k = (r − Qλ)_k > 0`` joins the free set. Stops when no ``w_k`` off the free set is
+    positive (KKT holds).
     """
     B, K = r.shape
     max_iter = 3 * K + 20 if max_iter is None else max_iter
     tol = 1e-12 * (r.abs().amax(1) + 1e-300)
-    lam = torch.zeros_like(r)
-    free = r > tol[:, None]
-    adding = torch.zeros(B, dtype=torch.bool, device=r.device)  # row's λ solves its free set: may add
-    done = ~free.any(1)  # r <= 0: λ = 0 is optimal
+    free, z, done = _pdas(Q, r, tol, iters=pdas_steps)
+    if bool(done.all()):
+        return z, done
+    lam = torch.where(done[:, None], z, 0.0)
+    adding = done.clone()  # row's λ solves its free set: may add
     ok = torch.ones(B, dtype=torch.bool, device=r.device)
     for _ in range(max_iter):
         w = r - (Q @ lam[..., None])[..., 0]

@@ -19,6 +19,7 @@ violation is at most −m. The result says whether each row ended inside.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -125,6 +126,9 @@ class ProjectionSteerer(Steerer, name="projection"):
             raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
         if solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if solver == "cvxpylayers" and not all(importlib.util.find_spec(m) for m in ("cvxpy", "cvxpylayers")):
+            raise ConfigError("solver='cvxpylayers' needs the packages cvxpy and cvxpylayers (dependencies of safeflow); "
+                              "install them, or pass solver='native' (the same projection, in PyTorch)")
         if not margin >= 0 or max_rounds < 1:
             raise ConfigError(f"need margin >= 0 and max_rounds >= 1; got {margin}, {max_rounds}")
         self.metric, self.margin, self.max_rounds, self.solver = metric, margin, int(max_rounds), solver
