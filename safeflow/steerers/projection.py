@@ -117,8 +117,8 @@ class ProjectionSteerer(Steerer, name="projection"):
     round fails (infeasible constraints, solver failure) is rejected: the original state is kept.
     """
 
-    def __init__(self, metric: str | None = None, margin: float | None = None, *, max_rounds: int = 5,
-                 solver: str = "cvxpylayers", preset: str = "default") -> None:
+    def __init__(self, metric: str | None = None, margin: float | None = None, *, max_rounds: int = 8,
+                 ramp_rounds: int = 4, solver: str = "cvxpylayers", preset: str = "default") -> None:
         p = get_preset(preset)
         metric = ("covariance" if p.precondition == "covariance" else "euclidean") if metric is None else metric
         margin = p.steer_margin if margin is None else float(margin)
@@ -129,37 +129,70 @@ class ProjectionSteerer(Steerer, name="projection"):
         if solver == "cvxpylayers" and not all(importlib.util.find_spec(m) for m in ("cvxpy", "cvxpylayers")):
             raise ConfigError("solver='cvxpylayers' needs the packages cvxpy and cvxpylayers (dependencies of safeflow); "
                               "install them, or pass solver='native' (the same projection, in PyTorch)")
-        if not margin >= 0 or max_rounds < 1:
-            raise ConfigError(f"need margin >= 0 and max_rounds >= 1; got {margin}, {max_rounds}")
-        self.metric, self.margin, self.max_rounds, self.solver = metric, margin, int(max_rounds), solver
+        if not margin >= 0 or max_rounds < 1 or ramp_rounds < 1:
+            raise ConfigError(f"need margin >= 0, max_rounds >= 1 and ramp_rounds >= 1; got {margin}, {max_rounds}, "
+                              f"{ramp_rounds}")
+        self.metric, self.margin, self.solver = metric, margin, solver
+        self.max_rounds, self.ramp_rounds = int(max_rounds), int(ramp_rounds)
 
     def __repr__(self) -> str:
         return (f"ProjectionSteerer(metric={self.metric!r}, margin={self.margin}, max_rounds={self.max_rounds}, "
-                f"solver={self.solver!r})")
+                f"ramp_rounds={self.ramp_rounds}, solver={self.solver!r})")
 
     @torch.no_grad()
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         M = None if self.metric == "euclidean" else scaled_covariance(constraints).double()
-        x = h.clone()
-        rounds = torch.zeros(len(h), dtype=torch.long, device=h.device)
-        failed = torch.zeros(len(h), dtype=torch.bool, device=h.device)
-        active = torch.arange(len(h), device=h.device)
-        for _ in range(self.max_rounds):
-            xa = x[active]
-            A, c = constraints.local_affine(xa)
-            # aim a hair deeper than m, so that rounding h* to float32 cannot leave it short
-            slack = 1e-4 * (1.0 + self.margin + (A @ xa[..., None])[..., 0].sub(c).abs().amax(1, keepdim=True))
-            p = project(xa, A, c, margin=self.margin + slack, metric=M, solver=self.solver)
+        n, m = len(h), self.margin
+        best = torch.full((n,), torch.inf, dtype=torch.float64, device=h.device)  # M-distance of the best point
+        out = h.clone()  # the nearest point found at depth m, else the latest one
+        rounds = torch.zeros(n, dtype=torch.long, device=h.device)
+        failed = torch.zeros(n, dtype=torch.bool, device=h.device)
+        x, active = h.clone(), torch.arange(n, device=h.device)
+        G = torch.zeros(h.shape, dtype=torch.float64, device=h.device)  # x − h = −M G, so ‖x − h‖² in M⁻¹ is GᵀMG
+        restore = torch.zeros(n, dtype=torch.bool, device=h.device)  # last point short of its depth: project it
+        for r in range(1, self.max_rounds + 1):
+            depth = m * min(1.0, r / min(self.ramp_rounds, self.max_rounds))
+            base = torch.where(restore[active, None], x[active], h[active])
+            A, c = constraints.local_affine(x[active])
+            # aim a hair deeper, so that rounding h* to float32 cannot leave it short
+            slack = 1e-4 * (1.0 + m + constraints.violations(h[active]).abs().amax(1, keepdim=True))
+            p = project(base, A, c, margin=depth + slack, metric=M, solver=self.solver)
             good = p.status == Status.OK
             failed[active[~good & (rounds[active] == 0)]] = True
             if not good.all():
                 log.info("projection: %d row(s) not solved (status %s)", int((~good).sum()),
                          sorted({Status(int(s)).name for s in p.status[~good]}))
-            x[active[good]] = p.hidden[good]
-            rounds[active[good]] += 1
-            active = active[good]
-            active = active[constraints.violations(x[active]).amax(1) > -self.margin]
+            active, base, slack = active[good], base[good], slack[good]
+            step, g = p.hidden[good] - base, (A[good].double().mT @ p.multipliers[good][..., None])[..., 0]
+            rounds[active] += 1
+            # the linear model changes on the way: the nearest point at this depth on the segment base → h*
+            t = _shortest(constraints, base, step, -depth - slack / 2)
+            short = torch.isnan(t)
+            t = torch.where(short, 1.0, t)
+            new = base + t[:, None] * step
+            G[active] = torch.where(restore[active, None], G[active], 0.0) + t.double()[:, None] * g
+            dist = (G[active] * (G[active] if M is None else G[active] @ M)).sum(1).sqrt()
+            reached = constraints.violations(new).amax(1) <= -m
+            better = reached & (dist < best[active] * (1 - 1e-3))
+            keep = better | torch.isinf(best[active])
+            out[active[keep]] = new[keep]
+            best[active[better]] = dist[better]
+            x[active], restore[active] = new, short
+            active = active[(depth < m) | ~reached | better]  # stop at depth m once no closer
             if active.numel() == 0:
                 break
-        x[failed] = torch.nan  # the caller keeps the original state and reports the row as rejected
-        return x, rounds
+        out[failed] = torch.nan  # the caller keeps the original state and reports the row as rejected
+        return out, rounds
+
+
+def _shortest(constraints: ConstraintSet, h0: torch.Tensor, step: torch.Tensor, level: torch.Tensor,
+              bisections: int = 8) -> torch.Tensor:
+    """Smallest t in (0, 1] (to 2⁻⁸, by bisection) with every violation at h0 + t·step <= level [M, 1];
+    NaN for rows where t = 1 is not."""
+    ok = constraints.violations(h0 + step).amax(1, keepdim=True) <= level
+    lo, hi = torch.zeros_like(level), torch.ones_like(level)
+    for _ in range(bisections):
+        mid = (lo + hi) / 2
+        inside = constraints.violations(h0 + mid * step).amax(1, keepdim=True) <= level
+        hi, lo = torch.where(inside, mid, hi), torch.where(inside, lo, mid)
+    return torch.where(ok, hi, torch.nan)[:, 0]
