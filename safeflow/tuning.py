@@ -1,11 +1,13 @@
 """Gradients through the projection, end to end: tune a constraint set so that projected states
 make the model refuse.
 
-For harmful prompts x and a refusal y = (y_1, ..., y_n), every layer-L state that produces a
+For harmful prompts x and a refusal y = (y_1, ..., y_n), every layer-L state h₀ that produces a
 refusal token (the last prompt token's, then y_1's, ..., y_{n−1}'s — the states the steering hook
 sees while the model generates that refusal) is replaced, when it is outside the constraint set,
-by its projection h*(θ) (:func:`~safeflow.steerers.projection.project`, one round). The loss is
-the mean negative log-likelihood of the refusal,
+by h*(θ): the projection of h₀ (:func:`~safeflow.steerers.projection.project`) onto the linear
+model of the violations at the point where the :class:`~safeflow.steerers.ProjectionSteerer`
+ends — the steerer's fixed point, differentiated there. The loss is the mean negative
+log-likelihood of the refusal,
 
     L(θ) = −(1/n) Σ_t log p(y_t | x, y_<t ; h*(θ)),
 
@@ -37,8 +39,8 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
                 prompts: Sequence[str], layer: int, *, refusal: str = REFUSALS[0],
                 chat_template: bool | str = "auto") -> torch.Tensor:
     """Mean negative log-likelihood (a scalar tensor) of ``refusal`` after each prompt, with the
-    layer-``layer`` states that produce it projected onto ``constraints`` as ``steerer`` would
-    (its metric, margin and solver; one round). Differentiable in the constraint set's parameters."""
+    layer-``layer`` states that produce it steered into ``constraints`` by ``steerer`` (see the
+    module doc). Differentiable in the constraint set's parameters."""
     if not prompts:
         raise DataError("need at least one prompt")
     formatted = format_prompts(tokenizer, prompts, chat_template, None)
@@ -63,7 +65,10 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
             outside = constraints.violations(H).amax(1) > 0
         if not outside.any():
             return output
-        A, c = affine_at(constraints, H[outside])
+        with torch.no_grad():  # where the steerer ends: its linear model there is the one to differentiate
+            result = steerer.steer(H[outside], constraints)
+        x = torch.where(result.rejected[:, None], H[outside], result.hidden)
+        A, c = affine_at(constraints, x)
         moved = project(H[outside], A, c, margin=steerer.margin, metric=metric, solver=steerer.solver).hidden
         new = hidden.index_put((row_idx[outside], pos_idx[outside]), moved.to(hidden.dtype))
         return replace_block_output(output, new)

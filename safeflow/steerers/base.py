@@ -2,8 +2,8 @@
 
 ``steer(hidden [B, d], constraints) -> SteerResult``. Rows already inside (all violations <= 0)
 are returned untouched; only rows outside are handed to the implementation's ``_move``. The
-optimisation runs in float32 whatever the input dtype; rows whose input or result is not finite
-are rejected (the original hidden state is kept and ``rejected`` says so).
+optimisation runs in float32 whatever the input dtype (float64 for a float64 constraint set); rows
+whose input or result is not finite are rejected (the original hidden state is kept and ``rejected`` says so).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Steerer(Registered, ABC, kind="steerer"):
                 f"{constraints.input_dim}; steer [B, {constraints.input_dim}] rows from the layer it was trained on"
             )
         param = next(constraints.parameters())
-        h = hidden.detach().to(device=param.device, dtype=torch.float32)
+        h = hidden.detach().to(device=param.device, dtype=torch.promote_types(param.dtype, torch.float32))
         with torch.no_grad():
             before = constraints.violations(h)
         outside = before.max(dim=1).values > 0
