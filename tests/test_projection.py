@@ -7,7 +7,7 @@ import torch
 
 import safeflow as sf
 from safeflow.constraints.base import ConstraintSet
-from safeflow.errors import ConfigError
+from safeflow.errors import ConfigError, DataError
 from safeflow.steerers.dual_qp import Status, _NativeDual, active_set, solve_dual
 from safeflow.steerers.projection import affine_at
 
@@ -182,7 +182,7 @@ def test_configuration_errors():
         sf.ProjectionSteerer(solver="gurobi")
     with pytest.raises(ConfigError, match="margin"):
         sf.ProjectionSteerer(margin=-1.0)
-    with pytest.raises(ConfigError, match="A \\[B, K, d\\]"):
+    with pytest.raises(DataError, match="A \\[B, K, d\\]"):
         sf.project(torch.zeros(2, 3), torch.zeros(2, 4, 5), torch.zeros(2, 4))
     assert "projection" in sf.available()["steerer"]
     s = sf.Steerer.create("projection", preset="qwen2-1.5b")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constraints.base import ConstraintSet
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
 from .base import Steerer, scaled_covariance
 from .dual_qp import SOLVERS, Status, solve_dual
@@ -75,8 +75,8 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, *, margin: float
     float64; rows whose constraints are infeasible, whose solve failed or whose input is not
     finite keep h₀ and say so in ``status`` — no exception.
     """
-    if h0.ndim != 2 or A.shape != (*h0.shape[:1], A.shape[1], h0.shape[1]) or c.shape != A.shape[:2]:
-        raise ConfigError(f"project needs h0 [B, d], A [B, K, d], c [B, K]; got {tuple(h0.shape)}, "
+    if h0.ndim != 2 or A.ndim != 3 or A.shape[::2] != h0.shape or c.shape != A.shape[:2]:
+        raise DataError(f"project needs h0 [B, d], A [B, K, d], c [B, K]; got {tuple(h0.shape)}, "
                           f"{tuple(A.shape)}, {tuple(c.shape)}")
     h, A, c = h0.double(), A.double(), c.double()
     MA = A if metric is None else A @ metric.double()  # rows of (M Aᵀ)ᵀ; M symmetric
