@@ -86,7 +86,7 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, *, margin: float
     ridge = torch.where(ridge > 0, ridge, 1.0)  # A = 0: any ridge; infeasibility shows below
     lam, status = solve_dual(Q + ridge[:, None, None] * torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device), r, solver)
     h_star = h - (lam[:, None, :] @ MA)[:, 0]
-    residual = (A @ h_star[..., None])[..., 0] - c + margin  # must be <= 0
+    residual = r - (Q @ lam[..., None])[..., 0]  # = A h* − c + m, must be <= 0
     scale = r.abs().amax(1) + (c - margin).abs().amax(1)
     infeasible = (status == Status.OK) & ~(residual.amax(1) <= 1e-6 * scale)
     status = torch.where(infeasible, Status.INFEASIBLE, status)
