@@ -8,6 +8,7 @@ from .data import PromptSet, load_prompts, source_split, stratified_split
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
 from .evaluation import RefusalJudge, detection_metrics, evaluate_steering
 from .extractors import Extractor, HFExtractor
+from .features import FeatureDataset
 from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .responses import ResponseStates, response_states
@@ -23,8 +24,8 @@ def available() -> dict[str, list[str]]:
 
 __all__ = [
     "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
-    "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "Projection", "ProjectionSteerer",
-    "PromptSet", "RefusalJudge",
+    "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "Projection",
+    "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
     "available", "detection_metrics", "evaluate_steering", "generate_responses", "load_model", "load_prompts",
     "project", "response_states", "source_split", "steering", "stratified_split",

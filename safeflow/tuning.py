@@ -31,7 +31,6 @@ from .errors import DataError
 from .extractors import format_prompts
 from .layers import block_output, find_decoder_layers, normalize_layer, replace_block_output
 from .responses import REFUSALS
-from .steerers.base import scaled_covariance
 from .steerers.projection import ProjectionSteerer, affine_at, project
 
 
@@ -56,7 +55,8 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
     offsets = torch.arange(len(r_ids), device=device)
     row_idx = torch.arange(len(rows), device=device)[:, None].expand(-1, len(r_ids)).reshape(-1)
     pos_idx = (starts[:, None] + offsets).reshape(-1)
-    metric = None if steerer.metric == "euclidean" else scaled_covariance(constraints)
+    steerer.check(constraints)
+    metric, margin = steerer.metric_matrix(constraints), steerer.target(constraints)
 
     def hook(_module: nn.Module, _inputs: tuple, output: object) -> object:
         hidden = block_output(output)
@@ -69,12 +69,12 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
             result = steerer.steer(H[outside], constraints)
         x = torch.where(result.rejected[:, None], H[outside], result.hidden)
         A, c = affine_at(constraints, x)
-        moved = project(H[outside], A, c, margin=steerer.margin, metric=metric, solver=steerer.solver).hidden
+        moved = project(H[outside], A, c, margin=margin, metric=metric, solver=steerer.solver).hidden
         new = hidden.index_put((row_idx[outside], pos_idx[outside]), moved.to(hidden.dtype))
         return replace_block_output(output, new)
 
-    block = find_decoder_layers(model)[normalize_layer(layer, len(find_decoder_layers(model)))]
-    handle = block.register_forward_hook(hook)
+    blocks = find_decoder_layers(model)
+    handle = blocks[normalize_layer(layer, len(blocks))].register_forward_hook(hook)
     try:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     finally:

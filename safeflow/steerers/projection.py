@@ -39,7 +39,7 @@ import torch
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
-from .base import Steerer, scaled_covariance
+from .base import Steerer, check_depth, target_margin
 from .dual_qp import SOLVERS, Status, solve_dual
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,9 @@ class ProjectionSteerer(Steerer, name="projection"):
             ``input_covariance`` scaled to mean eigenvalue 1, as SafeFlow's preconditioner:
             the nearest point in the Mahalanobis distance of the hidden states). Default: the
             preset's (``precondition="covariance"`` maps to ``"covariance"``).
-        margin: target depth m — every violation ends <= −m (default: the preset's ``steer_margin``).
+        depth: target depth m relative to the constraint set, as SafeFlow's — every violation ends
+            <= −depth × ``constraints.safe_depth`` (default: the preset's ``steer_depth``).
+        margin: the same target as an absolute number in violation units (instead of ``depth``).
         max_rounds: projections per row at most (see the module doc).
         ramp_rounds: rounds over which the target depth ramps up to m.
         solver: ``"cvxpylayers"`` (default) or ``"native"`` (same result, much faster; see
@@ -130,11 +132,14 @@ class ProjectionSteerer(Steerer, name="projection"):
     depth m keeps its latest point and is reported inside or not by its true violations.
     """
 
-    def __init__(self, metric: str | None = None, margin: float | None = None, *, max_rounds: int = 8,
-                 ramp_rounds: int = 4, solver: str = "cvxpylayers", preset: str = "default") -> None:
+    def __init__(self, metric: str | None = None, depth: float | None = None, *, margin: float | None = None,
+                 max_rounds: int = 8, ramp_rounds: int = 4, solver: str = "cvxpylayers",
+                 preset: str = "default") -> None:
         p = get_preset(preset)
         metric = ("covariance" if p.precondition == "covariance" else "euclidean") if metric is None else metric
-        margin = p.steer_margin if margin is None else float(margin)
+        if depth is None and margin is None:
+            depth = p.steer_depth
+        check_depth(margin, depth)
         if metric not in METRICS:
             raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
         if solver not in SOLVERS:
@@ -142,20 +147,40 @@ class ProjectionSteerer(Steerer, name="projection"):
         if solver == "cvxpylayers" and not all(importlib.util.find_spec(m) for m in ("cvxpy", "cvxpylayers")):
             raise ConfigError("solver='cvxpylayers' needs the packages cvxpy and cvxpylayers (dependencies of safeflow); "
                               "install them, or pass solver='native' (the same projection, in PyTorch)")
-        if not margin >= 0 or max_rounds < 1 or ramp_rounds < 1:
-            raise ConfigError(f"need margin >= 0, max_rounds >= 1 and ramp_rounds >= 1; got {margin}, {max_rounds}, "
-                              f"{ramp_rounds}")
-        self.metric, self.margin, self.solver = metric, margin, solver
-        self.max_rounds, self.ramp_rounds = int(max_rounds), int(ramp_rounds)
+        for name, value in (("max_rounds", max_rounds), ("ramp_rounds", ramp_rounds)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        self.metric, self.solver, self.max_rounds, self.ramp_rounds = metric, solver, max_rounds, ramp_rounds
+        self.depth = None if depth is None else float(depth)
+        self.margin = None if margin is None else float(margin)
 
     def __repr__(self) -> str:
-        return (f"ProjectionSteerer(metric={self.metric!r}, margin={self.margin}, max_rounds={self.max_rounds}, "
+        target = f"depth={self.depth}" if self.margin is None else f"margin={self.margin}"
+        return (f"ProjectionSteerer(metric={self.metric!r}, {target}, max_rounds={self.max_rounds}, "
                 f"ramp_rounds={self.ramp_rounds}, solver={self.solver!r})")
+
+    def check(self, constraints: ConstraintSet) -> None:
+        super().check(constraints)
+        target_margin(constraints, self.margin, self.depth)  # a relative depth needs the set's safe_depth
+        if self.metric == "covariance" and not constraints.input_covariance.trace() > 0:
+            raise DataError("metric='covariance' needs the covariance of the constraint set's training states, which "
+                            "this one lacks; fit it with this version of safeflow or pass metric='euclidean'")
+
+    def target(self, constraints: ConstraintSet) -> float:
+        """The target depth m in the constraint set's violation units."""
+        return target_margin(constraints, self.margin, self.depth)
+
+    def metric_matrix(self, constraints: ConstraintSet) -> torch.Tensor | None:
+        """M: None (identity) or the constraint set's covariance scaled to mean eigenvalue 1, float64."""
+        if self.metric == "euclidean":
+            return None
+        cov = constraints.input_covariance.double()
+        return cov / (cov.trace() / cov.shape[0])
 
     @torch.no_grad()
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
-        M = None if self.metric == "euclidean" else scaled_covariance(constraints).double()
-        n, m = len(h), self.margin
+        M = self.metric_matrix(constraints)
+        n, m = len(h), self.target(constraints)
         best = torch.full((n,), torch.inf, dtype=torch.float64, device=h.device)  # M-distance of the best point
         out = h.clone()  # the nearest point found at depth m, else the latest one
         rounds = torch.zeros(n, dtype=torch.long, device=h.device)
