@@ -9,7 +9,7 @@ def test_available_lists_every_registry():
     assert set(reg) == {"extractor", "constraint", "steerer"}
     assert reg["extractor"] == ["hf"]
     assert reg["constraint"] == ["linear", "mlp", "polytope"]
-    assert reg["steerer"] == ["safeflow"]
+    assert reg["steerer"] == ["projection", "safeflow"]
 
 
 @pytest.mark.parametrize("base", [sf.Extractor, sf.ConstraintSet, sf.Steerer])
