@@ -46,11 +46,13 @@ class ModelPreset:
     lambda_safe: float  #: SafeFlow λ_safe
     steer_depth: float = 0.0  #: SafeFlow target depth, in units of the steering set's safe depth
     precondition: str = "none"  #: SafeFlow preconditioner
+    schedule: str = "constant"  #: learning-rate schedule of the polytope's training
+    average: float = 0.0  #: fraction of final training steps whose parameters are averaged
 
     def fit_options(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`PolytopeConstraints.fit` from this preset."""
         return {"margin": self.margin, "feature_l1": self.feature_l1, "facet_l1": self.facet_l1,
-                "unsafe_weight": self.unsafe_weight}
+                "unsafe_weight": self.unsafe_weight, "schedule": self.schedule, "average": self.average}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,8 +71,8 @@ PRESETS: dict[str, ModelPreset] = {
     "ministral-8b": _reference(20, 5.0, 30, 3.0, 0.25, 0.0),
     "qwen2-1.5b": _reference(20, 30.0, 50, 5.0, 10.0, 5000.0),
     "smollm2-135m-instruct": ModelPreset(layer=20, margin=20.0, feature_l1=0.01, facet_l1=1e-3, unsafe_weight=1.0,
-                                         num_facets=14, lambda_unsafe=4.0, lambda_safe=0.0, steer_depth=1.0,
-                                         precondition="covariance"),
+                                         num_facets=14, lambda_unsafe=4.0, lambda_safe=0.0, steer_depth=3.0,
+                                         precondition="covariance", schedule="cosine", average=0.5),
 }
 #: The preset of a model without an entry: the default model's settings with the layer chosen by depth.
 RELATIVE_DEFAULT = ModelPreset(**{**PRESETS["smollm2-135m-instruct"].to_dict(), "layer": None})
