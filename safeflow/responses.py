@@ -129,6 +129,7 @@ def response_states(
     texts, ids = _generate(extractor, prompt_ids, max_tokens, batch_size, progress)
     rng = random.Random(seed)
     chosen = [list(tok(rng.choice(list(refusals)), add_special_tokens=False)["input_ids"]) for _ in harmful]
+    refusal_lengths = [len(r) for r in chosen]
     if continue_refusals:
         _, more = _generate(extractor, [p + r for p, r in zip(prompt_ids, chosen)], max_tokens, batch_size, progress)
         chosen = [r + m for r, m in zip(chosen, more)]
@@ -138,10 +139,12 @@ def response_states(
         if own is not None:
             kind = "complied" if own[0] else "helped-after-refusal" if any(own) else "refused-own"
             pairs.append(_Pair(i, ids[i], kind, own))
-        answer = tok.decode(chosen[i], skip_special_tokens=True)
-        labels = token_labels(judge.verdict(answer, prompt), chosen[i], tok) if continue_refusals else [0] * len(chosen[i])
-        if labels is None:  # a degenerate continuation: keep only the refusal itself
-            labels = [0] * len(chosen[i])
+        # the refusal itself is safe; its continuation is labelled by what the whole answer does
+        n = refusal_lengths[i]
+        labels = token_labels(judge.verdict(tok.decode(chosen[i], skip_special_tokens=True), prompt), chosen[i], tok)
+        if labels is None:  # a degenerate continuation: keep only the refusal
+            chosen[i], labels = chosen[i][:n], [0] * n
+        labels = [0] * n + labels[n:]
         pairs.append(_Pair(i, chosen[i], "refusal-continued" if continue_refusals else "refusal", labels,
                            keep_prompt_state=own is None))
     pairs += [_Pair(i, ids[i], "benign", [0] * len(ids[i])) for i in range(len(harmful), len(prompts)) if ids[i]]

@@ -68,7 +68,9 @@ def test_cli_refusal_polytope_round_trip(tmp_path, tokenizer, capsys):
     from safeflow.cli import main
 
     model_dir = tmp_path / "tiny"
-    make_model("qwen2", vocab_size=len(tokenizer), seed=4).save_pretrained(model_dir)
+    # llama: a saved Qwen2 config makes AutoTokenizer load a byte-level Qwen2 tokenizer, which decodes
+    # this word-level vocabulary without spaces (every answer would be judged degenerate)
+    make_model("llama", vocab_size=len(tokenizer), seed=4).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "prompts.csv"
     data.write_text("text,label\n" + "".join(f"{t},1\n" for t in HARM) + "".join(f"{t},0\n" for t in SAFE))

@@ -84,13 +84,12 @@ def test_response_states_labels(tokenizer, continue_refusals):
     counts = rs.counts()
     assert counts["complied"] == {"unsafe": own, "safe": 0} and counts["benign"] == {"unsafe": 0, "safe": len(ids[2])}
     refusal_kind = "refusal-continued" if continue_refusals else "refusal"
-    # the refusal (minus the prompt state it shares with the own answer) is safe; a continuation
-    # judged compliant is unsafe: with a fixed "compliance" verdict, every continued state is
+    # the refusal (minus the prompt state it shares with the own answer) is always safe; its
+    # continuation is labelled by the verdict: "compliance" makes every continued state unsafe
     n_refusal = 2 * (len(refusal) - 1)
-    if continue_refusals:
-        assert counts[refusal_kind]["safe"] == 0 and counts[refusal_kind]["unsafe"] >= n_refusal
-    else:
-        assert counts[refusal_kind] == {"unsafe": 0, "safe": n_refusal}
+    assert counts[refusal_kind]["safe"] == n_refusal
+    assert counts[refusal_kind]["unsafe"] == (sum(k == refusal_kind for k in rs.kind) - n_refusal)
+    assert (counts[refusal_kind]["unsafe"] > 0) == continue_refusals
     assert rs.H.shape == (len(rs.kind), HIDDEN) and rs.prompt_index.tolist().count(2) == len(ids[2])
     prompt_states = ext.extract(harmful + benign)
     first_rows = [rs.kind.index(k) for k in ("complied", "benign")]
