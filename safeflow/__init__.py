@@ -12,19 +12,21 @@ from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .responses import ResponseStates, response_states
 from .steerers import SafeFlowSteerer, SteerResult, Steerer
+from . import kernels
 
 __version__ = "0.1.0"
 
 
 def available() -> dict[str, list[str]]:
-    """Every registry and its registered names."""
-    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available(), "steerer": Steerer.available()}
+    """Every registry and its registered names (``"kernel"``: the kernel backends that loaded here)."""
+    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available(), "steerer": Steerer.available(),
+            "kernel": kernels.available()}
 
 
 __all__ = [
     "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
     "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
-    "available", "detection_metrics", "evaluate_steering", "generate_responses", "load_model", "load_prompts",
+    "available", "detection_metrics", "kernels", "evaluate_steering", "generate_responses", "load_model", "load_prompts",
     "response_states", "source_split", "steering", "stratified_split",
 ]

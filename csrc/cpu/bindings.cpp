@@ -40,16 +40,17 @@ PYBIND11_MODULE(_cpu, m) {
     m.def(
         "forward",
         [](int dtype, int wdtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t V,
-           uintptr_t mask, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+           uintptr_t mask, uintptr_t feat, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
             py::gil_scoped_release release;
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
                 using WT = decltype(wt);
                 forward<T, WT>(ptr<const T>(H), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
-                               ptr<const T>(xi), ptr<T>(V), ptr<uint64_t>(mask), B, d, F, K, threads);
+                               ptr<const T>(xi), ptr<T>(V), ptr<uint64_t>(mask), ptr<T>(feat), B, d, F, K, threads);
             });
         },
-        "V = ReLU(H Wᵀ + b) Φᵀ − ξ [B, K] and the activation bitmask [B, ceil(F/64)] (mask may be 0)");
+        "V = ReLU(H Wᵀ + b) Φᵀ − ξ [B, K], the activation bitmask [B, ceil(F/64)] and optionally the "
+        "features [B, F] (mask, feat may be 0)");
 
     m.def(
         "vjp_input",
@@ -67,18 +68,21 @@ PYBIND11_MODULE(_cpu, m) {
 
     m.def(
         "param_grads",
-        [](int dtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t mask, uintptr_t C, uintptr_t gW,
-           uintptr_t gb, uintptr_t gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+        [](int dtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t mask, uintptr_t feat, uintptr_t C,
+           uintptr_t gW, uintptr_t gb, uintptr_t gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/,
+           int threads) {
             py::gil_scoped_release release;
             dispatch(dtype, dtype, [&](auto t, auto) {
                 using T = decltype(t);
                 if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
                     param_grads<T>(ptr<const T>(H), ptr<const T>(W), ptr<const T>(b), ptr<const T>(PhiT),
-                                   ptr<const uint64_t>(mask), ptr<const T>(C), ptr<T>(gW), ptr<T>(gb), ptr<T>(gPhiT),
+                                   ptr<const uint64_t>(mask), ptr<const T>(feat), ptr<const T>(C), ptr<T>(gW),
+                                   ptr<T>(gb), ptr<T>(gPhiT),
                                    B, d, F, K, threads);
             });
         },
-        "∂W [F, d], ∂b [F], ∂Φᵀ [F, K] for weights C = ∂L/∂V (any output may be 0 to skip it)");
+        "∂W [F, d], ∂b [F], ∂Φᵀ [F, K] for weights C = ∂L/∂V (any output may be 0 to skip it; feat: the "
+        "forward's features, or 0 to recompute the active ones)");
 
     m.def(
         "jacobian",

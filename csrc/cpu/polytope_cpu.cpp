@@ -10,7 +10,12 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace safeflow {
 namespace {
@@ -72,6 +77,19 @@ inline T hsum(typename Vec<T>::type v) {
     return s;
 }
 
+#if defined(__AVX512F__)
+// out[0..7] = the horizontal sums of eight 16-float vectors (one shuffle tree instead of eight).
+inline void hsum8(const __m512* acc, float* out) {
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j)
+        a[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31)));
+}
+#endif
+
 // Run fn(begin, end) over [0, n) split into at most `threads` contiguous ranges.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
@@ -103,6 +121,19 @@ inline void dot_block(const T* const* hrows, const WT* W, int64_t d, T* out, int
             for (int r = 0; r < R; ++r) acc[r][j] += h[r] * w;
         }
     }
+#if defined(__AVX512F__)
+    if constexpr (R == 1 && J == 8 && std::is_same_v<T, float>) {
+        __m512 a[8];
+        std::memcpy(a, acc[0], sizeof(a));
+        T o[8];
+        hsum8(a, o);
+        for (int j = 0; j < J; ++j) {
+            for (int64_t u = t; u < d; ++u) o[j] += hrows[0][u] * tof(W[j * d + u]);
+            out[j] = o[j];
+        }
+        return;
+    }
+#endif
     for (int r = 0; r < R; ++r)
         for (int j = 0; j < J; ++j) {
             T s = hsum<T>(acc[r][j]);
@@ -125,6 +156,96 @@ void pre_tile(const T* const* hrows, int64_t rr, const WT* W, int64_t fc, int64_
         for (; j + 8 <= fc; j += 8) dot_block<1, 8>(hrows + r, W + j * d, d, pre + r * kTile + j, kTile);
         for (; j < fc; ++j) dot_block<1, 1>(hrows + r, W + j * d, d, pre + r * kTile + j, kTile);
     }
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kNativeBf16 = true;
+
+inline uint16_t to_bf16(float x) {  // round to nearest even; NaN stays NaN
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    if (std::isnan(x)) return 0x7fc0;
+    return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+// out[j * ldo] = h · W[j] for J bfloat16 rows of W and a bfloat16 state row, with the
+// processor's bfloat16 dot-product instruction (pairs of products accumulated in float32).
+template <int J>
+inline void dot_bf16(const uint16_t* h, const bf16* W, int64_t d, float* out) {
+    __m512 acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 32 <= d; t += 32) {
+        const __m512bh hv = (__m512bh)_mm512_loadu_si512(h + t);
+        for (int j = 0; j < J; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], hv, (__m512bh)_mm512_loadu_si512(W + j * d + t));
+    }
+    if constexpr (J == 8) {
+        hsum8(acc, out);
+    } else {
+        for (int j = 0; j < J; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+    }
+    for (int j = 0; j < J; ++j)
+        for (int64_t u = t; u < d; ++u) out[j] += tof(bf16{h[u]}) * tof(W[j * d + u]);
+}
+
+void pre_tile_bf16(const uint16_t* h, const bf16* W, int64_t fc, int64_t d, float* pre) {
+    int64_t j = 0;
+    for (; j + 8 <= fc; j += 8) dot_bf16<8>(h, W + j * d, d, pre + j);
+    for (; j < fc; ++j) dot_bf16<1>(h, W + j * d, d, pre + j);
+}
+#else
+constexpr bool kNativeBf16 = false;
+#endif
+
+// Rows per packed block: two vectors of rows side by side, so W is read once per block.
+template <typename T>
+constexpr int packed_rows() {
+    return 2 * Vec<T>::N;
+}
+
+// Hp [nblocks][d][P]: rows of H interleaved by block of P rows (zero padded), so that one vector
+// load reads one column of up to P rows.
+template <typename T>
+std::vector<T> pack_rows(const T* H, int64_t B, int64_t d) {
+    constexpr int P = packed_rows<T>();
+    const int64_t nb = (B + P - 1) / P;
+    std::vector<T> Hp(nb * d * P, T(0));
+    for (int64_t r = 0; r < B; ++r)
+        for (int64_t t = 0; t < d; ++t) Hp[((r / P) * d + t) * P + r % P] = H[r * d + t];
+    return Hp;
+}
+
+// out[j * P + r] = Σ_t Hp[t, r] · W[j, t] for J features and P packed rows (outer-product form).
+template <int J, typename T, typename WT>
+inline void outer_block(const T* Hp, const WT* W, int64_t d, T* out) {
+    using V = typename Vec<T>::type;
+    constexpr int N = Vec<T>::N;
+    V a0[J], a1[J];
+    for (int j = 0; j < J; ++j) a0[j] = a1[j] = V{};
+    for (int64_t t = 0; t < d; ++t) {
+        const V h0 = loadv(Hp + t * 2 * N), h1 = loadv(Hp + t * 2 * N + N);
+        for (int j = 0; j < J; ++j) {
+            const T w = tof(W[j * d + t]);
+            a0[j] += h0 * w;
+            a1[j] += h1 * w;
+        }
+    }
+    for (int j = 0; j < J; ++j) {
+        storev(out + j * 2 * N, a0[j]);
+        storev(out + j * 2 * N + N, a1[j]);
+    }
+}
+
+// pre[r * kTile + j] for the P packed rows of one block and fc <= kTile features.
+template <typename T, typename WT>
+void packed_tile(const T* Hp, const WT* W, int64_t fc, int64_t d, T* outT, T* pre) {
+    constexpr int P = packed_rows<T>();
+    int64_t j = 0;
+    for (; j + 8 <= fc; j += 8) outer_block<8>(Hp, W + j * d, d, outT + j * P);
+    for (; j < fc; ++j) outer_block<1>(Hp, W + j * d, d, outT + j * P);
+    for (int64_t jj = 0; jj < fc; ++jj)
+        for (int r = 0; r < P; ++r) pre[r * kTile + jj] = outT[jj * P + r];
 }
 
 // g += Σ_i s[i] · W[js[i]] over n <= 4 rows of W (one read-modify-write of g).
@@ -158,12 +279,16 @@ inline T dot(const T* a, const T* b, int64_t n) {
 }
 
 // Violations of one tile for rr rows: adds ReLU(pre + b) Φᵀ into vrows, returns the mask words.
+// Optionally stores the features ReLU(pre + b) of the tile in feat.
 template <typename T>
-inline uint64_t accumulate_tile(const T* pre, const T* b, const T* PhiT, int64_t fc, int64_t K, T* vrow) {
+inline uint64_t accumulate_tile(const T* pre, const T* b, const T* PhiT, int64_t fc, int64_t K, T* vrow,
+                                T* feat = nullptr) {
     uint64_t word = 0;
     for (int64_t j = 0; j < fc; ++j) {
         const T p = pre[j] + b[j];
-        if (!(p <= T(0))) {  // active, or NaN (propagates)
+        const bool on = !(p <= T(0));  // active, or NaN (propagates)
+        if (feat) feat[j] = on ? p : T(0);
+        if (on) {
             word |= uint64_t{1} << j;
             const T* pt = PhiT + j * K;
             for (int64_t k = 0; k < K; ++k) vrow[k] += p * pt[k];
@@ -195,6 +320,43 @@ void row_vjp(const WT* W, const T* PhiT, const uint64_t* words, const T* c, T* g
     if (n) axpy_rows(g, W, js, s, n, d);
 }
 
+// gH for kVjpRows consecutive rows, tile by tile (each 64-row tile of W stays in cache for every
+// row block of the thread): acc[r] += G[r, j] · W[j] over one vector of d at a time.
+constexpr int kVjpRows = 8;
+
+template <typename T, typename WT>
+void tile_vjp(const WT* W, const T* PhiT, const uint64_t* words, const T* C, T* g, int64_t w, int64_t d, int64_t F,
+              int64_t K, T* G) {
+    using V = typename Vec<T>::type;
+    constexpr int N = Vec<T>::N;
+    const int64_t nw = mask_words(F), f0 = w * kTile;
+    uint64_t any = 0;
+    for (int r = 0; r < kVjpRows; ++r) any |= words[r * nw + w];
+    if (!any) return;
+    int64_t js[kTile];
+    int n = 0;
+    for (uint64_t u = any; u; u &= u - 1) {
+        const int bit = __builtin_ctzll(u);
+        for (int r = 0; r < kVjpRows; ++r)
+            G[n * kVjpRows + r] = (words[r * nw + w] >> bit) & 1 ? dot(C + r * K, PhiT + (f0 + bit) * K, K) : T(0);
+        js[n++] = f0 + bit;
+    }
+    int64_t t = 0;
+    for (; t + N <= d; t += N) {
+        V a[kVjpRows];
+        for (int r = 0; r < kVjpRows; ++r) a[r] = loadv(g + r * d + t);
+        for (int i = 0; i < n; ++i) {
+            const V wv = loadw(W + js[i] * d + t);
+            const T* gi = G + i * kVjpRows;
+            for (int r = 0; r < kVjpRows; ++r) a[r] += gi[r] * wv;
+        }
+        for (int r = 0; r < kVjpRows; ++r) storev(g + r * d + t, a[r]);
+    }
+    for (; t < d; ++t)
+        for (int i = 0; i < n; ++i)
+            for (int r = 0; r < kVjpRows; ++r) g[r * d + t] += G[i * kVjpRows + r] * tof(W[js[i] * d + t]);
+}
+
 // One row's violations (v [K], pattern words [mask_words(F)]) at state x.
 template <typename T, typename WT>
 void row_forward(const T* x, const WT* W, const T* b, const T* PhiT, const T* xi, T* v, uint64_t* words, T* pre,
@@ -212,26 +374,50 @@ void row_forward(const T* x, const WT* W, const T* b, const T* PhiT, const T* xi
 }  // namespace
 
 template <typename T, typename WT>
-void forward(const T* H, const WT* W, const T* b, const T* PhiT, const T* xi, T* V, uint64_t* mask, int64_t B,
-             int64_t d, int64_t F, int64_t K, int threads) {
+void forward(const T* H, const WT* W, const T* b, const T* PhiT, const T* xi, T* V, uint64_t* mask, T* feat,
+             int64_t B, int64_t d, int64_t F, int64_t K, int threads) {
+    constexpr int P = packed_rows<T>();
     const int64_t nw = mask_words(F);
     const int64_t T_ = std::max<int64_t>(1, std::min<int64_t>(threads, nw));
+    const bool packed = B >= P / 2;  // enough rows to fill the vectors of the outer-product form
+    const std::vector<T> Hp = packed ? pack_rows(H, B, d) : std::vector<T>();
+    // bfloat16 W with few rows: states rounded to bfloat16 once, native bfloat16 dot products
+    constexpr bool bf16_dot = kNativeBf16 && std::is_same_v<WT, bf16> && std::is_same_v<T, float>;
+    std::vector<uint16_t> Hb;
+#if defined(__AVX512BF16__)
+    if constexpr (bf16_dot)
+        if (!packed) {
+            Hb.resize(B * d);
+            for (int64_t i = 0; i < B * d; ++i) Hb[i] = to_bf16(H[i]);
+        }
+#endif
+    const int64_t R = packed ? P : kRows;
     std::vector<std::vector<T>> partial(T_, std::vector<T>(B * K, T(0)));
     // thread t owns the tiles [nw·t/T, nw·(t+1)/T) and accumulates into partial[t]
     parallel_for(T_, static_cast<int>(T_), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
             T* Vp = partial[t].data();
-            std::vector<T> pre(kRows * kTile);
+            std::vector<T> pre(P * kTile), outT(P * kTile);
             for (int64_t w = nw * t / T_; w < nw * (t + 1) / T_; ++w) {
                 const int64_t f0 = w * kTile, fc = std::min(kTile, F - f0);
-                for (int64_t r0 = 0; r0 < B; r0 += kRows) {
-                    const int64_t rr = std::min<int64_t>(kRows, B - r0);
-                    const T* hrows[kRows];
-                    for (int64_t r = 0; r < rr; ++r) hrows[r] = H + (r0 + r) * d;
-                    pre_tile(hrows, rr, W + f0 * d, fc, d, pre.data());
+                for (int64_t r0 = 0; r0 < B; r0 += R) {
+                    const int64_t rr = std::min<int64_t>(R, B - r0);
+                    if (packed) {
+                        packed_tile(Hp.data() + (r0 / P) * d * P, W + f0 * d, fc, d, outT.data(), pre.data());
+                    } else if (!Hb.empty()) {
+#if defined(__AVX512BF16__)
+                        if constexpr (bf16_dot)
+                            for (int64_t r = 0; r < rr; ++r)
+                                pre_tile_bf16(Hb.data() + (r0 + r) * d, W + f0 * d, fc, d, pre.data() + r * kTile);
+#endif
+                    } else {
+                        const T* hrows[kRows];
+                        for (int64_t r = 0; r < rr; ++r) hrows[r] = H + (r0 + r) * d;
+                        pre_tile(hrows, rr, W + f0 * d, fc, d, pre.data());
+                    }
                     for (int64_t r = 0; r < rr; ++r) {
-                        const uint64_t word =
-                            accumulate_tile(pre.data() + r * kTile, b + f0, PhiT + f0 * K, fc, K, Vp + (r0 + r) * K);
+                        const uint64_t word = accumulate_tile(pre.data() + r * kTile, b + f0, PhiT + f0 * K, fc, K,
+                                                              Vp + (r0 + r) * K, feat ? feat + (r0 + r) * F + f0 : nullptr);
                         if (mask) mask[(r0 + r) * nw + w] = word;
                     }
                 }
@@ -250,19 +436,30 @@ template <typename T, typename WT>
 void vjp_input(const WT* W, const T* PhiT, const uint64_t* mask, const T* C, const T* V, T* gH, int64_t B, int64_t d,
                int64_t F, int64_t K, int threads) {
     const int64_t nw = mask_words(F);
-    parallel_for(B, threads, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
+    const int64_t nb = B / kVjpRows;  // full blocks go tile by tile; the remaining rows one by one
+    parallel_for(nb + (B - nb * kVjpRows), threads, [&](int64_t i0, int64_t i1) {
+        std::vector<T> G(kTile * kVjpRows);
+        const int64_t b1 = std::min(i1, nb);
+        for (int64_t rb = i0; rb < b1; ++rb) std::fill(gH + rb * kVjpRows * d, gH + (rb + 1) * kVjpRows * d, T(0));
+        for (int64_t w = 0; w < nw; ++w)
+            for (int64_t rb = i0; rb < b1; ++rb)
+                tile_vjp(W, PhiT, mask + rb * kVjpRows * nw, C + rb * kVjpRows * K, gH + rb * kVjpRows * d, w, d, F,
+                         K, G.data());
+        for (int64_t i = std::max(i0, nb); i < i1; ++i) {
+            const int64_t r = nb * kVjpRows + (i - nb);
             row_vjp(W, PhiT, mask + r * nw, C + r * K, gH + r * d, d, F, K);
-            bool nan = false;
-            for (int64_t k = 0; V && k < K; ++k) nan = nan || std::isnan(V[r * K + k]);
-            if (nan) std::fill(gH + r * d, gH + (r + 1) * d, std::numeric_limits<T>::quiet_NaN());
         }
     });
+    for (int64_t r = 0; V && r < B; ++r) {
+        bool nan = false;
+        for (int64_t k = 0; k < K; ++k) nan = nan || std::isnan(V[r * K + k]);
+        if (nan) std::fill(gH + r * d, gH + (r + 1) * d, std::numeric_limits<T>::quiet_NaN());
+    }
 }
 
 template <typename T>
-void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64_t* mask, const T* C, T* gW, T* gb,
-                 T* gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, int threads) {
+void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64_t* mask, const T* feat, const T* C,
+                 T* gW, T* gb, T* gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, int threads) {
     using V = typename Vec<T>::type;
     constexpr int N = Vec<T>::N;
     constexpr int JB = 8;
@@ -285,7 +482,7 @@ void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64
             std::fill(gphi.begin(), gphi.end(), T(0));
             for (int64_t i0 = 0; i0 < nr; i0 += kRows) {
                 const int64_t rr = std::min<int64_t>(kRows, nr - i0);
-                if (gPhiT) {  // recompute the active features of these rows for ∂Φ = Cᵀ ReLU(H Wᵀ + b)
+                if (gPhiT && !feat) {  // recompute the active features of these rows for ∂Φ = Cᵀ ReLU(H Wᵀ + b)
                     const T* hrows[kRows];
                     for (int64_t r = 0; r < rr; ++r) hrows[r] = H + rows[i0 + r] * d;
                     pre_tile(hrows, rr, W + f0 * d, fc, d, pre.data());
@@ -299,7 +496,7 @@ void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64
                         word &= word - 1;
                         G[i * kTile + j] = dot(c, PhiT + (f0 + j) * K, K);
                         if (gPhiT) {
-                            const T f = pre[r * kTile + j] + b[f0 + j];
+                            const T f = feat ? feat[rows[i] * F + f0 + j] : pre[r * kTile + j] + b[f0 + j];
                             for (int64_t k = 0; k < K; ++k) gphi[j * K + k] += c[k] * f;
                         }
                     }
@@ -431,8 +628,8 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
 }
 
 #define SAFEFLOW_INSTANTIATE(T, WT)                                                                                   \
-    template void forward<T, WT>(const T*, const WT*, const T*, const T*, const T*, T*, uint64_t*, int64_t, int64_t, \
-                                 int64_t, int64_t, int);                                                              \
+    template void forward<T, WT>(const T*, const WT*, const T*, const T*, const T*, T*, uint64_t*, T*, int64_t,      \
+                                 int64_t, int64_t, int64_t, int);                                                     \
     template void vjp_input<T, WT>(const WT*, const T*, const uint64_t*, const T*, const T*, T*, int64_t, int64_t,    \
                                    int64_t, int64_t, int);                                                                   \
     template void jacobian<T, WT>(const WT*, const T*, const T*, const T*, const uint64_t*, T*, T*, int64_t, int64_t, \
@@ -444,8 +641,10 @@ SAFEFLOW_INSTANTIATE(float, float)
 SAFEFLOW_INSTANTIATE(double, double)
 SAFEFLOW_INSTANTIATE(float, bf16)
 template void param_grads<float>(const float*, const float*, const float*, const float*, const uint64_t*,
-                                 const float*, float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int);
+                                 const float*, const float*, float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
+                                 int);
 template void param_grads<double>(const double*, const double*, const double*, const double*, const uint64_t*,
-                                  const double*, double*, double*, double*, int64_t, int64_t, int64_t, int64_t, int);
+                                  const double*, const double*, double*, double*, double*, int64_t, int64_t, int64_t,
+                                  int64_t, int);
 
 }  // namespace safeflow

@@ -20,9 +20,11 @@ constexpr int64_t kTile = 64;  // features per mask word and per tile
 
 inline int64_t mask_words(int64_t F) { return (F + kTile - 1) / kTile; }
 
+// feat (optional, [B, F]) receives the features ReLU(H Wᵀ + b) for a backward that needs ∂Φ
+// without recomputing them (the caller decides whether the batch is small enough to keep them).
 template <typename T, typename WT>
-void forward(const T* H, const WT* W, const T* b, const T* PhiT, const T* xi, T* V, uint64_t* mask, int64_t B,
-             int64_t d, int64_t F, int64_t K, int threads);
+void forward(const T* H, const WT* W, const T* b, const T* PhiT, const T* xi, T* V, uint64_t* mask, T* feat,
+             int64_t B, int64_t d, int64_t F, int64_t K, int threads);
 
 // gH = ((C Φ) ⊙ D) W  [B, d], touching only the rows of W whose feature is active. Rows whose
 // violations V (optional) hold a NaN get NaN gradients.
@@ -31,9 +33,10 @@ void vjp_input(const WT* W, const T* PhiT, const uint64_t* mask, const T* C, con
                int64_t F, int64_t K, int threads);
 
 // Parameter gradients for weights C = ∂L/∂V [B, K]: any of gW [F, d], gb [F], gPhiT [F, K] may be null.
+// ∂Φ reads the features from feat when given, else recomputes the active ones.
 template <typename T>
-void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64_t* mask, const T* C, T* gW, T* gb,
-                 T* gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, int threads);
+void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64_t* mask, const T* feat, const T* C,
+                 T* gW, T* gb, T* gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, int threads);
 
 // A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K].
 template <typename T, typename WT>

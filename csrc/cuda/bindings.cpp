@@ -27,9 +27,10 @@ PYBIND11_MODULE(_cuda, m) {
     m.attr("TILE") = 64;
     m.def("workspace_bytes", &sc::workspace_bytes, "scratch bytes an operation needs on the device");
     m.def("forward", [](int dt, int wt, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi,
-                        uintptr_t V, uintptr_t mask, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t ws,
-                        uintptr_t stream) {
+                        uintptr_t V, uintptr_t mask, uintptr_t feat, int64_t B, int64_t d, int64_t F, int64_t K,
+                        uintptr_t ws, uintptr_t stream) {
         if (!mask) throw std::invalid_argument("the CUDA forward needs a mask buffer");
+        if (feat) throw std::invalid_argument("the CUDA forward does not store features; pass 0");
         check(sc::forward(dt, wt, vp(H), vp(W), vp(b), vp(PhiT), vp(xi), vp(V), reinterpret_cast<uint64_t*>(mask), B,
                           d, F, K, vp(ws), vp(stream)));
     });
@@ -39,8 +40,9 @@ PYBIND11_MODULE(_cuda, m) {
                             d, F, K, vp(ws), vp(stream)));
     });
     m.def("param_grads", [](int dt, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t mask,
-                            uintptr_t C, uintptr_t gW, uintptr_t gb, uintptr_t gPhiT, int64_t B, int64_t d, int64_t F,
-                            int64_t K, uintptr_t ws, uintptr_t stream) {
+                            uintptr_t feat, uintptr_t C, uintptr_t gW, uintptr_t gb, uintptr_t gPhiT, int64_t B,
+                            int64_t d, int64_t F, int64_t K, uintptr_t ws, uintptr_t stream) {
+        if (feat) throw std::invalid_argument("the CUDA parameter gradients recompute features; pass feat = 0");
         check(sc::param_grads(dt, vp(H), vp(W), vp(b), vp(PhiT), reinterpret_cast<const uint64_t*>(mask), vp(C),
                               vp(gW), vp(gb), vp(gPhiT), B, d, F, K, vp(ws), vp(stream)));
     });

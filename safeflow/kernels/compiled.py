@@ -21,6 +21,9 @@ from . import backends
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 #: below this many multiply-adds a CPU call runs on one thread (starting threads costs more)
 _MIN_PARALLEL_WORK = 1 << 22
+#: a CPU training forward keeps the [B, F] features for the backward when they fit in this many
+#: bytes (saves recomputing them for ∂Φ); larger batches keep only the bitmask and recompute
+FEATURE_BUDGET_BYTES = 16 << 20
 
 _cache: dict[tuple[Any, ...], tuple[weakref.ref, torch.Tensor]] = {}
 
@@ -96,8 +99,9 @@ class Compiled:
         return _CODES[dtype], _CODES[W.dtype]
 
     def forward(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
-                mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """V [B, K] and (if ``mask``) the activation bitmask [B, ceil(F/64)] int64."""
+                mask: bool = True, feat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """V [B, K] and (if ``mask``) the activation bitmask [B, ceil(F/64)] int64; ``feat`` [B, F]
+        (CPU only), if given, receives the features ReLU(H Wᵀ + b)."""
         codes = self._check(H, W, b, Phi, xi)
         H, W, b, xi = H.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         PhiT = _transposed(Phi)
@@ -106,7 +110,7 @@ class Compiled:
         M = torch.empty(B, -(-F // 64), dtype=torch.int64, device=H.device) if mask or self.name == "cuda" else None
         self._call("forward", H.device, (B, d, F, K), H.dtype, B * F * d, *codes, H.data_ptr(), W.data_ptr(),
                    b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), V.data_ptr(), M.data_ptr() if M is not None else 0,
-                   B, d, F, K)
+                   feat.data_ptr() if feat is not None else 0, B, d, F, K)
         return V, M
 
     def vjp_input(self, W: torch.Tensor, Phi: torch.Tensor, mask: torch.Tensor, C: torch.Tensor,
@@ -123,8 +127,10 @@ class Compiled:
         return gH
 
     def param_grads(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, mask: torch.Tensor,
-                    C: torch.Tensor, need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
-        """∂W [F, d], ∂b [F], ∂Φ [K, F] for weights C = ∂L/∂V (None where ``need`` is False)."""
+                    C: torch.Tensor, need: tuple[bool, bool, bool],
+                    feat: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+        """∂W [F, d], ∂b [F], ∂Φ [K, F] for weights C = ∂L/∂V (None where ``need`` is False); ``feat``:
+        the forward's features if it kept them."""
         self._check(H, W, b, Phi, C)
         if W.dtype != H.dtype:
             raise DataError("parameter gradients need W in the states' dtype; train without bfloat16 weight storage")
@@ -135,8 +141,8 @@ class Compiled:
         gW, gb, gPhiT = (new(F, d) if need[0] else None), (new(F) if need[1] else None), (new(F, K) if need[2] else None)
         ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
         self._call("param_grads", H.device, (B, d, F, K), H.dtype, B * F * d, _CODES[H.dtype], H.data_ptr(),
-                   W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), mask.data_ptr(), C.data_ptr(), ptr(gW), ptr(gb),
-                   ptr(gPhiT), B, d, F, K)
+                   W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), mask.data_ptr(), ptr(feat), C.data_ptr(), ptr(gW),
+                   ptr(gb), ptr(gPhiT), B, d, F, K)
         return gW, gb, (gPhiT.t() if gPhiT is not None else None)
 
     def jacobian(self, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
@@ -173,28 +179,32 @@ class Compiled:
 class ViolationsFunction(torch.autograd.Function):
     """V = ReLU(H Wᵀ + b) Φᵀ − ξ through a compiled backend, differentiable in H, W, b, Φ and ξ.
 
-    The forward keeps only the activation bitmask; the backward reads it to touch active
-    features only (the ∂Φ term recomputes the active pre-activations).
+    The forward keeps the activation bitmask; the backward reads it to touch active features
+    only. ∂Φ needs the features themselves: a CPU forward keeps them when they fit in
+    ``FEATURE_BUDGET_BYTES``, otherwise the backward recomputes the active ones.
     """
 
     @staticmethod
     def forward(ctx: Any, impl: Compiled, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
                 xi: torch.Tensor) -> torch.Tensor:
-        V, mask = impl.forward(H, W, b, Phi, xi, mask=any(ctx.needs_input_grad))
+        (B, _), F = H.shape, Phi.shape[1]
+        keep = impl.name == "cpu" and ctx.needs_input_grad[4] and B * F * H.element_size() <= FEATURE_BUDGET_BYTES
+        feat = torch.empty(B, F, dtype=H.dtype) if keep else None
+        V, mask = impl.forward(H, W, b, Phi, xi, mask=any(ctx.needs_input_grad), feat=feat)
         ctx.impl = impl
-        ctx.save_for_backward(H, W, b, Phi, mask, V)
+        ctx.save_for_backward(H, W, b, Phi, mask, V, feat)
         return V
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gV: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        H, W, b, Phi, mask, V = ctx.saved_tensors
+        H, W, b, Phi, mask, V, feat = ctx.saved_tensors
         _, nH, nW, nb, nPhi, nxi = ctx.needs_input_grad
         gV = gV.contiguous()
         gH = ctx.impl.vjp_input(W, Phi, mask, gV, V) if nH else None
         gW = gb = gPhi = None
         if nW or nb or nPhi:
-            gW, gb, gPhi = ctx.impl.param_grads(H, W, b, Phi, mask, gV, (nW, nb, nPhi))
+            gW, gb, gPhi = ctx.impl.param_grads(H, W, b, Phi, mask, gV, (nW, nb, nPhi), feat)
         gxi = -gV.sum(0) if nxi else None
         return None, gH, gW, gb, gPhi, gxi
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..constraints.base import ConstraintSet
+from ..constraints.polytope import PolytopeConstraints
 from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
 from .base import Steerer
@@ -43,11 +45,14 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
         max_steps: step budget per row (paper: up to 100; the reference code took 1).
         margin: target depth m — stop once every violation is <= −m (0: as soon as inside).
         precondition: ``"none"`` (plain gradient, the paper) or ``"covariance"`` (see the module doc).
+        backend: kernel backend (:mod:`safeflow.kernels`) for a polytope: a compiled one runs the
+            whole loop in one call; ``"torch"`` runs the eager loop below; None (default) uses the
+            constraint set's own ``backend``. Other constraint sets always run the eager loop.
     """
 
     def __init__(self, lambda_unsafe: float | None = None, lambda_safe: float | None = None, *, preset: str = "default",
                  lr: float = 0.01, max_steps: int = 100, margin: float | None = None,
-                 precondition: str | None = None) -> None:
+                 precondition: str | None = None, backend: str | None = None) -> None:
         p = get_preset(preset)
         margin = p.steer_margin if margin is None else float(margin)
         precondition = p.precondition if precondition is None else precondition
@@ -58,10 +63,14 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
         self.lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else float(lambda_unsafe)
         self.lambda_safe = p.lambda_safe if lambda_safe is None else float(lambda_safe)
         self.lr, self.max_steps, self.margin, self.precondition = float(lr), int(max_steps), margin, precondition
+        if backend is not None:
+            kernels.resolve(backend, torch.device("cpu"))  # unknown names fail here
+        self.backend = backend
 
     def __repr__(self) -> str:
         return (f"SafeFlowSteerer(lambda_unsafe={self.lambda_unsafe}, lambda_safe={self.lambda_safe}, lr={self.lr}, "
-                f"max_steps={self.max_steps}, margin={self.margin}, precondition={self.precondition!r})")
+                f"max_steps={self.max_steps}, margin={self.margin}, precondition={self.precondition!r}, "
+                f"backend={self.backend!r})")
 
     def _weights(self, V: torch.Tensor) -> torch.Tensor:
         return self.lambda_safe + self.lambda_unsafe * (V > -self.margin).to(V.dtype)
@@ -78,6 +87,12 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         P = self._preconditioner(constraints)
+        if isinstance(constraints, PolytopeConstraints):
+            name = kernels.resolve(self.backend or constraints.backend, h.device)
+            if name != "torch":
+                return kernels.safeflow_loop(h, *constraints.kernel_operands(), P=P, lr=self.lr,
+                                             lambda_safe=self.lambda_safe, lambda_unsafe=self.lambda_unsafe,
+                                             margin=self.margin, max_steps=self.max_steps, backend=name)
         x = h.clone()
         d = h.shape[1]
         steps = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
