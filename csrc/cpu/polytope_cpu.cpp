@@ -122,14 +122,16 @@ inline void dot_block(const T* const* hrows, const WT* W, int64_t d, T* out, int
         }
     }
 #if defined(__AVX512F__)
-    if constexpr (R == 1 && J == 8 && std::is_same_v<T, float>) {
-        __m512 a[8];
-        std::memcpy(a, acc[0], sizeof(a));
-        T o[8];
-        hsum8(a, o);
-        for (int j = 0; j < J; ++j) {
-            for (int64_t u = t; u < d; ++u) o[j] += hrows[0][u] * tof(W[j * d + u]);
-            out[j] = o[j];
+    if constexpr (J == 8 && std::is_same_v<T, float>) {
+        for (int r = 0; r < R; ++r) {
+            __m512 a[8];
+            std::memcpy(a, acc[r], sizeof(a));
+            T o[8];
+            hsum8(a, o);
+            for (int j = 0; j < J; ++j) {
+                for (int64_t u = t; u < d; ++u) o[j] += hrows[r][u] * tof(W[j * d + u]);
+                out[r * ldo + j] = o[j];
+            }
         }
         return;
     }
@@ -145,13 +147,13 @@ inline void dot_block(const T* const* hrows, const WT* W, int64_t d, T* out, int
 // pre[r * kTile + j] = hrows[r] · W[j] for rr <= kRows rows and fc <= kTile features.
 template <typename T, typename WT>
 void pre_tile(const T* const* hrows, int64_t rr, const WT* W, int64_t fc, int64_t d, T* pre) {
-    if (rr == kRows) {
+    int64_t r = 0;
+    for (; r + 2 <= rr; r += 2) {  // pairs of rows: 16 accumulators, one shuffle tree per 8 sums
         int64_t j = 0;
-        for (; j + 4 <= fc; j += 4) dot_block<kRows, 4>(hrows, W + j * d, d, pre + j, kTile);
-        for (; j < fc; ++j) dot_block<kRows, 1>(hrows, W + j * d, d, pre + j, kTile);
-        return;
+        for (; j + 8 <= fc; j += 8) dot_block<2, 8>(hrows + r, W + j * d, d, pre + r * kTile + j, kTile);
+        for (; j < fc; ++j) dot_block<2, 1>(hrows + r, W + j * d, d, pre + r * kTile + j, kTile);
     }
-    for (int64_t r = 0; r < rr; ++r) {
+    for (; r < rr; ++r) {
         int64_t j = 0;
         for (; j + 8 <= fc; j += 8) dot_block<1, 8>(hrows + r, W + j * d, d, pre + r * kTile + j, kTile);
         for (; j < fc; ++j) dot_block<1, 1>(hrows + r, W + j * d, d, pre + r * kTile + j, kTile);
@@ -355,20 +357,6 @@ void tile_vjp(const WT* W, const T* PhiT, const uint64_t* words, const T* C, T* 
     for (; t < d; ++t)
         for (int i = 0; i < n; ++i)
             for (int r = 0; r < kVjpRows; ++r) g[r * d + t] += G[i * kVjpRows + r] * tof(W[js[i] * d + t]);
-}
-
-// One row's violations (v [K], pattern words [mask_words(F)]) at state x.
-template <typename T, typename WT>
-void row_forward(const T* x, const WT* W, const T* b, const T* PhiT, const T* xi, T* v, uint64_t* words, T* pre,
-                 int64_t d, int64_t F, int64_t K) {
-    std::fill(v, v + K, T(0));
-    const T* hrows[1] = {x};
-    for (int64_t w = 0; w < mask_words(F); ++w) {
-        const int64_t f0 = w * kTile, fc = std::min(kTile, F - f0);
-        pre_tile(hrows, 1, W + f0 * d, fc, d, pre);
-        words[w] = accumulate_tile(pre, b + f0, PhiT + f0 * K, fc, K, v);
-    }
-    for (int64_t k = 0; k < K; ++k) v[k] -= xi[k];
 }
 
 }  // namespace
@@ -580,51 +568,67 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                    int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads) {
     const T lr = static_cast<T>(cfg.lr), ls = static_cast<T>(cfg.lambda_safe), lu = static_cast<T>(cfg.lambda_unsafe);
     const T neg_margin = static_cast<T>(-cfg.margin), inv_d = T(1) / static_cast<T>(d);
-    parallel_for(M, threads, [&](int64_t r0, int64_t r1) {
-        std::vector<T> v(K), c(K), g(d), gp(d), pre(kRows * kTile);
-        std::vector<uint64_t> words(mask_words(F));
-        for (int64_t r = r0; r < r1; ++r) {
-            const T* h0 = h + r * d;
-            T* xr = x + r * d;
-            std::copy(h0, h0 + d, xr);
-            int64_t n = 0;
-            for (; n < cfg.max_steps; ++n) {
-                row_forward(xr, W, b, PhiT, xi, v.data(), words.data(), pre.data(), d, F, K);
-                bool finite = true;
-                T vmax = v[0];
-                for (int64_t k = 0; k < K; ++k) {
-                    finite = finite && std::isfinite(v[k]);
-                    vmax = std::max(vmax, v[k]);
-                }
-                if (!finite || !(vmax > neg_margin)) break;
-                for (int64_t k = 0; k < K; ++k) c[k] = ls + lu * static_cast<T>(v[k] > neg_margin);
-                row_vjp(W, PhiT, words.data(), c.data(), g.data(), d, F, K);
-                for (int64_t t = 0; t < d; ++t) {
-                    const T diff = xr[t] - h0[t];
-                    g[t] += static_cast<T>((diff > 0) - (diff < 0)) * inv_d;
-                }
-                const T* step = g.data();
-                if (P) {  // gp = g P (row vector times P)
-                    std::fill(gp.begin(), gp.end(), T(0));
-                    int64_t is[4];
-                    T gs[4];
-                    int m = 0;
-                    for (int64_t s = 0; s < d; ++s) {
-                        is[m] = s;
-                        gs[m] = g[s];
-                        if (++m == 4) {
-                            axpy_rows(gp.data(), P, is, gs, 4, d);
-                            m = 0;
-                        }
-                    }
-                    if (m) axpy_rows(gp.data(), P, is, gs, m, d);
-                    step = gp.data();
-                }
-                for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
+    const int64_t nw = mask_words(F);
+    std::copy(h, h + M * d, x);
+    std::fill(steps, steps + M, int64_t{0});
+    // the rows still moving, gathered into contiguous buffers each step so that every step is one
+    // batched forward and one batched VJP over them
+    std::vector<int64_t> rows(M), keep;
+    for (int64_t i = 0; i < M; ++i) rows[i] = i;
+    std::vector<T> X(M * d), V(M * K), C(M * K), G(M * d), Gp(d);
+    std::vector<uint64_t> mask(M * nw), kmask(M * nw);
+    for (int64_t n = 0; n < cfg.max_steps && !rows.empty(); ++n) {
+        const int64_t m = static_cast<int64_t>(rows.size());
+        for (int64_t i = 0; i < m; ++i) std::copy(x + rows[i] * d, x + (rows[i] + 1) * d, X.data() + i * d);
+        forward(X.data(), W, b, PhiT, xi, V.data(), mask.data(), static_cast<T*>(nullptr), m, d, F, K, threads);
+        keep.clear();
+        for (int64_t i = 0; i < m; ++i) {
+            const T* v = V.data() + i * K;
+            bool finite = true;
+            T vmax = v[0];
+            for (int64_t k = 0; k < K; ++k) {
+                finite = finite && std::isfinite(v[k]);
+                vmax = std::max(vmax, v[k]);
             }
-            steps[r] = n;
+            if (!finite || !(vmax > neg_margin)) continue;
+            const int64_t j = static_cast<int64_t>(keep.size());
+            for (int64_t k = 0; k < K; ++k) C[j * K + k] = ls + lu * static_cast<T>(v[k] > neg_margin);
+            std::copy(mask.begin() + i * nw, mask.begin() + (i + 1) * nw, kmask.begin() + j * nw);
+            keep.push_back(rows[i]);
         }
-    });
+        const int64_t mk = static_cast<int64_t>(keep.size());
+        if (mk == 0) break;
+        vjp_input(W, PhiT, kmask.data(), C.data(), static_cast<const T*>(nullptr), G.data(), mk, d, F, K, threads);
+        for (int64_t i = 0; i < mk; ++i) {
+            const T* h0 = h + keep[i] * d;
+            T* xr = x + keep[i] * d;
+            T* g = G.data() + i * d;
+            for (int64_t t = 0; t < d; ++t) {
+                const T diff = xr[t] - h0[t];
+                g[t] += static_cast<T>((diff > 0) - (diff < 0)) * inv_d;
+            }
+            const T* step = g;
+            if (P) {  // Gp = g P (row vector times P)
+                std::fill(Gp.begin(), Gp.end(), T(0));
+                int64_t is[4];
+                T gs[4];
+                int q = 0;
+                for (int64_t s = 0; s < d; ++s) {
+                    is[q] = s;
+                    gs[q] = g[s];
+                    if (++q == 4) {
+                        axpy_rows(Gp.data(), P, is, gs, 4, d);
+                        q = 0;
+                    }
+                }
+                if (q) axpy_rows(Gp.data(), P, is, gs, q, d);
+                step = Gp.data();
+            }
+            for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
+            steps[keep[i]] += 1;
+        }
+        rows.swap(keep);
+    }
 }
 
 #define SAFEFLOW_INSTANTIATE(T, WT)                                                                                   \

@@ -92,8 +92,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         self.feature_map = nn.Linear(input_dim, num_features)
         self.facets = nn.Parameter(torch.randn(num_facets, num_features) / math.sqrt(num_features))
         self.thresholds = nn.Parameter(torch.zeros(num_facets))
-        kernels.resolve(backend, torch.device("cpu"))  # unknown names fail here
-        self.backend, self.weight_dtype = backend, weight_dtype
+        self.backend, self.weight_dtype = kernels.check_name(backend), weight_dtype
 
     def config(self) -> dict[str, Any]:
         return {"input_dim": self.input_dim, "num_facets": self.num_constraints, "num_features": self.num_features}

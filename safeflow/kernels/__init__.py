@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from . import reference
-from .backends import available, resolve
+from .backends import available, check_name, resolve
 from .compiled import IMPLS, ViolationsFunction, clear_cache, derived
 
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -80,5 +80,5 @@ def safeflow_loop(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.
                                          lambda_unsafe=lambda_unsafe, margin=margin, max_steps=max_steps)
 
 
-__all__ = ["Weights", "available", "clear_cache", "derived", "local_affine", "reference", "resolve",
+__all__ = ["Weights", "available", "check_name", "clear_cache", "derived", "local_affine", "reference", "resolve",
            "safeflow_loop", "violations", "violations_vjp"]

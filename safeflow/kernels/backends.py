@@ -58,6 +58,13 @@ def _fallback(name: str) -> str:
     return "torch"
 
 
+def check_name(name: str) -> str:
+    """``name`` if it is a kernel backend name, else :class:`ConfigError` listing the valid ones."""
+    if name not in NAMES:
+        raise ConfigError(f"unknown kernel backend {name!r}; valid names: {', '.join(map(repr, NAMES))}")
+    return name
+
+
 def resolve(name: str, device: torch.device) -> str:
     """The backend that runs for tensors on ``device``: ``"torch"``, ``"cpu"`` or ``"cuda"``.
 
@@ -65,9 +72,7 @@ def resolve(name: str, device: torch.device) -> str:
     that did not load falls back to ``"torch"`` (one warning); one that cannot serve the device
     raises :class:`DataError`.
     """
-    if name not in NAMES:
-        raise ConfigError(f"unknown kernel backend {name!r}; valid names: {', '.join(map(repr, NAMES))}")
-    if name == "torch":
+    if check_name(name) == "torch":
         return name
     if name == "auto":
         want = device.type if device.type in ("cpu", "cuda") else "torch"

@@ -63,9 +63,7 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
         self.lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else float(lambda_unsafe)
         self.lambda_safe = p.lambda_safe if lambda_safe is None else float(lambda_safe)
         self.lr, self.max_steps, self.margin, self.precondition = float(lr), int(max_steps), margin, precondition
-        if backend is not None:
-            kernels.resolve(backend, torch.device("cpu"))  # unknown names fail here
-        self.backend = backend
+        self.backend = backend if backend is None else kernels.check_name(backend)
 
     def __repr__(self) -> str:
         return (f"SafeFlowSteerer(lambda_unsafe={self.lambda_unsafe}, lambda_safe={self.lambda_safe}, lr={self.lr}, "
