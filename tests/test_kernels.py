@@ -181,15 +181,15 @@ def test_missing_extension_falls_back_to_torch_with_one_warning():
 # --- the polytope and the steerer on a compiled backend ---------------------------------
 
 
-def trained_polytope(backend="torch", F=256, K=4, d=16):
+def trained_polytope(backend="torch", F=256, K=4, d=16, device=None):
     H, y = separable(256, d)
-    return sf.PolytopeConstraints(d, K, F, backend=backend).fit(H, y, margin=2.0, feature_l1=0.01, epochs=30,
-                                                                progress=False), H, y
+    poly = sf.PolytopeConstraints(d, K, F, backend=backend).to(device or device_of(backend))
+    return poly.fit(H, y, margin=2.0, feature_l1=0.01, epochs=30, progress=False), H, y
 
 
 @pytest.mark.parametrize("backend", COMPILED)
 def test_fit_on_compiled_backend_matches_eager(backend):
-    eager, H, y = trained_polytope("torch")
+    eager, H, y = trained_polytope("torch", device=device_of(backend))  # same device: same initialisation
     fast, _, _ = trained_polytope(backend)
     assert fast.train_history == pytest.approx(eager.train_history, rel=1e-3)
     assert (fast.predict(H) == eager.predict(H)).float().mean() > 0.99

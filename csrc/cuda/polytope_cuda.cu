@@ -120,6 +120,7 @@ __device__ void forward_item(const T* X, const WT* W, const T* b, const T* PhiT,
         if (j < F) {
             const WT* wr = W + j * d;
             if (vec) {
+#pragma unroll 4
                 for (int64_t t = lane * kCols; t < d; t += 32 * kCols) {
                     A wv[kCols];
                     load8(wr + t, wv);
@@ -163,12 +164,12 @@ __device__ void forward_item(const T* X, const WT* W, const T* b, const T* PhiT,
         const int64_t r = idx / K, k = idx % K;
         if (!use[0] && !use[1] && !use[2] && !use[3]) break;
         if (alive != nullptr && !alive[r0 + r]) continue;
+        // branch-free over the tile (inactive features hold 0) so the loads of Φᵀ overlap
+        const int n = static_cast<int>(F - w * kTile < kTile ? F - w * kTile : kTile);
+        const T* pt = PhiT + w * kTile * K + k;
         A s = 0;
-        for (int jj = 0; jj < kTile; ++jj) {
-            const int64_t j = w * kTile + jj;
-            const A f = fs[r][jj];
-            if (j < F && f != A(0)) s += f * A(tof(PhiT[j * K + k]));
-        }
+#pragma unroll 8
+        for (int jj = 0; jj < n; ++jj) s += fs[r][jj] * A(tof(pt[jj * K]));
         atomicAdd(&Vacc[(r0 + r) * K + k], s);
     }
     if (tid < rr && use[tid]) mask[(r0 + tid) * mask_words(F) + w] = words[tid];
@@ -179,26 +180,48 @@ __device__ void forward_item(const T* X, const WT* W, const T* b, const T* PhiT,
 // adds Σ_j s_j W_j (s_j = coef · Φ[:, j] for active j) into grow[cols] (atomics).
 template <typename T, typename WT, typename A>
 __device__ void vjp_item(const WT* W, const T* PhiT, const ull* mask, const A* coef, A* grow, int64_t c, int64_t slice,
-                         int64_t row, int64_t d, int64_t F, int64_t K, bool vec, A* s_sh, bool* act_sh) {
-    const int tid = threadIdx.x;
+                         int64_t row, int64_t d, int64_t F, int64_t K, bool vec, A* s_sh, int* j_sh) {
+    __shared__ int counts[kWarps + 1];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int64_t j = c * kChunk + tid;
     const bool act = active(mask, row, j, F);
     A s = 0;
-    if (act)
-        for (int64_t k = 0; k < K; ++k) s += coef[k] * A(tof(PhiT[j * K + k]));
-    s_sh[tid] = s;
-    act_sh[tid] = act;
+    if (act) {
+        const T* pt = PhiT + j * K;
+#pragma unroll 8
+        for (int64_t k = 0; k < K; ++k) s += coef[k] * A(tof(pt[k]));
+    }
+    // compact the active features in feature order: warp ballots, then a prefix over warps
+    const unsigned ballot = __ballot_sync(0xffffffffu, act);
+    if (lane == 0) counts[warp] = __popc(ballot);
     __syncthreads();
+    if (tid == 0) {
+        int total = 0;
+        for (int w = 0; w < kWarps; ++w) {
+            const int n = counts[w];
+            counts[w] = total;
+            total += n;
+        }
+        counts[kWarps] = total;
+    }
+    __syncthreads();
+    if (act) {
+        const int pos = counts[warp] + __popc(ballot & ((1u << lane) - 1u));
+        s_sh[pos] = s;
+        j_sh[pos] = static_cast<int>(tid);
+    }
+    __syncthreads();
+    const int n = counts[kWarps];
     const int64_t c0 = slice * kSlice + tid * kCols;
     if (c0 < d) {
         A acc[kCols];
 #pragma unroll
         for (int i = 0; i < kCols; ++i) acc[i] = 0;
-        for (int jj = 0; jj < kChunk; ++jj) {
-            if (!act_sh[jj]) continue;
+#pragma unroll 4
+        for (int q = 0; q < n; ++q) {
             A wv[kCols];
-            load_cols(W + (c * kChunk + jj) * d, c0, d, vec, wv);
-            const A sj = s_sh[jj];
+            load_cols(W + (c * kChunk + j_sh[q]) * d, c0, d, vec, wv);
+            const A sj = s_sh[q];
 #pragma unroll
             for (int i = 0; i < kCols; ++i) acc[i] += sj * wv[i];
         }
@@ -232,11 +255,11 @@ __global__ void __launch_bounds__(kThreads) vjp_kernel(const WT* W, const T* Phi
     extern __shared__ unsigned char dyn[];
     A* coef = reinterpret_cast<A*>(dyn);
     __shared__ A s_sh[kChunk];
-    __shared__ bool act_sh[kChunk];
+    __shared__ int j_sh[kChunk];
     const int64_t row = blockIdx.z;
     for (int64_t k = threadIdx.x; k < K; k += kThreads) coef[k] = tof(C[row * K + k]);
     __syncthreads();
-    vjp_item<T, WT, A>(W, PhiT, mask, coef, gacc + row * d, blockIdx.x, blockIdx.y, row, d, F, K, vec, s_sh, act_sh);
+    vjp_item<T, WT, A>(W, PhiT, mask, coef, gacc + row * d, blockIdx.x, blockIdx.y, row, d, F, K, vec, s_sh, j_sh);
 }
 
 template <typename T, typename A>
@@ -388,7 +411,7 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ A fs[kRows][kTile];
     __shared__ ull words[kRows];
     __shared__ A s_sh[kChunk];
-    __shared__ bool act_sh[kChunk];
+    __shared__ int j_sh[kChunk];
     const int tid = threadIdx.x;
     const int64_t gtid = blockIdx.x * int64_t(kThreads) + tid, gsize = int64_t(gridDim.x) * kThreads;
     const int64_t nw = mask_words(F), nrb = (M + kRows - 1) / kRows, nchunk = (F + kChunk - 1) / kChunk;
@@ -422,7 +445,7 @@ __global__ void __launch_bounds__(kThreads)
             finite = __syncthreads_and(finite);
             outside = __syncthreads_or(outside);
             if (!(al[row] && finite && outside)) continue;
-            vjp_item<T, WT, A>(W, PhiT, mask, coef, g + row * d, c, slice, row, d, F, K, vec, s_sh, act_sh);
+            vjp_item<T, WT, A>(W, PhiT, mask, coef, g + row * d, c, slice, row, d, F, K, vec, s_sh, j_sh);
         }
         if (blockIdx.x == 0)
             for (int64_t row = tid; row < M; row += kThreads) {
@@ -492,6 +515,9 @@ bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096)); }
 
 int64_t acc_size(int dtype) { return dtype == 1 ? 8 : 4; }
+
+constexpr int64_t kMaxRows = 65535;  // grid.y/z limit for rows (and facets)
+const char* const kTooManyRows = "more than 65535 rows (or facets) in one call; split the batch";
 int64_t words(int64_t F) { return (F + kTile - 1) / kTile; }
 int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -508,6 +534,7 @@ int64_t workspace_bytes(const std::string& op, int dtype, int64_t B, int64_t d, 
 std::string forward(int dtype, int wdtype, const void* H, const void* W, const void* b, const void* PhiT,
                     const void* xi, void* V, uint64_t* mask, int64_t B, int64_t d, int64_t F, int64_t K, void* ws,
                     void* stream) {
+    if (B > kMaxRows) return kTooManyRows;
     auto s = static_cast<cudaStream_t>(stream);
     const bool vec = d % kCols == 0 && aligned(H) && aligned(W);
     return status(dispatch(dtype, wdtype, [&](auto t, auto wt) {
@@ -528,6 +555,7 @@ std::string forward(int dtype, int wdtype, const void* H, const void* W, const v
 
 std::string vjp_input(int dtype, int wdtype, const void* W, const void* PhiT, const uint64_t* mask, const void* C,
                       const void* V, void* gH, int64_t B, int64_t d, int64_t F, int64_t K, void* ws, void* stream) {
+    if (B > kMaxRows) return kTooManyRows;
     auto s = static_cast<cudaStream_t>(stream);
     const bool vec = d % kCols == 0 && aligned(W);
     return status(dispatch(dtype, wdtype, [&](auto t, auto wt) {
@@ -565,6 +593,7 @@ std::string param_grads(int dtype, const void* H, const void* W, const void* b, 
 std::string jacobian(int dtype, int wdtype, const void* W, const void* b, const void* PhiT, const void* xi,
                      const uint64_t* mask, void* A_, void* c, int64_t B, int64_t d, int64_t F, int64_t K, void* /*ws*/,
                      void* stream) {
+    if (B > kMaxRows || K > kMaxRows) return kTooManyRows;
     auto s = static_cast<cudaStream_t>(stream);
     const bool vec = d % kCols == 0 && aligned(W);
     return status(dispatch(dtype, wdtype, [&](auto t, auto wt) {
