@@ -568,67 +568,108 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                    int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads) {
     const T lr = static_cast<T>(cfg.lr), ls = static_cast<T>(cfg.lambda_safe), lu = static_cast<T>(cfg.lambda_unsafe);
     const T neg_margin = static_cast<T>(-cfg.margin), inv_d = T(1) / static_cast<T>(d);
+    // rounding bound of a length-d dot product (with slack): |fl(w·x) − w·x| <= gamma ‖w‖ ‖x‖
+    const T gamma = T(2) * static_cast<T>(d) * std::numeric_limits<T>::epsilon();
     const int64_t nw = mask_words(F);
-    std::copy(h, h + M * d, x);
-    std::fill(steps, steps + M, int64_t{0});
-    // the rows still moving, gathered into contiguous buffers each step so that every step is one
-    // batched forward and one batched VJP over them
-    std::vector<int64_t> rows(M), keep;
-    for (int64_t i = 0; i < M; ++i) rows[i] = i;
-    std::vector<T> X(M * d), V(M * K), C(M * K), G(M * d), Gp(d);
-    std::vector<uint64_t> mask(M * nw), kmask(M * nw);
-    for (int64_t n = 0; n < cfg.max_steps && !rows.empty(); ++n) {
-        const int64_t m = static_cast<int64_t>(rows.size());
-        for (int64_t i = 0; i < m; ++i) std::copy(x + rows[i] * d, x + (rows[i] + 1) * d, X.data() + i * d);
-        forward(X.data(), W, b, PhiT, xi, V.data(), mask.data(), static_cast<T*>(nullptr), m, d, F, K, threads);
-        keep.clear();
-        for (int64_t i = 0; i < m; ++i) {
-            const T* v = V.data() + i * K;
-            bool finite = true;
-            T vmax = v[0];
-            for (int64_t k = 0; k < K; ++k) {
-                finite = finite && std::isfinite(v[k]);
-                vmax = std::max(vmax, v[k]);
-            }
-            if (!finite || !(vmax > neg_margin)) continue;
-            const int64_t j = static_cast<int64_t>(keep.size());
-            for (int64_t k = 0; k < K; ++k) C[j * K + k] = ls + lu * static_cast<T>(v[k] > neg_margin);
-            std::copy(mask.begin() + i * nw, mask.begin() + (i + 1) * nw, kmask.begin() + j * nw);
-            keep.push_back(rows[i]);
+    std::vector<T> wnorm(F);  // ‖W_j‖₂
+    parallel_for(F, threads, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+            T s = 0;
+            for (int64_t t = 0; t < d; ++t) s += tof(W[j * d + t]) * tof(W[j * d + t]);
+            wnorm[j] = std::sqrt(s);
         }
-        const int64_t mk = static_cast<int64_t>(keep.size());
-        if (mk == 0) break;
-        vjp_input(W, PhiT, kmask.data(), C.data(), static_cast<const T*>(nullptr), G.data(), mk, d, F, K, threads);
-        for (int64_t i = 0; i < mk; ++i) {
-            const T* h0 = h + keep[i] * d;
-            T* xr = x + keep[i] * d;
-            T* g = G.data() + i * d;
-            for (int64_t t = 0; t < d; ++t) {
-                const T diff = xr[t] - h0[t];
-                g[t] += static_cast<T>((diff > 0) - (diff < 0)) * inv_d;
-            }
-            const T* step = g;
-            if (P) {  // Gp = g P (row vector times P)
-                std::fill(Gp.begin(), Gp.end(), T(0));
-                int64_t is[4];
-                T gs[4];
-                int q = 0;
-                for (int64_t s = 0; s < d; ++s) {
-                    is[q] = s;
-                    gs[q] = g[s];
-                    if (++q == 4) {
-                        axpy_rows(Gp.data(), P, is, gs, 4, d);
-                        q = 0;
+    });
+    // Each row keeps the pre-activations p_ref = W x_ref + b of its last full pass. Between full
+    // passes, |p_j(x) − p_ref,j| <= ‖W_j‖ ‖x − x_ref‖, so a feature with
+    // p_ref,j + ‖W_j‖ ‖x − x_ref‖ (+ rounding) < 0 is inactive at x and is skipped; the others
+    // are recomputed exactly. The result is the full computation's, at a fraction of the reads of W.
+    parallel_for(M, threads, [&](int64_t r0, int64_t r1) {
+        std::vector<T> pref(F), xref(d), v(K), c(K), g(d), gp(d), pre(kRows * kTile);
+        std::vector<uint64_t> words(nw);
+        std::vector<int64_t> cand;
+        for (int64_t r = r0; r < r1; ++r) {
+            const T* h0 = h + r * d;
+            T* xr = x + r * d;
+            std::copy(h0, h0 + d, xr);
+            T refnorm = 0;
+            bool fresh = true;
+            int64_t n = 0;
+            for (; n < cfg.max_steps; ++n) {
+                std::fill(words.begin(), words.end(), uint64_t{0});
+                std::fill(v.begin(), v.end(), T(0));
+                auto activate = [&](int64_t j, T p) {
+                    if (p <= T(0)) return;  // NaN counts as active
+                    words[j / kTile] |= uint64_t{1} << (j % kTile);
+                    const T* pt = PhiT + j * K;
+                    for (int64_t k = 0; k < K; ++k) v[k] += p * pt[k];
+                };
+                T dist = 0;
+                for (int64_t t = 0; !fresh && t < d; ++t) dist += (xr[t] - xref[t]) * (xr[t] - xref[t]);
+                dist = std::sqrt(dist);
+                bool full = fresh || !std::isfinite(dist);
+                if (!full) {
+                    cand.clear();
+                    const T span = T(2) * refnorm + dist;
+                    for (int64_t j = 0; j < F; ++j)
+                        if (!(pref[j] + wnorm[j] * dist + gamma * (wnorm[j] * span + T(2) * std::abs(b[j])) < T(0)))
+                            cand.push_back(j);
+                    full = static_cast<int64_t>(cand.size()) * 4 > F;
+                }
+                if (full) {
+                    const T* hrows[1] = {xr};
+                    for (int64_t w = 0; w < nw; ++w) {
+                        const int64_t f0 = w * kTile, fc = std::min(kTile, F - f0);
+                        pre_tile(hrows, 1, W + f0 * d, fc, d, pre.data());
+                        for (int64_t jj = 0; jj < fc; ++jj) pref[f0 + jj] = pre[jj] + b[f0 + jj];
+                    }
+                    std::copy(xr, xr + d, xref.begin());
+                    refnorm = std::sqrt(dot(xr, xr, d));
+                    fresh = false;
+                    for (int64_t j = 0; j < F; ++j) activate(j, pref[j]);
+                } else {
+                    for (const int64_t j : cand) {
+                        const T* hrows[1] = {xr};
+                        T p;
+                        dot_block<1, 1>(hrows, W + j * d, d, &p, 1);
+                        activate(j, p + b[j]);
                     }
                 }
-                if (q) axpy_rows(Gp.data(), P, is, gs, q, d);
-                step = Gp.data();
+                bool finite = true;
+                T vmax = -std::numeric_limits<T>::infinity();
+                for (int64_t k = 0; k < K; ++k) {
+                    v[k] -= xi[k];
+                    finite = finite && std::isfinite(v[k]);
+                    vmax = std::max(vmax, v[k]);
+                }
+                if (!finite || !(vmax > neg_margin)) break;
+                for (int64_t k = 0; k < K; ++k) c[k] = ls + lu * static_cast<T>(v[k] > neg_margin);
+                row_vjp(W, PhiT, words.data(), c.data(), g.data(), d, F, K);
+                for (int64_t t = 0; t < d; ++t) {
+                    const T diff = xr[t] - h0[t];
+                    g[t] += static_cast<T>((diff > 0) - (diff < 0)) * inv_d;
+                }
+                const T* step = g.data();
+                if (P) {  // gp = g P (row vector times P)
+                    std::fill(gp.begin(), gp.end(), T(0));
+                    int64_t is[4];
+                    T gs[4];
+                    int q = 0;
+                    for (int64_t s = 0; s < d; ++s) {
+                        is[q] = s;
+                        gs[q] = g[s];
+                        if (++q == 4) {
+                            axpy_rows(gp.data(), P, is, gs, 4, d);
+                            q = 0;
+                        }
+                    }
+                    if (q) axpy_rows(gp.data(), P, is, gs, q, d);
+                    step = gp.data();
+                }
+                for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
             }
-            for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
-            steps[keep[i]] += 1;
+            steps[r] = n;
         }
-        rows.swap(keep);
-    }
+    });
 }
 
 #define SAFEFLOW_INSTANTIATE(T, WT)                                                                                   \
