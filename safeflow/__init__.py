@@ -3,16 +3,17 @@
 Labels everywhere: 1 = unsafe, 0 = safe. "Layer L" is the output of decoder block L.
 """
 
+from . import kernels
 from .constraints import ConstraintSet, LinearConstraint, MLPConstraint, PolytopeConstraints
 from .data import PromptSet, load_prompts, source_split, stratified_split
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
 from .evaluation import RefusalJudge, detection_metrics, evaluate_steering
 from .extractors import Extractor, HFExtractor
+from .features import FeatureDataset
 from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .responses import ResponseStates, response_states
 from .steerers import SafeFlowSteerer, SteerResult, Steerer
-from . import kernels
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,8 @@ def available() -> dict[str, list[str]]:
 
 __all__ = [
     "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
-    "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "RefusalJudge",
+    "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
-    "available", "detection_metrics", "kernels", "evaluate_steering", "generate_responses", "load_model", "load_prompts",
-    "response_states", "source_split", "steering", "stratified_split",
+    "available", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
+    "load_prompts", "response_states", "source_split", "steering", "stratified_split",
 ]

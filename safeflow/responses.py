@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import map_batches
 from .errors import DataError
 from .evaluation import RefusalJudge
 from .extractors import HFExtractor
@@ -73,6 +74,10 @@ def response_states(
 
     Without ``benign`` prompts the data contrasts complying with refusing on harmful prompts only;
     a polytope fitted to it is a *refusal polytope* — the constraint set used for steering.
+
+    Under a process group (see :meth:`HFExtractor.extract_layers`) this is collective: the
+    generation batches and the teacher-forced extraction are shared between the ranks, and every
+    rank returns the same result as one process would.
     """
     harmful, benign = list(harmful), list(benign)
     if not harmful:
@@ -81,9 +86,15 @@ def response_states(
         raise DataError("refusals is empty; pass at least one refusal text")
     judge = judge or RefusalJudge()
     model, tok = extractor.model, extractor.tokenizer
-    texts, ids, _ = generate_responses(model, tok, harmful + benign, max_new_tokens=max_tokens, batch_size=batch_size,
-                                       chat_template=extractor.chat_template, system_prompt=extractor.system_prompt,
-                                       progress=progress)
+    options = dict(max_new_tokens=max_tokens, chat_template=extractor.chat_template, system_prompt=extractor.system_prompt)
+    world = extractor.world
+    if world.size > 1:  # each rank generates its share of the same batches; answers are exchanged
+        answers = map_batches(world, lambda batch: list(zip(*generate_responses(model, tok, batch, batch_size=len(batch),
+                                                                                **options)[:2])),
+                              harmful + benign, batch_size)
+        texts, ids = [a for a, _ in answers], [b for _, b in answers]
+    else:
+        texts, ids, _ = generate_responses(model, tok, harmful + benign, batch_size=batch_size, progress=progress, **options)
     rng = random.Random(seed)
     pairs: list[_Pair] = []
     for i in range(len(harmful)):

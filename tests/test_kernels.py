@@ -201,7 +201,7 @@ def test_compiled_safeflow_loop_equals_eager_loop(backend, precondition):
     poly, H, y = trained_polytope("torch")
     h = H[y == 1][:12].to(device_of(backend))
     poly = poly.to(device_of(backend))
-    kw = dict(lambda_unsafe=4.0, lambda_safe=1e-3, lr=0.05 if precondition == "none" else 0.002, max_steps=60,
+    kw = dict(lambda_unsafe=4.0, lambda_safe=1e-3, lr=0.01 if precondition == "none" else 0.0005, max_steps=60,
               margin=1.0, precondition=precondition)
     eager = sf.SafeFlowSteerer(backend="torch", **kw).steer(h, poly)
     fast = sf.SafeFlowSteerer(backend=backend, **kw).steer(h, poly)

@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .base import ConstraintSet, as_features, as_labels
-from .training import default_epochs, fold_standardization, standardization, train_minibatches
+from .base import ConstraintSet
+from .training import default_epochs, fold_standardization, train_minibatches, training_data, validate_fit_options
 
 
 class _LogitConstraint(ConstraintSet):
@@ -32,7 +32,7 @@ class _LogitConstraint(ConstraintSet):
     def fit(
         self,
         H: Any,
-        y: Any,
+        y: Any = None,
         *,
         epochs: int | None = None,
         batch_size: int = 128,
@@ -41,17 +41,18 @@ class _LogitConstraint(ConstraintSet):
         seed: int = 0,
         progress: bool = True,
     ) -> _LogitConstraint:
-        """Train on H [N, d], y [N] (1 = unsafe) with balanced BCE + L2 ``weight_decay``."""
-        H = as_features(H, self.input_dim).float()
-        y = as_labels(y, H.shape[0])
+        """Train on H [N, d], y [N] (1 = unsafe) with balanced BCE + L2 ``weight_decay``; ``H`` may
+        be a :class:`~safeflow.features.FeatureDataset` (``y`` None)."""
+        validate_fit_options(self, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+        data = training_data(H, y, self.input_dim)
         torch.manual_seed(seed)
         for m in self.net:
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
-        mean, std = standardization(H)
         device = next(self.parameters()).device
-        Z, y = ((H - mean) / std).to(device), y.to(device)
-        pos_weight = (y == 0).sum() / (y == 1).sum()
+        stats = data.moments(device)
+        mean, std = stats.standardization()
+        pos_weight = ((data.labels == 0).sum() / (data.labels == 1).sum()).to(device)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             logit = self.net(z).squeeze(1)
@@ -59,13 +60,13 @@ class _LogitConstraint(ConstraintSet):
             return bce + weight_decay * sum((p**2).sum() for n, p in self.net.named_parameters() if "weight" in n)
 
         self.train_history = train_minibatches(
-            self.parameters(), loss_fn, Z, y,
-            epochs=epochs or default_epochs(len(y), batch_size), batch_size=batch_size, lr=lr, seed=seed,
+            self.parameters(), loss_fn, data, mean, std,
+            epochs=epochs or default_epochs(len(data), batch_size), batch_size=batch_size, lr=lr, seed=seed,
             progress=progress, desc=self.registered_name or "train",
         )
         first = self.net[0]
-        fold_standardization(first.weight.data, first.bias.data, mean.to(device), std.to(device))
-        self._record_fit(H)
+        fold_standardization(first.weight.data, first.bias.data, mean, std)
+        self._record_fit(data, stats.covariance())
         return self
 
 
@@ -85,7 +86,8 @@ class MLPConstraint(_LogitConstraint, name="mlp"):
 
     def __init__(self, input_dim: int, hidden_sizes: tuple[int, ...] | list[int] = (256, 256)) -> None:
         super().__init__(input_dim)
-        if not hidden_sizes or any(not isinstance(s, int) or s < 1 for s in hidden_sizes):
+        if not isinstance(hidden_sizes, (list, tuple)) or not hidden_sizes or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hidden_sizes):
             raise ConfigError(f"hidden_sizes must be positive ints, got {hidden_sizes!r}")
         self.hidden_sizes = list(hidden_sizes)
         layers: list[nn.Module] = []

@@ -65,19 +65,23 @@ def check_name(name: str) -> str:
     return name
 
 
-def resolve(name: str, device: torch.device) -> str:
+#: the state dtypes each compiled backend computes in
+DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs for tensors on ``device``: ``"torch"``, ``"cpu"`` or ``"cuda"``.
 
-    ``"auto"`` picks the compiled kernel of the device's type when it loaded. A compiled backend
-    that did not load falls back to ``"torch"`` (one warning); one that cannot serve the device
-    raises :class:`DataError`.
+    ``"auto"`` picks the compiled kernel of the device's type when it loaded and computes in
+    ``dtype`` (if given), else ``"torch"``. A compiled backend that did not load falls back to
+    ``"torch"`` (one warning); one that cannot serve the device raises :class:`DataError`.
     """
     if check_name(name) == "torch":
         return name
     if name == "auto":
         want = device.type if device.type in ("cpu", "cuda") else "torch"
-        if want == "torch":
-            return want
+        if want == "torch" or (dtype is not None and dtype not in DTYPES[want]):
+            return "torch"
         return want if _usable(want) else _fallback(want)
     if device.type != name:
         other = "cuda" if name == "cpu" else "cpu"

@@ -67,7 +67,10 @@ class Compiled:
 
     def _call(self, op: str, device: torch.device, sizes: tuple[int, int, int, int], dtype: torch.dtype, work: int,
               *args: Any) -> None:
-        """``mod.<op>(*args, workspace, tail)``: tail is a thread count (CPU) or the current stream (CUDA)."""
+        """``mod.<op>(*args, workspace, tail)``: tail is a thread count (CPU) or the current stream (CUDA).
+        An empty batch (sizes[0] == 0) has nothing to compute except zero parameter gradients."""
+        if sizes[0] == 0 and op != "param_grads":
+            return
         nbytes = self.mod.workspace_bytes(op, _CODES[dtype], *sizes)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
         if self.name == "cpu":
