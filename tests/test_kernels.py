@@ -256,3 +256,27 @@ def test_cuda_runs_on_the_current_stream():
         V = kernels.violations(H, W, b, Phi, xi, backend="cuda")
     stream.synchronize()
     assert rel(V, ref.violations(H.double(), W.double(), b.double(), Phi.double(), xi.double())) < 1e-5
+
+
+@pytest.mark.integration
+def test_compiled_loop_equals_eager_on_default_refusal_polytope():
+    """The default model's refusal polytope (as the pipeline trains it, on a small budget) and
+    prompt states outside it: the C++ loop takes the eager loop's steps to the same states."""
+    if "cpu" not in COMPILED:
+        pytest.skip("the C++ kernel is not built here")
+    from safeflow.pipeline import default_splits, train_refusal_polytope
+
+    model, tok = sf.load_model(progress=False)
+    splits = default_splits(sf.load_prompts("default"))
+    ext = sf.HFExtractor(model, tok, layer=20, progress=False)
+    refusal, _ = train_refusal_polytope(ext, splits.train.where(label=1).texts[::8][:32], num_features=1024,
+                                        progress=False)
+    refusal.backend = "torch"
+    H = ext.extract(splits.test_ood.where(label=1).texts[:40])
+    H = H[refusal.violations(H).max(1).values > 0][:8]
+    assert len(H) > 0, "no prompt state outside the refusal polytope"
+    eager = sf.SafeFlowSteerer(backend="torch").steer(H, refusal)
+    fast = sf.SafeFlowSteerer(backend="cpu").steer(H, refusal)
+    assert (eager.iterations > 1).any()
+    assert torch.equal(fast.iterations, eager.iterations)
+    assert rel(fast.hidden, eager.hidden) < 1e-4
