@@ -41,8 +41,8 @@ def derived(t: torch.Tensor, kind: str, make: Any) -> torch.Tensor:
     hit = _cache.get(key)
     if hit is not None and hit[0]() is t:
         return hit[1]
-    for k in [k for k in _cache if k[0] == id(t) and k[1] == kind]:
-        del _cache[k]
+    for k in [k for k, (ref, _) in _cache.items() if (k[0] == id(t) and k[1] == kind) or ref() is None]:
+        del _cache[k]  # the parameter's older versions, and copies of parameters that no longer exist
     out = make(t)
     _cache[key] = (weakref.ref(t), out)
     return out
