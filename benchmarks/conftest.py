@@ -16,9 +16,9 @@ MEDIANS: dict[str, float] = {}
 LAYER = 20
 
 
-def record(benchmark, key: str, per: float = 1.0) -> None:
-    """Remember the median of ``benchmark`` divided by ``per`` under ``key``."""
-    MEDIANS[key] = benchmark.stats.stats.median / per
+def record(benchmark, key: str, per: float = 1.0, stat: str = "median") -> None:
+    """Remember the median (or another statistic) of ``benchmark`` divided by ``per`` under ``key``."""
+    MEDIANS[key] = getattr(benchmark.stats.stats, stat) / per
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +76,19 @@ def pytest_terminal_summary(terminalreporter):
         call = MEDIANS.get(f"kern safeflow call b{b} t1 [cpu]")
         if base and call:
             tr.write_line(f"ratio b{b} {'steered token, cpu kernel':30s} {(base + call) / base:6.3f}x unsteered")
+    # the projection (test_bench_projection.py): native vs cvxpylayers per call, steered tokens
+    for key in sorted(k for k in MEDIANS if k.startswith("project B") and " native" in k):
+        other = MEDIANS.get(key.replace(" native", " cvxpylayers"))
+        if other:
+            tr.write_line(f"ratio cvxpylayers/native {key[len('project '):].replace(' native', ''):32s} "
+                          f"{other / MEDIANS[key]:8.1f}x")
+    base = MEDIANS.get("projection bench token b1 unsteered")
+    for mode in ("safeflow", "projection native", "projection cvxpylayers"):
+        token, call = MEDIANS.get(f"projection bench token b1 {mode}"), MEDIANS.get(f"projection bench steer call b1 {mode}")
+        if base and token:
+            tr.write_line(f"ratio b1 {mode + ' steered generation':42s} {token / base:6.3f}x unsteered")
+        if base and call:
+            tr.write_line(f"ratio b1 {mode + ' steered token (token + call)':42s} {(base + call) / base:6.3f}x unsteered")
     # kernel backends: "kern <what> [<backend>]" against "kern <what> [torch]" (speed-up, > 1 is faster)
     for key, value in sorted(MEDIANS.items()):
         what, _, backend = key.rpartition(" [")

@@ -13,7 +13,7 @@ from .features import FeatureDataset
 from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .responses import ResponseStates, response_states
-from .steerers import SafeFlowSteerer, SteerResult, Steerer
+from .steerers import Projection, ProjectionSteerer, SafeFlowSteerer, SteerResult, Steerer, project
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,9 @@ def available() -> dict[str, list[str]]:
 
 __all__ = [
     "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
-    "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "RefusalJudge",
+    "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "Projection",
+    "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
     "available", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
-    "load_prompts", "response_states", "source_split", "steering", "stratified_split",
+    "load_prompts", "project", "response_states", "source_split", "steering", "stratified_split",
 ]

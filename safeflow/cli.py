@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", type=text_file, help="file with one prompt per line")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
     p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
-    p.add_argument("--steerer", type=registered("steerer"), default="safeflow")
+    p.add_argument("--steerer", type=registered("steerer"), default="safeflow",
+                   help="'safeflow' (gradient steps) or 'projection' (nearest point)")
     p.add_argument("--gate", type=gate_source, default="prompt",
                    help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
     p.add_argument("--layer", type=int, default=None, help="default: the preset's layer")

@@ -317,33 +317,50 @@ def generate_responses(
     ``steer``: keyword arguments of :func:`steering` (constraints, steerer, layer, ...), or None.
     Returns ``(texts, token_ids, log)``; token ids exclude the prompt and stop at EOS.
     """
-    from tqdm.auto import tqdm
-
     from .extractors import format_prompts
 
     formatted = format_prompts(tokenizer, prompts, chat_template, system_prompt)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in formatted]
+    log: SteeringLog | None = None
+    with steering(model, **steer) if steer else _null() as log:
+        texts, tokens = generate_from_ids(model, tokenizer, prefixes, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, progress=progress)
+    return texts, tokens, log
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: nn.Module,
+    tokenizer,
+    prefixes: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy continuations of token-id ``prefixes`` (left-padded batches), e.g. a formatted
+    prompt followed by the start of an answer. Returns ``(texts, token_ids)`` of the new tokens,
+    stopping at EOS."""
+    from tqdm.auto import tqdm
+
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
     texts: list[str] = []
     tokens: list[list[int]] = []
-    device = next(model.parameters()).device
-    log: SteeringLog | None = None
-    try:
-        with steering(model, **steer) if steer else _null() as log:
-            for start in tqdm(range(0, len(formatted), batch_size), desc="generate", disable=not progress):
-                enc = tokenizer(formatted[start : start + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-                for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                    cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-                    tokens.append(row[:cut])
-                    texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return texts, tokens, log
+    for start in tqdm(range(0, len(prefixes), batch_size), desc="generate", disable=not progress):
+        batch = [list(p) for p in prefixes[start : start + batch_size]]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+            tokens.append(row[:cut])
+            texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts, tokens
 
 
 @contextmanager

@@ -3,17 +3,25 @@
 A polytope trained on *prompt* states learns "this looks like a harmful request"; moving a
 state into it makes the prompt look benign, which does not make a model refuse. For steering,
 the safe set has to contain the states of *safe conversations* — including harmful requests
-that are refused. :func:`response_states` builds such data from prompts alone:
+that are refused — and the unsafe side every state from which the model goes on to help with
+harm, including help that follows a refusal ("I'm sorry … However, here is how"). From prompts
+alone, :func:`response_states` builds (labels per state: the state that produces token t of an
+answer is labelled by what the answer does from t on):
 
-* harmful prompt + the model's own greedy answer → **unsafe (1)**, every state that produces
-  one of its first ``max_tokens`` tokens (the first of them is the prompt's last-token state);
-  if the judge finds the answer is already a refusal, the row is **safe (0)** instead;
-* harmful prompt + a refusal from ``refusals`` (teacher-forced) → **safe (0)**, the states
-  after the prompt (the prompt state itself is shared with the row above and keeps its label);
-* benign prompt + the model's own greedy answer → **safe (0)**, every state.
+* **own answers**: harmful prompt + the model's own greedy answer (``max_tokens`` tokens),
+  judged whole (:class:`~safeflow.judge.RefusalJudge`, with the prompt): *compliance* → every
+  state **unsafe (1)**; *refusal then harmful help* → the states before the help **safe (0)**,
+  from the help on **unsafe (1)**; *refusal* or *refusal then safe help* → **safe (0)**;
+  *degenerate* answers are left out;
+* **refusals**: harmful prompt + a refusal from ``refusals`` (teacher-forced) → **safe (0)**;
+* **refusals continued** (``continue_refusals``): harmful prompt + a refusal + the model's own
+  greedy continuation of it, judged whole like an own answer — this is where a model that has
+  started to refuse turns to helping, so those turns are labelled **unsafe** from the turn on;
+* **benign**: benign prompt + the model's own greedy answer → **safe (0)**, every state.
 
-The states are exactly the ones the steering hook sees while the model generates (see
-:meth:`safeflow.extractors.HFExtractor.extract_responses`).
+The prompt's last-token state (it produces the first answer token) is kept once per prompt, with
+the label of the own answer. The states are exactly the ones the steering hook sees while the
+model generates (see :meth:`safeflow.extractors.HFExtractor.extract_responses`).
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import map_batches
-from .errors import DataError
-from .evaluation import RefusalJudge
-from .extractors import HFExtractor
-from .generation import generate_responses
+from .errors import ConfigError, DataError
+from .extractors import HFExtractor, format_prompts
+from .generation import generate_from_ids
+from .judge import RefusalJudge, Verdict
 
 #: Refusals used as the safe continuation of harmful prompts (project-written; any list works).
 REFUSALS: tuple[str, ...] = (
@@ -45,6 +53,10 @@ REFUSALS: tuple[str, ...] = (
 )
 
 
+#: Row kinds of :class:`ResponseStates`.
+KINDS: tuple[str, ...] = ("complied", "helped-after-refusal", "refused-own", "refusal", "refusal-continued", "benign")
+
+
 @dataclass
 class ResponseStates:
     """Labelled hidden states [N, d] with, per row, the prompt it came from and its role."""
@@ -52,10 +64,30 @@ class ResponseStates:
     H: torch.Tensor  #: [N, d] float32
     y: torch.Tensor  #: [N] long, 1 = unsafe
     prompt_index: torch.Tensor  #: [N] long, index into harmful + benign (in that order)
-    kind: list[str]  #: per row: "complied", "refused-own", "refusal", "benign"
+    kind: list[str]  #: per row, one of :data:`KINDS` (the answer the state belongs to)
 
-    def counts(self) -> dict[str, int]:
-        return {k: self.kind.count(k) for k in ("complied", "refused-own", "refusal", "benign")}
+    def counts(self) -> dict[str, dict[str, int]]:
+        """States per kind and label: ``{kind: {"unsafe": n1, "safe": n0}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for k, label in zip(self.kind, self.y.tolist()):
+            row = out.setdefault(k, {"unsafe": 0, "safe": 0})
+            row["unsafe" if label == 1 else "safe"] += 1
+        return out
+
+
+def token_labels(verdict: Verdict, ids: Sequence[int], tokenizer) -> list[int] | None:
+    """Label of each state that produces one of the answer tokens ``ids`` [n], from the judge's
+    verdict on the whole answer: 1 from the token where harmful help starts (every token for
+    compliance), 0 before it (every token for a refusal); None for a degenerate answer."""
+    if verdict.label == "degenerate":
+        return None
+    if verdict.label == "compliance":
+        return [1] * len(ids)
+    if verdict.label != "refusal_then_harmful":
+        return [0] * len(ids)
+    turn = next((t for t in range(len(ids)) if len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True))
+                 > verdict.help_at), len(ids))
+    return [0] * turn + [1] * (len(ids) - turn)
 
 
 def response_states(
@@ -63,17 +95,20 @@ def response_states(
     harmful: Sequence[str],
     benign: Sequence[str] = (),
     *,
-    max_tokens: int = 12,
+    max_tokens: int = 32,
     refusals: Sequence[str] = REFUSALS,
+    continue_refusals: bool = True,
     judge: RefusalJudge | None = None,
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
 ) -> ResponseStates:
-    """Generate the model's own answers and build response-conditioned states (see the module doc).
+    """Generate the model's own answers (and continuations of refusals) and build
+    response-conditioned states, labelled per state (see the module doc).
 
-    Without ``benign`` prompts the data contrasts complying with refusing on harmful prompts only;
-    a polytope fitted to it is a *refusal polytope* — the constraint set used for steering.
+    ``max_tokens`` bounds each own answer and each continuation of a refusal. Without ``benign``
+    prompts the data contrasts helping with refusing on harmful prompts only; a polytope fitted
+    to it is a *refusal polytope* — the constraint set used for steering.
 
     Under a process group (see :meth:`HFExtractor.extract_layers`) this is collective: the
     generation batches and the teacher-forced extraction are shared between the ranks, and every
@@ -84,43 +119,63 @@ def response_states(
         raise DataError("need at least one harmful prompt; response states contrast complying with refusing")
     if not refusals:
         raise DataError("refusals is empty; pass at least one refusal text")
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
     judge = judge or RefusalJudge()
-    model, tok = extractor.model, extractor.tokenizer
-    options = dict(max_new_tokens=max_tokens, chat_template=extractor.chat_template, system_prompt=extractor.system_prompt)
-    world = extractor.world
-    if world.size > 1:  # each rank generates its share of the same batches; answers are exchanged
-        answers = map_batches(world, lambda batch: list(zip(*generate_responses(model, tok, batch, batch_size=len(batch),
-                                                                                **options)[:2])),
-                              harmful + benign, batch_size)
-        texts, ids = [a for a, _ in answers], [b for _, b in answers]
-    else:
-        texts, ids, _ = generate_responses(model, tok, harmful + benign, batch_size=batch_size, progress=progress, **options)
-    rng = random.Random(seed)
-    pairs: list[_Pair] = []
-    for i in range(len(harmful)):
-        if ids[i]:
-            refused = judge(texts[i])
-            pairs.append(_Pair(i, ids[i], "refused-own" if refused else "complied", int(not refused)))
-        pairs.append(_Pair(i, rng.choice(list(refusals)), "refusal", 0, keep_prompt_state=not ids[i]))
-    pairs += [_Pair(i, ids[i], "benign", 0) for i in range(len(harmful), len(texts)) if ids[i]]
+    tok = extractor.tokenizer
     prompts = harmful + benign
-    states = extractor.extract_responses([prompts[p.prompt] for p in pairs], [p.response for p in pairs], max_tokens)
-    rows = [(s if p.keep_prompt_state else s[1:], p) for s, p in zip(states, pairs)]
-    rows = [(s, p) for s, p in rows if len(s)]
+    formatted = format_prompts(tok, prompts, extractor.chat_template, extractor.system_prompt)
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in formatted]
+    texts, ids = _generate(extractor, prompt_ids, max_tokens, batch_size, progress)
+    rng = random.Random(seed)
+    chosen = [list(tok(rng.choice(list(refusals)), add_special_tokens=False)["input_ids"]) for _ in harmful]
+    if continue_refusals:
+        _, more = _generate(extractor, [p + r for p, r in zip(prompt_ids, chosen)], max_tokens, batch_size, progress)
+        chosen = [r + m for r, m in zip(chosen, more)]
+    pairs: list[_Pair] = []
+    for i, prompt in enumerate(harmful):
+        own = token_labels(judge.verdict(texts[i], prompt), ids[i], tok) if ids[i] else None
+        if own is not None:
+            kind = "complied" if own[0] else "helped-after-refusal" if any(own) else "refused-own"
+            pairs.append(_Pair(i, ids[i], kind, own))
+        answer = tok.decode(chosen[i], skip_special_tokens=True)
+        labels = token_labels(judge.verdict(answer, prompt), chosen[i], tok) if continue_refusals else [0] * len(chosen[i])
+        if labels is None:  # a degenerate continuation: keep only the refusal itself
+            labels = [0] * len(chosen[i])
+        pairs.append(_Pair(i, chosen[i], "refusal-continued" if continue_refusals else "refusal", labels,
+                           keep_prompt_state=own is None))
+    pairs += [_Pair(i, ids[i], "benign", [0] * len(ids[i])) for i in range(len(harmful), len(prompts)) if ids[i]]
+    longest = max(len(p.response) for p in pairs)
+    states = extractor.extract_responses([prompts[p.prompt] for p in pairs], [p.response for p in pairs], longest)
+    rows = [(s, torch.tensor(p.labels), p) if p.keep_prompt_state else (s[1:], torch.tensor(p.labels[1:]), p)
+            for s, p in zip(states, pairs)]
+    rows = [r for r in rows if len(r[0])]
     return ResponseStates(
-        H=torch.cat([s for s, _ in rows]),
-        y=torch.cat([torch.full((len(s),), p.label, dtype=torch.long) for s, p in rows]),
-        prompt_index=torch.cat([torch.full((len(s),), p.prompt, dtype=torch.long) for s, p in rows]),
-        kind=[p.kind for s, p in rows for _ in range(len(s))],
+        H=torch.cat([s for s, _, _ in rows]),
+        y=torch.cat([y for _, y, _ in rows]).long(),
+        prompt_index=torch.cat([torch.full((len(s),), p.prompt, dtype=torch.long) for s, _, p in rows]),
+        kind=[p.kind for s, _, p in rows for _ in range(len(s))],
     )
+
+
+def _generate(extractor: HFExtractor, prefixes: list[list[int]], max_tokens: int, batch_size: int,
+              progress: bool) -> tuple[list[str], list[list[int]]]:
+    """Greedy continuations of token-id prefixes; shared between the ranks of a process group."""
+    model, tok, world = extractor.model, extractor.tokenizer, extractor.world
+    if world.size > 1:  # each rank generates its share of the same batches; answers are exchanged
+        answers = map_batches(world, lambda batch: list(zip(*generate_from_ids(model, tok, batch, batch_size=len(batch),
+                                                                               max_new_tokens=max_tokens))),
+                              prefixes, batch_size)
+        return [a for a, _ in answers], [b for _, b in answers]
+    return generate_from_ids(model, tok, prefixes, max_new_tokens=max_tokens, batch_size=batch_size, progress=progress)
 
 
 @dataclass
 class _Pair:
-    """One (prompt, response) to teacher-force, with the label of its states."""
+    """One (prompt, response) to teacher-force, with the label of each of its states."""
 
     prompt: int  #: index into harmful + benign
-    response: str | list[int]  #: text, or the model's own token ids
+    response: list[int]  #: the answer's token ids
     kind: str
-    label: int
+    labels: list[int]  #: one per state (per answer token)
     keep_prompt_state: bool = True  #: False: drop the first state (shared with the own-answer row)

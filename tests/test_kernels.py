@@ -161,6 +161,13 @@ def test_backend_names_and_devices():
                               max_steps=3, backend="torch")
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+def test_torch_func_transforms_trace_the_eager_path(backend):
+    H, W, b, Phi, xi = params(3, 6, 20, 2, device=device_of(backend))
+    J = torch.func.vmap(torch.func.jacrev(lambda h: kernels.violations(h[None], W, b, Phi, xi, backend=backend)[0]))(H)
+    assert rel(J, kernels.local_affine(H, W, b, Phi, xi, backend=backend)[0]) < 1e-12
+
+
 def test_missing_extension_falls_back_to_torch_with_one_warning():
     code = (
         "import warnings, torch, safeflow as sf\n"

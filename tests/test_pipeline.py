@@ -78,7 +78,7 @@ def test_cli_refusal_polytope_round_trip(tmp_path, tokenizer, capsys):
                  "--out", str(tmp_path / "responses.safetensors")]) == 0
     tensors, header = sf.io.load_tensors(tmp_path / "responses.safetensors")
     assert header["responses"] == 3 and len(header["kinds"]) == len(tensors["labels"]) == tensors["hidden"].shape[0]
-    assert set(header["kinds"]) <= {"complied", "refused-own", "refusal"}  # harmful prompts only
+    assert set(header["kinds"]) <= {"complied", "helped-after-refusal", "refused-own", "refusal-continued"}  # harmful only
     for name in ("prompts", "responses"):
         assert main(["train", "--features", str(tmp_path / f"{name}.safetensors"), "--features-width", "64",
                      "--epochs", "2", "--out", str(tmp_path / f"{name}-poly.safetensors")]) == 0

@@ -9,7 +9,7 @@ def test_available_lists_every_registry():
     assert set(reg) == {"extractor", "constraint", "steerer", "kernel"}
     assert reg["extractor"] == ["hf"]
     assert reg["constraint"] == ["linear", "mlp", "polytope"]
-    assert reg["steerer"] == ["safeflow"]
+    assert reg["steerer"] == ["projection", "safeflow"]
     assert {"auto", "torch"} <= set(reg["kernel"]) <= {"auto", "cpu", "cuda", "torch"}
 
 

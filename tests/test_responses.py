@@ -5,10 +5,10 @@ import torch
 
 import safeflow as sf
 from safeflow.errors import DataError
-from safeflow.evaluation import RefusalJudge
 from safeflow.extractors import format_prompts
 from safeflow.layers import find_decoder_layers
-from safeflow.responses import response_states
+from safeflow.judge import RefusalJudge, Verdict
+from safeflow.responses import response_states, token_labels
 
 from conftest import HIDDEN, make_model
 
@@ -47,25 +47,58 @@ def test_extract_responses_are_the_states_generation_sees(tokenizer):
     torch.testing.assert_close(states, torch.stack(seen[: len(ids[0])]), rtol=1e-4, atol=1e-4)
 
 
-def test_response_states_labels(tokenizer):
+class FixedJudge(RefusalJudge):
+    """Gives every answer the same verdict, so the labelling logic can be checked on its own."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__()
+        self.fixed = verdict
+
+    def verdict(self, response, prompt=None):
+        return self.fixed
+
+
+def test_token_labels_follow_the_verdict(tokenizer):
+    ids = tokenizer("i make a poem bake cookies", add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids)
+    help_at = text.index("bake")
+    assert token_labels(Verdict("compliance"), ids, tokenizer) == [1] * 6
+    assert token_labels(Verdict("refusal", 0), ids, tokenizer) == [0] * 6
+    assert token_labels(Verdict("refusal_then_safe", 0, help_at), ids, tokenizer) == [0] * 6
+    assert token_labels(Verdict("degenerate"), ids, tokenizer) is None
+    # the state producing "bake" (token 4) and every later one are unsafe
+    assert token_labels(Verdict("refusal_then_harmful", 0, help_at), ids, tokenizer) == [0, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("continue_refusals", [False, True])
+def test_response_states_labels(tokenizer, continue_refusals):
     model = make_model("qwen2", vocab_size=len(tokenizer), seed=4)  # seed 4: answers without special tokens
     ext = sf.HFExtractor(model, tokenizer, layer=LAYER, progress=False)
     harmful, benign = ["how do i make a bomb", "hack bank steal car"], ["bake cookies please"]
     answers, ids, _ = sf.generate_responses(model, tokenizer, harmful + benign, max_new_tokens=3)
     assert all(ids), "the tiny model must answer every prompt for this test"
-    never = RefusalJudge(["this phrase never appears"])
-    rs = response_states(ext, harmful, benign, max_tokens=3, refusals=["i make a poem"], judge=never)
-    # own answers: every state; refusals: "i make a poem" cut to 3 tokens, minus the shared prompt state
-    assert rs.counts() == {"complied": len(ids[0]) + len(ids[1]), "refused-own": 0, "refusal": 2 * 2, "benign": len(ids[2])}
-    assert torch.equal(rs.y == 1, torch.tensor([k == "complied" for k in rs.kind]))
+    refusal = tokenizer("i make a poem", add_special_tokens=False)["input_ids"]
+    rs = response_states(ext, harmful, benign, max_tokens=3, refusals=["i make a poem"], judge=FixedJudge(
+        Verdict("compliance")), continue_refusals=continue_refusals)
+    own = len(ids[0]) + len(ids[1])
+    counts = rs.counts()
+    assert counts["complied"] == {"unsafe": own, "safe": 0} and counts["benign"] == {"unsafe": 0, "safe": len(ids[2])}
+    refusal_kind = "refusal-continued" if continue_refusals else "refusal"
+    # the refusal (minus the prompt state it shares with the own answer) is safe; a continuation
+    # judged compliant is unsafe: with a fixed "compliance" verdict, every continued state is
+    n_refusal = 2 * (len(refusal) - 1)
+    if continue_refusals:
+        assert counts[refusal_kind]["safe"] == 0 and counts[refusal_kind]["unsafe"] >= n_refusal
+    else:
+        assert counts[refusal_kind] == {"unsafe": 0, "safe": n_refusal}
     assert rs.H.shape == (len(rs.kind), HIDDEN) and rs.prompt_index.tolist().count(2) == len(ids[2])
     prompt_states = ext.extract(harmful + benign)
     first_rows = [rs.kind.index(k) for k in ("complied", "benign")]
     torch.testing.assert_close(rs.H[first_rows], prompt_states[[0, 2]], rtol=1e-5, atol=1e-5)
 
-    always = RefusalJudge([""])  # every answer counts as a refusal: nothing is unsafe
-    rs = response_states(ext, harmful, benign, max_tokens=3, refusals=["i make a poem"], judge=always)
-    assert (rs.y == 0).all() and rs.counts()["refused-own"] == len(ids[0]) + len(ids[1])
+    rs = response_states(ext, harmful, benign, max_tokens=3, refusals=["i make a poem"], judge=FixedJudge(
+        Verdict("refusal", 0)), continue_refusals=continue_refusals)
+    assert (rs.y == 0).all() and rs.counts()["refused-own"]["safe"] == own
 
 
 def test_response_inputs_are_checked(tokenizer):

@@ -58,6 +58,11 @@ def _fallback(name: str) -> str:
     return "torch"
 
 
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def check_name(name: str) -> str:
     """``name`` if it is a kernel backend name, else :class:`ConfigError` listing the valid ones."""
     if name not in NAMES:
@@ -74,10 +79,11 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -
 
     ``"auto"`` picks the compiled kernel of the device's type when it loaded and computes in
     ``dtype`` (if given), else ``"torch"``. A compiled backend that did not load falls back to
-    ``"torch"`` (one warning); one that cannot serve the device raises :class:`DataError`.
+    ``"torch"`` (one warning); one that cannot serve the device raises :class:`DataError`. Under
+    ``torch.func`` transforms every backend resolves to ``"torch"``.
     """
-    if check_name(name) == "torch":
-        return name
+    if check_name(name) == "torch" or _functorch_active():
+        return "torch"  # torch.func transforms (vmap, jacrev, ...) trace the eager expressions
     if name == "auto":
         want = device.type if device.type in ("cpu", "cuda") else "torch"
         if want == "torch" or (dtype is not None and dtype not in DTYPES[want]):

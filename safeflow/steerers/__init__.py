@@ -1,6 +1,7 @@
-"""Steerers: the interface and the SafeFlow gradient steerer."""
+"""Steerers: the interface, the SafeFlow gradient steerer and the projection steerer."""
 
 from .base import SteerResult, Steerer
+from .projection import Projection, ProjectionSteerer, project
 from .safeflow import SafeFlowSteerer
 
-__all__ = ["SafeFlowSteerer", "SteerResult", "Steerer"]
+__all__ = ["Projection", "ProjectionSteerer", "SafeFlowSteerer", "SteerResult", "Steerer", "project"]
