@@ -31,7 +31,9 @@ def violations(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Ten
     name = resolve(backend, H.device)
     if name == "torch":
         return reference.violations(H, W, b, Phi, xi)
-    return ViolationsFunction.apply(IMPLS[name], H, W, b, Phi, xi)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (H, W, b, Phi, xi)):
+        return ViolationsFunction.apply(IMPLS[name], H, W, b, Phi, xi)
+    return IMPLS[name].forward(H, W, b, Phi, xi, mask=False)[0]  # nothing to differentiate: no bitmask
 
 
 def violations_vjp(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
