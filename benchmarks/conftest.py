@@ -73,6 +73,9 @@ def pytest_terminal_summary(terminalreporter):
         base, call = MEDIANS.get(f"token b{b} unsteered (outside prompts)"), MEDIANS.get(f"steer call b{b}")
         if base and call:
             tr.write_line(f"ratio b{b} {'steered token (token + call)':30s} {(base + call) / base:6.3f}x unsteered")
+        call = MEDIANS.get(f"kern safeflow call b{b} t1 [cpu]")
+        if base and call:
+            tr.write_line(f"ratio b{b} {'steered token, cpu kernel':30s} {(base + call) / base:6.3f}x unsteered")
     # the projection (test_bench_projection.py): native vs cvxpylayers per call, steered tokens
     for key in sorted(k for k in MEDIANS if k.startswith("project B") and " native" in k):
         other = MEDIANS.get(key.replace(" native", " cvxpylayers"))
@@ -86,3 +89,9 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(f"ratio b1 {mode + ' steered generation':42s} {token / base:6.3f}x unsteered")
         if base and call:
             tr.write_line(f"ratio b1 {mode + ' steered token (token + call)':42s} {(base + call) / base:6.3f}x unsteered")
+    # kernel backends: "kern <what> [<backend>]" against "kern <what> [torch]" (speed-up, > 1 is faster)
+    for key, value in sorted(MEDIANS.items()):
+        what, _, backend = key.rpartition(" [")
+        eager = MEDIANS.get(f"{what} [torch]")
+        if key.startswith("kern ") and eager and backend != "torch]":
+            tr.write_line(f"speed-up {what:40s} [{backend:10s} {eager / value:6.2f}x torch")

@@ -6,10 +6,11 @@ from safeflow.errors import ConfigError
 
 def test_available_lists_every_registry():
     reg = sf.available()
-    assert set(reg) == {"extractor", "constraint", "steerer"}
+    assert set(reg) == {"extractor", "constraint", "steerer", "kernel"}
     assert reg["extractor"] == ["hf"]
     assert reg["constraint"] == ["linear", "mlp", "polytope"]
     assert reg["steerer"] == ["projection", "safeflow"]
+    assert {"auto", "torch"} <= set(reg["kernel"]) <= {"auto", "cpu", "cuda", "torch"}
 
 
 @pytest.mark.parametrize("base", [sf.Extractor, sf.ConstraintSet, sf.Steerer])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
 from ..errors import ConfigError
 from .base import ConstraintSet, Weights, check_positive_int
 from .training import (FIT_OPTION_RULES, default_epochs, entropy_bits, fold_standardization, one_of, train_minibatches,
@@ -116,9 +117,15 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         input_dim: hidden size d.
         num_facets: number of facets K.
         num_features: the width F of the feature map (paper: 16384).
+        backend: kernel backend for violations, their gradients, ``local_affine`` and training
+            (:mod:`safeflow.kernels`: ``"auto"``, ``"cpu"``, ``"cuda"`` or the eager ``"torch"``);
+            a runtime choice, not saved. Settable later as ``poly.backend``.
+        weight_dtype: ``torch.bfloat16`` stores a cached bfloat16 copy of W for gradient-free calls
+            of the compiled backends (float32 accumulation); None keeps W's own dtype.
     """
 
-    def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384) -> None:
+    def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384, *, backend: str = "auto",
+                 weight_dtype: torch.dtype | None = None) -> None:
         super().__init__(input_dim)
         check_positive_int("num_facets", num_facets)
         check_positive_int("num_features", num_features)
@@ -126,6 +133,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         self.feature_map = nn.Linear(input_dim, num_features)
         self.facets = nn.Parameter(torch.randn(num_facets, num_features) / math.sqrt(num_features))
         self.thresholds = nn.Parameter(torch.zeros(num_facets))
+        self.backend, self.weight_dtype = kernels.check_name(backend), weight_dtype
 
     def config(self) -> dict[str, Any]:
         return {"input_dim": self.input_dim, "num_facets": self.num_constraints, "num_features": self.num_features}
@@ -136,11 +144,39 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
 
     def violations(self, H: torch.Tensor) -> torch.Tensor:
         """V = f(H) Φᵀ − ξ, [N, K]."""
+        name = kernels.resolve(self.backend, H.device, self.facets.dtype)
+        if name != "torch":
+            return kernels.violations(H, *self.kernel_operands(), backend=name)
         return self.features(H) @ self.facets.T - self.thresholds
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W [F, d], b [F], Φ [K, F], ξ [K]) for :mod:`safeflow.kernels`; W as ``weight_dtype`` when set
+        and no gradient is being recorded."""
+        W = self.feature_map.weight
+        if self.weight_dtype is not None and W.dtype != self.weight_dtype and not torch.is_grad_enabled():
+            W = kernels.derived(W, str(self.weight_dtype), lambda w: w.detach().to(self.weight_dtype))
+        return W, self.feature_map.bias, self.facets, self.thresholds
+
+    def _loss_terms(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Violations [N, K] and feature L1 norms ‖f(z)‖₁ [N] for the training loss. A compiled
+        backend gets both from one fused pass: the L1 norm of ReLU features is the violation of an
+        extra all-ones facet with threshold 0."""
+        name = kernels.resolve(self.backend, Z.device, self.facets.dtype)
+        if name == "torch":
+            f = self.features(Z)
+            return f @ self.facets.T - self.thresholds, f.abs().sum(1)
+        W, b, Phi, xi = self.kernel_operands()
+        V = kernels.violations(Z, W, b, torch.cat([Phi, torch.ones_like(Phi[:1])]), torch.cat([xi, xi.new_zeros(1)]),
+                               backend=name)
+        return V[:, :-1], V[:, -1]
 
     def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed form: inside the activation pattern D = [W h + b > 0], ∂v/∂h = Φ D W, so the
         product with weights c [N, K] is ``((c Φ) ⊙ D) W``. Same result as autograd, one pass."""
+        name = kernels.resolve(self.backend, H.device, self.facets.dtype)
+        if name != "torch":
+            with torch.no_grad():
+                return kernels.violations_vjp(H, *self.kernel_operands(), weights, backend=name)
         with torch.no_grad():
             pre = self.feature_map(H)
             V = F.relu(pre) @ self.facets.T - self.thresholds
@@ -151,6 +187,10 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
     def local_affine(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed form: with D = diag(W h + b > 0), ``A = Φ D W`` [N, K, d] and
         ``c = ξ − Φ D b`` [N, K], so that ``v(h) = A h − c`` within the activation pattern of h."""
+        name = kernels.resolve(self.backend, H.device, self.facets.dtype)
+        if name != "torch":
+            with torch.no_grad():
+                return kernels.local_affine(H, *self.kernel_operands(), backend=name)
         with torch.no_grad():
             D = (self.feature_map(H) > 0).to(H.dtype)  # [N, F]
             PhiD = self.facets.unsqueeze(0) * D.unsqueeze(1)  # [N, K, F]
@@ -198,15 +238,14 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         kappa = float(margin)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            f = self.features(z)
-            v = f @ self.facets.T - self.thresholds
+            v, f_l1 = self._loss_terms(z)
             unsafe = labels == 1
             hinge = F.relu(kappa + v[~unsafe]).sum()
             if unsafe.any():
                 vu = v[unsafe]
                 a = assign_facets(vu.detach(), entropy_weight, assignment, assign_rng)
                 hinge = hinge + unsafe_weight * F.relu(kappa - vu.gather(1, a[:, None])).sum()
-            reg = feature_l1 * f.abs().sum(1).mean() + facet_l1 * self.facets.abs().sum(1).mean()
+            reg = feature_l1 * f_l1.mean() + facet_l1 * self.facets.abs().sum(1).mean()
             return hinge / len(labels) + reg
 
         self.train_history = train_minibatches(
@@ -224,6 +263,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         paper's code): Xavier-uniform W, b = 0, Φ ~ N(0, 1), ξ ~ N(0, 1)."""
         if init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+        kernels.clear_cache()  # fit later rewrites W through .data, which derived copies cannot see
         if init == "reference":
             nn.init.xavier_uniform_(self.feature_map.weight)
             self.feature_map.bias.zero_()

@@ -25,7 +25,9 @@ import math
 
 import torch
 
+from .. import kernels
 from ..constraints.base import ConstraintSet
+from ..constraints.polytope import PolytopeConstraints
 from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
 from .base import Steerer, check_depth, target_margin
@@ -48,11 +50,14 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
             0: as soon as inside, the paper's algorithm). Carries over across models and layers.
         margin: the same target as an absolute number in violation units (instead of ``depth``).
         precondition: ``"none"`` (plain gradient, the paper) or ``"covariance"`` (see the module doc).
+        backend: kernel backend (:mod:`safeflow.kernels`) for a polytope: a compiled one runs the
+            whole loop in one call; ``"torch"`` runs the eager loop below; None (default) uses the
+            constraint set's own ``backend``. Other constraint sets always run the eager loop.
     """
 
     def __init__(self, lambda_unsafe: float | None = None, lambda_safe: float | None = None, *, preset: str = "default",
                  lr: float = 0.01, max_steps: int = 100, depth: float | None = None, margin: float | None = None,
-                 precondition: str | None = None) -> None:
+                 precondition: str | None = None, backend: str | None = None) -> None:
         p = get_preset(preset)
         if depth is None and margin is None:
             depth = p.steer_depth
@@ -72,11 +77,12 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
         self.lr, self.max_steps, self.precondition = float(lr), max_steps, precondition
         self.depth = None if depth is None else float(depth)
         self.margin = None if margin is None else float(margin)
+        self.backend = backend if backend is None else kernels.check_name(backend)
 
     def __repr__(self) -> str:
         target = f"depth={self.depth}" if self.margin is None else f"margin={self.margin}"
         return (f"SafeFlowSteerer(lambda_unsafe={self.lambda_unsafe}, lambda_safe={self.lambda_safe}, lr={self.lr}, "
-                f"max_steps={self.max_steps}, {target}, precondition={self.precondition!r})")
+                f"max_steps={self.max_steps}, {target}, precondition={self.precondition!r}, backend={self.backend!r})")
 
     def check(self, constraints: ConstraintSet) -> None:
         super().check(constraints)
@@ -94,6 +100,12 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         P = self._preconditioner(constraints)
         m = target_margin(constraints, self.margin, self.depth)
+        if isinstance(constraints, PolytopeConstraints):
+            name = kernels.resolve(self.backend or constraints.backend, h.device, h.dtype)
+            if name != "torch":
+                return kernels.safeflow_loop(h, *constraints.kernel_operands(), P=P, lr=self.lr,
+                                             lambda_safe=self.lambda_safe, lambda_unsafe=self.lambda_unsafe,
+                                             margin=m, max_steps=self.max_steps, backend=name)
 
         def weights(V: torch.Tensor) -> torch.Tensor:  # ∂/∂v of λ_s Σ v + λ_u Σ ReLU(v + m)
             return self.lambda_safe + self.lambda_unsafe * (V > -m).to(V.dtype)

@@ -1,0 +1,117 @@
+// pybind11 bindings of the CPU kernels: every buffer is passed as an integer address of a
+// contiguous row-major array (torch's data_ptr()); the Python side checks shapes and dtypes.
+// Type codes: 0 = float32, 1 = float64, 2 = bfloat16 (weights W only, with float32 states).
+// Every call ends with (workspace address, thread count); the CPU kernels need no workspace.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "polytope_cpu.h"
+
+namespace py = pybind11;
+using namespace safeflow;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+
+// Calls fn.template operator()<T, WT>() for the (state, weight) type pair.
+template <typename Fn>
+void dispatch(int dtype, int wdtype, Fn&& fn) {
+    if (dtype == 0 && wdtype == 0) return fn(float{}, float{});
+    if (dtype == 1 && wdtype == 1) return fn(double{}, double{});
+    if (dtype == 0 && wdtype == 2) return fn(float{}, bf16{});
+    throw std::invalid_argument("unsupported dtype pair (states, weights); use float32/float32, float64/float64 "
+                                "or float32/bfloat16");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "safeflow fused facet-violation kernels (CPU)";
+    m.attr("TILE") = kTile;
+    m.def("workspace_bytes", [](const std::string&, int, int64_t, int64_t, int64_t, int64_t) { return int64_t{0}; },
+          "scratch bytes an operation needs (none on the CPU)");
+
+    m.def(
+        "forward",
+        [](int dtype, int wdtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t V,
+           uintptr_t mask, uintptr_t feat, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+            py::gil_scoped_release release;
+            dispatch(dtype, wdtype, [&](auto t, auto wt) {
+                using T = decltype(t);
+                using WT = decltype(wt);
+                forward<T, WT>(ptr<const T>(H), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
+                               ptr<const T>(xi), ptr<T>(V), ptr<uint64_t>(mask), ptr<T>(feat), B, d, F, K, threads);
+            });
+        },
+        "V = ReLU(H Wᵀ + b) Φᵀ − ξ [B, K], the activation bitmask [B, ceil(F/64)] and optionally the "
+        "features [B, F] (mask, feat may be 0)");
+
+    m.def(
+        "vjp_input",
+        [](int dtype, int wdtype, uintptr_t W, uintptr_t PhiT, uintptr_t mask, uintptr_t C, uintptr_t V, uintptr_t gH,
+           int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+            py::gil_scoped_release release;
+            dispatch(dtype, wdtype, [&](auto t, auto wt) {
+                using T = decltype(t);
+                using WT = decltype(wt);
+                vjp_input<T, WT>(ptr<const WT>(W), ptr<const T>(PhiT), ptr<const uint64_t>(mask), ptr<const T>(C),
+                                 ptr<const T>(V), ptr<T>(gH), B, d, F, K, threads);
+            });
+        },
+        "gH = ((C Φ) ⊙ D) W [B, d] from the activation bitmask");
+
+    m.def(
+        "param_grads",
+        [](int dtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t mask, uintptr_t feat, uintptr_t C,
+           uintptr_t gW, uintptr_t gb, uintptr_t gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/,
+           int threads) {
+            py::gil_scoped_release release;
+            dispatch(dtype, dtype, [&](auto t, auto) {
+                using T = decltype(t);
+                if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+                    param_grads<T>(ptr<const T>(H), ptr<const T>(W), ptr<const T>(b), ptr<const T>(PhiT),
+                                   ptr<const uint64_t>(mask), ptr<const T>(feat), ptr<const T>(C), ptr<T>(gW),
+                                   ptr<T>(gb), ptr<T>(gPhiT),
+                                   B, d, F, K, threads);
+            });
+        },
+        "∂W [F, d], ∂b [F], ∂Φᵀ [F, K] for weights C = ∂L/∂V (any output may be 0 to skip it; feat: the "
+        "forward's features, or 0 to recompute the active ones)");
+
+    m.def(
+        "jacobian",
+        [](int dtype, int wdtype, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t mask, uintptr_t A,
+           uintptr_t c, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+            py::gil_scoped_release release;
+            dispatch(dtype, wdtype, [&](auto t, auto wt) {
+                using T = decltype(t);
+                using WT = decltype(wt);
+                jacobian<T, WT>(ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT), ptr<const T>(xi),
+                                ptr<const uint64_t>(mask), ptr<T>(A), ptr<T>(c), B, d, F, K, threads);
+            });
+        },
+        "A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K]");
+
+    m.def(
+        "safeflow_loop",
+        [](int dtype, int wdtype, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t P,
+           uintptr_t x, uintptr_t steps, int64_t M, int64_t d, int64_t F, int64_t K, double lr, double lambda_safe,
+           double lambda_unsafe, double margin, int64_t max_steps, uintptr_t /*ws*/, int threads) {
+            py::gil_scoped_release release;
+            const LoopConfig cfg{lr, lambda_safe, lambda_unsafe, margin, max_steps};
+            dispatch(dtype, wdtype, [&](auto t, auto wt) {
+                using T = decltype(t);
+                using WT = decltype(wt);
+                safeflow_loop<T, WT>(ptr<const T>(h), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
+                                     ptr<const T>(xi), ptr<const T>(P), ptr<T>(x), ptr<int64_t>(steps), M, d, F, K,
+                                     cfg, threads);
+            });
+        },
+        "the SafeFlow loop: x [M, d] and steps [M] (P may be 0: no preconditioner)");
+}

@@ -1,0 +1,215 @@
+"""Calls into the compiled kernels on torch tensors, and the autograd Function over them.
+
+The compiled modules see only addresses, shapes and a CPU thread count or a CUDA stream
+(``torch.cuda.current_stream().cuda_stream``); this module makes every buffer contiguous,
+checks dtypes and devices, allocates the outputs and keeps Φᵀ (and bfloat16 copies of W) cached
+per parameter version.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..errors import DataError
+from . import backends
+
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+#: below this many multiply-adds a CPU call runs on one thread (starting threads costs more)
+_MIN_PARALLEL_WORK = 1 << 22
+#: a CPU training forward keeps the [B, F] features for the backward when they fit in this many
+#: bytes (saves recomputing them for ∂Φ); larger batches keep only the bitmask and recompute
+FEATURE_BUDGET_BYTES = 16 << 20
+
+_cache: dict[tuple[Any, ...], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def clear_cache() -> None:
+    """Forget cached derived copies (Φᵀ, low-precision W) of parameters."""
+    _cache.clear()
+
+
+def derived(t: torch.Tensor, kind: str, make: Any) -> torch.Tensor:
+    """``make(t)``, cached while ``t`` is the same parameter at the same version; not cached otherwise."""
+    if not isinstance(t, nn.Parameter):
+        return make(t)
+    key = (id(t), kind, t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    hit = _cache.get(key)
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    for k in [k for k, (ref, _) in _cache.items() if (k[0] == id(t) and k[1] == kind) or ref() is None]:
+        del _cache[k]  # the parameter's older versions, and copies of parameters that no longer exist
+    out = make(t)
+    _cache[key] = (weakref.ref(t), out)
+    return out
+
+
+def _transposed(Phi: torch.Tensor) -> torch.Tensor:
+    return derived(Phi, "T", lambda p: p.detach().t().contiguous())
+
+
+class Compiled:
+    """One compiled backend (``"cpu"`` or ``"cuda"``) called on tensors."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def mod(self) -> Any:
+        mod = backends.module(self.name)
+        if mod is None:
+            raise RuntimeError(f"the compiled kernel backend {self.name!r} is not loaded")
+        return mod
+
+    def _call(self, op: str, device: torch.device, sizes: tuple[int, int, int, int], dtype: torch.dtype, work: int,
+              *args: Any) -> None:
+        """``mod.<op>(*args, workspace, tail)``: tail is a thread count (CPU) or the current stream (CUDA).
+        An empty batch (sizes[0] == 0) has nothing to compute except zero parameter gradients."""
+        if sizes[0] == 0 and op != "param_grads":
+            return
+        nbytes = self.mod.workspace_bytes(op, _CODES[dtype], *sizes)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+        if self.name == "cpu":
+            threads = 1 if work < _MIN_PARALLEL_WORK else torch.get_num_threads()
+            getattr(self.mod, op)(*args, 0, threads)
+            return
+        with torch.cuda.device(device):
+            getattr(self.mod, op)(*args, ws.data_ptr() if ws is not None else 0,
+                                  torch.cuda.current_stream(device).cuda_stream)
+
+    def _check(self, H: torch.Tensor, W: torch.Tensor, *params: torch.Tensor) -> tuple[int, int]:
+        """Validate dtypes and devices; returns the (state, weight) type codes."""
+        for name, t in zip(("H", "W", "b", "Phi", "xi", "P"), (H, W, *params)):
+            if t.device.type != self.name:
+                raise DataError(f"{name} is on {t.device} but kernel backend {self.name!r} runs on {self.name}; "
+                                f"move every tensor to one device or use backend='auto'")
+        dtype = H.dtype
+        for name, t in zip(("b", "Phi", "xi", "P"), params):
+            if t.dtype != dtype:
+                raise DataError(f"{name} is {t.dtype} but the states are {dtype}; convert the states to the "
+                                f"constraint set's dtype (e.g. H.to({t.dtype}))")
+        allowed = {torch.float32, torch.float64} | ({torch.float16, torch.bfloat16} if self.name == "cuda" else set())
+        if dtype not in allowed:
+            raise DataError(f"kernel backend {self.name!r} takes {sorted(map(str, allowed))} states, got {dtype}; "
+                            "convert them with .float()")
+        if W.dtype != dtype and not (W.dtype == torch.bfloat16 and dtype == torch.float32):
+            raise DataError(f"W is {W.dtype} but the states are {dtype}; W may differ only as bfloat16 storage "
+                            "with float32 states")
+        return _CODES[dtype], _CODES[W.dtype]
+
+    def forward(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
+                mask: bool = True, feat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """V [B, K] and (if ``mask``) the activation bitmask [B, ceil(F/64)] int64; ``feat`` [B, F]
+        (CPU only), if given, receives the features ReLU(H Wᵀ + b)."""
+        codes = self._check(H, W, b, Phi, xi)
+        H, W, b, xi = H.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
+        PhiT = _transposed(Phi)
+        (B, d), (K, F) = H.shape, Phi.shape
+        V = torch.empty(B, K, dtype=H.dtype, device=H.device)
+        M = torch.empty(B, -(-F // 64), dtype=torch.int64, device=H.device) if mask or self.name == "cuda" else None
+        self._call("forward", H.device, (B, d, F, K), H.dtype, B * F * d, *codes, H.data_ptr(), W.data_ptr(),
+                   b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), V.data_ptr(), M.data_ptr() if M is not None else 0,
+                   feat.data_ptr() if feat is not None else 0, B, d, F, K)
+        return V, M
+
+    def vjp_input(self, W: torch.Tensor, Phi: torch.Tensor, mask: torch.Tensor, C: torch.Tensor,
+                  V: torch.Tensor | None = None) -> torch.Tensor:
+        """((C Φ) ⊙ D) W [B, d]; rows whose V holds a NaN come back NaN."""
+        codes = self._check(C, W, Phi)
+        C, W = C.contiguous(), W.contiguous()
+        PhiT = _transposed(Phi)
+        (B, K), (F, d) = C.shape, W.shape
+        gH = torch.empty(B, d, dtype=C.dtype, device=C.device)
+        self._call("vjp_input", C.device, (B, d, F, K), C.dtype, B * F * d // 8, *codes, W.data_ptr(),
+                   PhiT.data_ptr(), mask.data_ptr(), C.data_ptr(), V.contiguous().data_ptr() if V is not None else 0,
+                   gH.data_ptr(), B, d, F, K)
+        return gH
+
+    def param_grads(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, mask: torch.Tensor,
+                    C: torch.Tensor, need: tuple[bool, bool, bool],
+                    feat: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+        """∂W [F, d], ∂b [F], ∂Φ [K, F] for weights C = ∂L/∂V (None where ``need`` is False); ``feat``:
+        the forward's features if it kept them."""
+        self._check(H, W, b, Phi, C)
+        if W.dtype != H.dtype:
+            raise DataError("parameter gradients need W in the states' dtype; train without bfloat16 weight storage")
+        H, W, b, C = H.contiguous(), W.contiguous(), b.contiguous(), C.contiguous()
+        PhiT = _transposed(Phi)
+        (B, d), (K, F) = H.shape, Phi.shape
+        new = lambda *shape: torch.empty(*shape, dtype=H.dtype, device=H.device)  # noqa: E731
+        gW, gb, gPhiT = (new(F, d) if need[0] else None), (new(F) if need[1] else None), (new(F, K) if need[2] else None)
+        ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+        self._call("param_grads", H.device, (B, d, F, K), H.dtype, B * F * d, _CODES[H.dtype], H.data_ptr(),
+                   W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), mask.data_ptr(), ptr(feat), C.data_ptr(), ptr(gW),
+                   ptr(gb), ptr(gPhiT), B, d, F, K)
+        return gW, gb, (gPhiT.t() if gPhiT is not None else None)
+
+    def jacobian(self, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K]."""
+        codes = self._check(b, W, b, Phi, xi)
+        W, b, xi = W.contiguous(), b.contiguous(), xi.contiguous()
+        PhiT = _transposed(Phi)
+        (K, F), d, B = Phi.shape, W.shape[1], mask.shape[0]
+        A = torch.empty(B, K, d, dtype=b.dtype, device=b.device)
+        c = torch.empty(B, K, dtype=b.dtype, device=b.device)
+        self._call("jacobian", b.device, (B, d, F, K), b.dtype, B * K * d * 64, *codes, W.data_ptr(), b.data_ptr(),
+                   PhiT.data_ptr(), xi.data_ptr(), mask.data_ptr(), A.data_ptr(), c.data_ptr(), B, d, F, K)
+        return A, c
+
+    def safeflow_loop(self, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
+                      P: torch.Tensor | None, *, lr: float, lambda_safe: float, lambda_unsafe: float, margin: float,
+                      max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SafeFlow loop from rows h [M, d]: new rows [M, d] and steps taken [M] (long)."""
+        codes = self._check(h, W, b, Phi, xi, *([] if P is None else [P]))
+        h, W, b, xi = h.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
+        P = P.contiguous() if P is not None else None
+        PhiT = _transposed(Phi)
+        (M, d), (K, F) = h.shape, Phi.shape
+        x = torch.empty_like(h)
+        steps = torch.empty(M, dtype=torch.int64, device=h.device)
+        self._call("safeflow_loop", h.device, (M, d, F, K), h.dtype, M * F * d * max_steps, *codes, h.data_ptr(),
+                   W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), P.data_ptr() if P is not None else 0,
+                   x.data_ptr(), steps.data_ptr(), M, d, F, K, float(lr), float(lambda_safe), float(lambda_unsafe),
+                   float(margin), int(max_steps))
+        return x, steps
+
+
+class ViolationsFunction(torch.autograd.Function):
+    """V = ReLU(H Wᵀ + b) Φᵀ − ξ through a compiled backend, differentiable in H, W, b, Φ and ξ.
+
+    The forward keeps the activation bitmask; the backward reads it to touch active features
+    only. ∂Φ needs the features themselves: a CPU forward keeps them when they fit in
+    ``FEATURE_BUDGET_BYTES``, otherwise the backward recomputes the active ones.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, impl: Compiled, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
+                xi: torch.Tensor) -> torch.Tensor:
+        (B, _), F = H.shape, Phi.shape[1]
+        keep = impl.name == "cpu" and ctx.needs_input_grad[4] and B * F * H.element_size() <= FEATURE_BUDGET_BYTES
+        feat = torch.empty(B, F, dtype=H.dtype) if keep else None
+        V, mask = impl.forward(H, W, b, Phi, xi, mask=any(ctx.needs_input_grad), feat=feat)
+        ctx.impl = impl
+        ctx.save_for_backward(H, W, b, Phi, mask, V, feat)
+        return V
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gV: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        H, W, b, Phi, mask, V, feat = ctx.saved_tensors
+        _, nH, nW, nb, nPhi, nxi = ctx.needs_input_grad
+        gV = gV.contiguous()
+        gH = ctx.impl.vjp_input(W, Phi, mask, gV, V) if nH else None
+        gW = gb = gPhi = None
+        if nW or nb or nPhi:
+            gW, gb, gPhi = ctx.impl.param_grads(H, W, b, Phi, mask, gV, (nW, nb, nPhi), feat)
+        gxi = -gV.sum(0) if nxi else None
+        return None, gH, gW, gb, gPhi, gxi
+
+
+IMPLS = {"cpu": Compiled("cpu"), "cuda": Compiled("cuda")}
