@@ -15,8 +15,8 @@ start=$SECONDS
 timeout 110 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - start)) s"
 python3 -c "import safeflow; print('kernels:', safeflow.available()['kernel'])"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
-timeout 80 python3 -m pytest -q -p no:cacheprovider -k "${BENCH_K:-gpu}" benchmarks/test_bench_kernels.py \
+timeout ${TEST_TIMEOUT:-75} python3 -m pytest -q -p no:cacheprovider -m "not integration" tests/test_kernels.py tests/test_cuda_steering.py 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout ${BENCH_TIMEOUT:-80} python3 -m pytest -q -p no:cacheprovider -k "${BENCH_K:-gpu}" benchmarks/test_bench_kernels.py \
     benchmarks/test_bench_gpu_extraction.py --benchmark-enable --benchmark-columns=median,iqr,rounds \
     --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -45
 cat "$OUT/gpu_llama_shape.json" 2>/dev/null
