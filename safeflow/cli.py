@@ -317,7 +317,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         dim = H.shape[1]
     if args.constraint == "polytope":
         p = preset(args.preset or "default")
-        model = ConstraintSet.create("polytope", input_dim=dim, num_facets=args.facets or p.num_facets, num_features=args.features_width)
+        model = ConstraintSet.create("polytope", input_dim=dim, num_facets=args.facets or p.num_facets,
+                                     num_features=args.features_width or p.num_features)
         options = p.fit_options() | ({"margin": args.margin} if args.margin is not None else {})
         model.fit(H, y, **options, epochs=args.epochs)
     else:
@@ -394,17 +395,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline import format_table, run_demo
+    from .pipeline import STEERING_COLUMNS, format_table, run_demo, steering_rows
 
-    result = run_demo(args.out, model_name=args.model, limit=args.limit or None, max_new_tokens=args.max_new_tokens,
-                      num_features=args.features_width, refusal_prompts=args.refusal_prompts,
-                      refusal_features=args.refusal_features_width, cache_dir=args.cache)
+    result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None,
+                      max_new_tokens=args.max_new_tokens, num_features=args.features_width,
+                      refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
+                      refusal_rounds=args.refusal_rounds, steerers=args.steerers, first_n_tokens=args.first_n,
+                      cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
-    s = result["steering"]
-    print(format_table([{k: s[k] for k in ("harmful_refusal_unsteered", "harmful_refusal_steered", "benign_unchanged",
-                                            "edgy_false_refusal_unsteered", "edgy_false_refusal_steered")}],
-                       ["harmful_refusal_unsteered", "harmful_refusal_steered", "benign_unchanged",
-                        "edgy_false_refusal_unsteered", "edgy_false_refusal_steered"]))
+    print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -450,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", type=registered("constraint"), default="polytope",
                    help="registered name: polytope, mlp, linear")
     p.add_argument("--facets", type=positive_int, default=None, help="number of facets K (default: the preset's)")
-    p.add_argument("--features-width", type=positive_int, default=16384, help="polytope feature-map width F")
+    p.add_argument("--features-width", type=positive_int, default=None,
+                   help="polytope feature-map width F (default: the preset's)")
     p.add_argument("--margin", type=nonnegative_float, default=None, help="polytope margin κ (default: the preset's)")
     p.add_argument("--preset", default=None, help="model preset (see safeflow.presets)")
     p.add_argument("--epochs", type=positive_int, default=None)
@@ -496,11 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=nonnegative_int, default=50,
                    help="prompts per group for the steering evaluation (0: all)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--features-width", type=positive_int, default=16384, help="detection polytope width F")
+    p.add_argument("--features-width", type=positive_int, default=None,
+                   help="detection polytope width F (default: the preset's)")
     p.add_argument("--refusal-prompts", type=positive_int, default=240,
                    help="harmful train prompts for the refusal polytope")
     p.add_argument("--refusal-features-width", type=positive_int, default=4096,
                    help="refusal (steering) polytope width F")
+    p.add_argument("--refusal-rounds", type=positive_int, default=2,
+                   help="rounds of the refusal polytope: each further round adds the states of its own steered answers")
+    p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
+    p.add_argument("--steerers", nargs="+", type=registered("steerer"), default=["safeflow", "projection"],
+                   help="steerers compared side by side (registry names)")
+    p.add_argument("--first-n", type=nonnegative_int, default=None,
+                   help="steer only the first n generated tokens (default: all)")
     p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
     p.set_defaults(func=cmd_demo)
     return parser

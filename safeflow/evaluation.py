@@ -97,9 +97,14 @@ def evaluate_steering(
     max_new_tokens: int = 48,
     batch_size: int = 8,
     judge: RefusalJudge | None = None,
+    unsteered: tuple[list[str], list[list[int]]] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Generate every prompt with and without steering and compare.
+
+    ``unsteered``: the unsteered ``(texts, token_ids)`` of ``harmful + benign + edgy`` from an
+    earlier call (``result["unsteered"]``), to compare several steerers without generating the
+    baseline again.
 
     ``gate`` and ``first_n_tokens`` are passed to :func:`safeflow.steering`; ``judge`` classifies
     every answer with its prompt (:class:`~safeflow.judge.RefusalJudge`).
@@ -113,7 +118,8 @@ def evaluate_steering(
     * ``classes`` — ``{group: {"unsteered"|"steered": {class: share}}}``;
     * ``fluency`` — ``{group: {"unsteered"|"steered": {"perplexity", "repetition"}}}``: the median
       perplexity of the answers under the unsteered model and their mean token-3-gram repetition;
-    * ``steering`` (the log's summary) and per-prompt ``records``.
+    * ``steering`` (the log's summary), ``unsteered`` (texts and token ids, for reuse) and
+      per-prompt ``records``.
     """
     from .fluency import answer_perplexity, repetition
     from .generation import generate_responses
@@ -122,7 +128,10 @@ def evaluate_steering(
     groups = [("harmful", p) for p in harmful] + [("benign", p) for p in benign] + [("edgy", p) for p in edgy]
     prompts = [p for _, p in groups]
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    plain, plain_ids, _ = generate_responses(model, tokenizer, prompts, **kw)
+    if unsteered is not None and len(unsteered[0]) != len(prompts):
+        raise DataError(f"unsteered holds {len(unsteered[0])} answers for {len(prompts)} prompts; pass the "
+                        "'unsteered' of a call with the same harmful, benign and edgy prompts")
+    plain, plain_ids = unsteered if unsteered is not None else generate_responses(model, tokenizer, prompts, **kw)[:2]
     steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens)
     steered, steered_ids, log = generate_responses(model, tokenizer, prompts, steer=steer, **kw)
     steered_tokens: dict[int, int] = {}
@@ -168,5 +177,6 @@ def evaluate_steering(
         "fluency": {g: {w: fluency(g, w) for w in ("unsteered", "steered")} for g in present},
         "counts": {"harmful": len(harmful), "benign": len(benign), "edgy": len(edgy)},
         "steering": log.summary() if log else {},
+        "unsteered": (plain, plain_ids),
         "records": records,
     }

@@ -24,13 +24,15 @@ import torch
 
 from .constraints.base import ConstraintSet
 from .data import PromptSet, load_prompts, source_split, stratified_split
-from .evaluation import detection_metrics, evaluate_steering
+from .evaluation import HARMFUL_HELP, detection_metrics, evaluate_steering
 from .extractors import HFExtractor
 from .io import json_text, write_text_atomic
 from .layers import find_decoder_layers
 from .presets import preset as get_preset
 from .presets import resolve_layer
-from .responses import ResponseStates, response_states
+from .errors import ConfigError
+from .responses import ResponseStates, response_states, steered_states
+from .steerers.base import Steerer
 from .steerers.safeflow import SafeFlowSteerer
 
 log = logging.getLogger(__name__)
@@ -56,22 +58,38 @@ def default_splits(data: PromptSet, seed: int = 0) -> Splits:
 
 
 def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: str | None = None,
-                      num_features: int = 16384, progress: bool = True) -> ConstraintSet:
-    """Fit constraint set ``kind`` with the preset's settings (polytope: its facets and training options)."""
+                      num_features: int | None = None, progress: bool = True) -> ConstraintSet:
+    """Fit constraint set ``kind`` with the preset's settings (polytope: its facets, width — unless
+    ``num_features`` is given — and training options)."""
     p = get_preset(preset_name)
     if kind == "polytope":
-        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=p.num_facets, num_features=num_features)
+        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=p.num_facets,
+                                     num_features=num_features or p.num_features)
         return model.fit(H, y, **p.fit_options(), progress=progress)
     return ConstraintSet.create(kind, input_dim=H.shape[1]).fit(H, y, progress=progress)
 
 
 def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], preset_name: str | None = None,
-                           num_features: int = 4096, max_tokens: int = 12,
-                           progress: bool = True) -> tuple[ConstraintSet, ResponseStates]:
+                           num_features: int = 4096, max_tokens: int = 32, rounds: int = 2,
+                           steerer: Steerer | None = None, progress: bool = True) -> tuple[ConstraintSet, ResponseStates]:
     """The steering constraint set: a polytope on :func:`~safeflow.responses.response_states` of
-    ``harmful`` prompts — complying is unsafe, refusing is safe — with the preset's settings."""
+    ``harmful`` prompts — helping is unsafe, refusing is safe — with the preset's settings.
+
+    Each further round (``rounds`` >= 2) steers the same prompts into the current polytope with
+    ``steerer`` (default: SafeFlow with the preset's settings), adds the states of the steered
+    answers labelled by the judge (:func:`~safeflow.responses.steered_states`: answers that did
+    not end up as safe refusals are unsafe) and refits on everything.
+    """
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
     states = response_states(extractor, harmful, max_tokens=max_tokens, progress=progress)
-    return train_constraints("polytope", states.H, states.y, preset_name, num_features, progress), states
+    polytope = train_constraints("polytope", states.H, states.y, preset_name, num_features, progress)
+    for _ in range(rounds - 1):
+        steer = dict(constraints=polytope, steerer=steerer or SafeFlowSteerer(preset=preset_name or "default"),
+                     layer=extractor.layer, gate="token", first_n_tokens=None)
+        states = states + steered_states(extractor, harmful, steer, max_tokens=max_tokens, progress=progress)
+        polytope = train_constraints("polytope", states.H, states.y, preset_name, num_features, progress)
+    return polytope, states
 
 
 def choose_gate(detection: list[dict[str, Any]]) -> str:
@@ -115,16 +133,29 @@ def layer_sweep(extractor: HFExtractor, splits: Splits, layers: list[int], kind:
     return rows
 
 
+def demo_steerer(name: str, preset_name: str | None = None) -> Steerer:
+    """A steerer for the demo by registry name, with the preset's settings (projection: the native solver)."""
+    options: dict[str, Any] = {"preset": preset_name or "default"}
+    if name == "projection":
+        options["solver"] = "native"
+    return Steerer.create(name, **options)
+
+
 def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", preset_name: str | None = None,
-             limit: int | None = 50, max_new_tokens: int = 48, num_features: int = 16384,
-             refusal_prompts: int = 240, refusal_features: int = 4096, progress: bool = True,
+             layer: int | None = None, limit: int | None = 50, max_new_tokens: int = 48,
+             num_features: int | None = None, refusal_prompts: int = 240, refusal_features: int = 4096,
+             refusal_rounds: int = 2, steerers: Sequence[str] = ("safeflow", "projection"),
+             first_n_tokens: int | None = None, progress: bool = True,
              cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the whole pipeline, write ``report.md``, ``metrics.json`` and both polytopes to ``out_dir``.
+    """Run the whole pipeline; write ``report.md``, ``metrics.json``, the steering records of each
+    steerer and both polytopes to ``out_dir``.
 
     Detection: polytope / mlp / linear on prompt states of the train split. Steering: a refusal
-    polytope (``refusal_features`` wide) on response states of ``refusal_prompts`` harmful train
-    prompts, gated by the detector with the best OOD-validation F1 (:func:`choose_gate`);
-    ``limit`` caps the prompts per group in the (slow, generation-based) steering evaluation.
+    polytope (``refusal_features`` wide, ``refusal_rounds`` rounds) on response states of
+    ``refusal_prompts`` harmful train prompts, gated by the detector with the best OOD-validation
+    F1 (:func:`choose_gate`), steered by each of ``steerers`` (registry names) for the first
+    ``first_n_tokens`` generated tokens (None: all); ``limit`` caps the prompts per group in the
+    (slow, generation-based) steering evaluation. ``layer`` defaults to the preset's.
     """
     from .models import load_model
 
@@ -134,7 +165,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     t = time.perf_counter()
     model, tok = load_model(model_name, progress=progress)
     p = get_preset(preset_name, model)
-    layer = resolve_layer(p, len(find_decoder_layers(model)))
+    layer = resolve_layer(p, len(find_decoder_layers(model))) if layer is None else layer
     data = load_prompts("default")
     splits = default_splits(data)
     timings["load"] = time.perf_counter() - t
@@ -155,55 +186,90 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     t = time.perf_counter()
     harmful = splits.train.where(label=1).texts
     harmful = random.Random(0).sample(harmful, min(refusal_prompts, len(harmful)))
-    refusal, states = train_refusal_polytope(ext, harmful, preset_name, refusal_features, progress=progress)
+    refusal, states = train_refusal_polytope(ext, harmful, preset_name, refusal_features, rounds=refusal_rounds,
+                                             progress=progress)
     refusal.save(out / "refusal_polytope.safetensors")
     timings["train_refusal"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     test = splits.test_ood
     cap = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
-    steering = evaluate_steering(
-        model, tok, refusal, SafeFlowSteerer(preset=preset_name or "default"), layer,
-        harmful=cap(test.where(sources=["rho-refusal-100"], label=1).texts),
-        benign=cap(test.where(sources=["rho-refusal-100"], label=0).texts),
-        edgy=cap(test.where(sources=["rho-overrefusal"]).texts),
-        gate=models[gate], max_new_tokens=max_new_tokens, progress=progress,
-    )
-    timings["steer"] = time.perf_counter() - t
-    result = {"model": model_name, "layer": layer, "preset": p.to_dict(), "data": {k: v.summary() for k, v in vars(splits).items()},
-              "detection": detection, "gate": gate, "refusal_states": states.counts(),
-              "steering": {k: v for k, v in steering.items() if k != "records"}, "timings_s": timings}
-    write_text_atomic(out / "metrics.json", json_text(result, indent=2))
-    write_text_atomic(out / "steering_records.jsonl", "\n".join(json_text(r) for r in steering["records"]) + "\n")
-    write_text_atomic(out / "report.md", render_report(result, steering["records"]))
-    return result
+    groups = dict(harmful=cap(test.where(sources=["rho-refusal-100"], label=1).texts),
+                  benign=cap(test.where(sources=["rho-refusal-100"], label=0).texts),
+                  edgy=cap(test.where(sources=["rho-overrefusal"]).texts))
+    steering: dict[str, dict[str, Any]] = {}
+    unsteered = None
+    for name in steerers:
+        t = time.perf_counter()
+        result = evaluate_steering(model, tok, refusal, demo_steerer(name, preset_name), layer, **groups,
+                                   gate=models[gate], first_n_tokens=first_n_tokens, max_new_tokens=max_new_tokens,
+                                   unsteered=unsteered, progress=progress)
+        unsteered = result.pop("unsteered")
+        timings[f"steer_{name}"] = time.perf_counter() - t
+        write_text_atomic(out / f"steering_records_{name}.jsonl", "\n".join(json_text(r) for r in result["records"]) + "\n")
+        steering[name] = {k: v for k, v in result.items() if k != "records"}
+        steering[name]["examples"] = [r for r in result["records"] if r["group"] == "harmful" and r["steered_tokens"]][:5]
+    summary = {"model": model_name, "layer": layer, "preset": p.to_dict(),
+               "data": {k: v.summary() for k, v in vars(splits).items()}, "detection": detection, "gate": gate,
+               "refusal_states": states.counts(), "first_n_tokens": first_n_tokens, "steering": steering,
+               "timings_s": timings}
+    write_text_atomic(out / "metrics.json", json_text(summary, indent=2))
+    write_text_atomic(out / "report.md", render_report(summary))
+    return summary
 
 
-def render_report(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    s = result["steering"]
-    steer_rows = [
-        {"metric": "harmful refusal rate, unsteered", "value": s["harmful_refusal_unsteered"]},
-        {"metric": "harmful refusal rate, steered", "value": s["harmful_refusal_steered"]},
-        {"metric": "harmful prompts steered (flagged by the detector)", "value": s["harmful_rows_steered"]},
-        {"metric": "benign outputs token-for-token unchanged", "value": s["benign_unchanged"]},
-        {"metric": "edgy (over-refusal) false refusals, unsteered", "value": s["edgy_false_refusal_unsteered"]},
-        {"metric": "edgy (over-refusal) false refusals, steered", "value": s["edgy_false_refusal_steered"]},
-    ]
-    examples = [r for r in records if r["group"] == "harmful" and r["steered_tokens"]][:5]
+def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per steerer (and one unsteered) of the demo's steering table."""
+    first = next(iter(steering.values()))
+    rows = [{"steerer": "unsteered", "harmful safe refusal": first["harmful_refusal_unsteered"],
+             "harmful help": sum(first["classes"]["harmful"]["unsteered"][c] for c in HARMFUL_HELP),
+             "degenerate": first["classes"]["harmful"]["unsteered"]["degenerate"],
+             "benign unchanged": 1.0, "edgy false refusal": first["edgy_false_refusal_unsteered"],
+             "perplexity": first["fluency"]["harmful"]["unsteered"]["perplexity"],
+             "repetition": first["fluency"]["harmful"]["unsteered"]["repetition"]}]
+    for name, s in steering.items():
+        log = s["steering"]
+        rows.append({"steerer": name, "harmful safe refusal": s["harmful_refusal_steered"],
+                     "harmful help": sum(s["classes"]["harmful"]["steered"][c] for c in HARMFUL_HELP),
+                     "degenerate": s["classes"]["harmful"]["steered"]["degenerate"],
+                     "benign unchanged": s["benign_unchanged"], "edgy false refusal": s["edgy_false_refusal_steered"],
+                     "perplexity": s["fluency"]["harmful"]["steered"]["perplexity"],
+                     "repetition": s["fluency"]["harmful"]["steered"]["repetition"],
+                     "mean shift": log.get("mean_shift", 0.0),
+                     "ended inside": log["ended_inside"] / log["tokens_steered"] if log.get("tokens_steered") else 0.0})
+    return rows
+
+
+STEERING_COLUMNS = ["steerer", "harmful safe refusal", "harmful help", "degenerate", "benign unchanged",
+                    "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside"]
+
+
+def render_report(result: dict[str, Any]) -> str:
+    """The demo's Markdown report from its ``metrics.json`` content."""
+    steering = result["steering"]
+    first = next(iter(steering.values()))
     lines = [
         f"# safeflow report — {result['model']}, layer {result['layer']}", "",
         "Labels: 1 = unsafe (positive class), 0 = safe. OOD sets come from sources never seen in training.", "",
         "## Detection", "",
         format_table(result["detection"], ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"]),
-        "", "## Steering (SafeFlow, greedy decoding)", "",
-        "Steered into a refusal polytope (response states of harmful training prompts: "
-        f"{result['refusal_states']}), gated by the `{result['gate']}` detector (best F1 on the OOD "
-        "validation split).", "",
-        f"Prompts: {s['counts']}", "", format_table(steer_rows, ["metric", "value"]), "",
-        "Steering log: " + json.dumps({k: v for k, v in s["steering"].items() if k != "steered_tokens_per_row"}), "",
-        "### Examples (harmful prompts that were steered)", "",
+        "", "## Steering (greedy decoding)", "",
+        "Steered into a refusal polytope (response states of harmful training prompts, per kind and label: "
+        f"{result['refusal_states']}), gated by the `{result['gate']}` detector (best F1 on the OOD validation "
+        f"split), first {result['first_n_tokens'] or 'all'} generated tokens checked.", "",
+        f"Prompts: {first['counts']}. Answers judged by `safeflow.judge.RefusalJudge` into refusal / refusal "
+        "then harmful help / refusal then safe help / compliance / degenerate. *Harmful safe refusal*: refusal "
+        "or refusal then safe help; *harmful help*: compliance or refusal then harmful help; perplexity (median) "
+        "and repetition (token 3-grams) of the harmful prompts' answers under the unsteered model; mean shift "
+        "is the L2 norm of a steered state's change; *ended inside*: steered states inside the polytope.", "",
+        format_table(steering_rows(steering), STEERING_COLUMNS), "",
     ]
-    for r in examples:
-        lines += [f"**Prompt:** {r['prompt']}", "", f"- unsteered: {r['unsteered'][:300]!r}", f"- steered: {r['steered'][:300]!r}", ""]
+    for name, s in steering.items():
+        log = {k: v for k, v in s["steering"].items() if k != "steered_tokens_per_row"}
+        lines += [f"### {name}", "", "Classes of the harmful prompts' answers: " + json.dumps(
+            {w: {c: round(v, 3) for c, v in s["classes"]["harmful"][w].items()} for w in ("unsteered", "steered")}),
+            "", "Steering log: " + json.dumps(log), "", "Examples (harmful prompts that were steered):", ""]
+        for r in s["examples"]:
+            lines += [f"**Prompt:** {r['prompt']}", "", f"- unsteered ({r['class_unsteered']}): {r['unsteered'][:300]!r}",
+                      f"- steered ({r['class_steered']}): {r['steered'][:300]!r}", ""]
     lines += ["Timings (s): " + json.dumps({k: round(v, 1) for k, v in result["timings_s"].items()}), ""]
     return "\n".join(lines)

@@ -42,6 +42,7 @@ class ModelPreset:
     facet_l1: float  #: λ_Φ per example
     unsafe_weight: float  #: w_u
     num_facets: int  #: K
+    num_features: int  #: F, the width of the feature map
     lambda_unsafe: float  #: SafeFlow λ_unsafe
     lambda_safe: float  #: SafeFlow λ_safe
     steer_depth: float = 0.0  #: SafeFlow target depth, in units of the steering set's safe depth
@@ -62,7 +63,7 @@ def _reference(layer: int, margin: float, num_facets: int, unsafe_weight: float,
                lambda_safe: float) -> ModelPreset:
     """A paper preset: the reference code's λ_f = 1 and λ_Φ = 1e-4 rescaled to per-example."""
     return ModelPreset(layer=layer, margin=margin, feature_l1=1.0 / REFERENCE_BATCH, facet_l1=1e-4 / REFERENCE_BATCH,
-                       unsafe_weight=unsafe_weight, num_facets=num_facets, lambda_unsafe=lambda_unsafe,
+                       unsafe_weight=unsafe_weight, num_facets=num_facets, num_features=16384, lambda_unsafe=lambda_unsafe,
                        lambda_safe=lambda_safe)
 
 
@@ -70,8 +71,8 @@ PRESETS: dict[str, ModelPreset] = {
     "llama-2-7b": _reference(20, 60.0, 50, 2.0, 4.0, 1e-4),
     "ministral-8b": _reference(20, 5.0, 30, 3.0, 0.25, 0.0),
     "qwen2-1.5b": _reference(20, 30.0, 50, 5.0, 10.0, 5000.0),
-    "smollm2-135m-instruct": ModelPreset(layer=20, margin=20.0, feature_l1=0.01, facet_l1=1e-3, unsafe_weight=1.0,
-                                         num_facets=14, lambda_unsafe=4.0, lambda_safe=0.0, steer_depth=3.0,
+    "smollm2-135m-instruct": ModelPreset(layer=20, margin=20.0, feature_l1=0.01, facet_l1=1e-3, unsafe_weight=3.0,
+                                         num_facets=14, num_features=4096, lambda_unsafe=4.0, lambda_safe=0.0, steer_depth=3.0,
                                          precondition="covariance", schedule="cosine", average=0.5),
 }
 #: The preset of a model without an entry: the default model's settings with the layer chosen by depth.

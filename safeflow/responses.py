@@ -29,13 +29,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .distributed import map_batches
 from .errors import ConfigError, DataError
 from .extractors import HFExtractor, format_prompts
-from .generation import generate_from_ids
+from .generation import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
 
 #: Refusals used as the safe continuation of harmful prompts (project-written; any list works).
@@ -54,7 +55,8 @@ REFUSALS: tuple[str, ...] = (
 
 
 #: Row kinds of :class:`ResponseStates`.
-KINDS: tuple[str, ...] = ("complied", "helped-after-refusal", "refused-own", "refusal", "refusal-continued", "benign")
+KINDS: tuple[str, ...] = ("complied", "helped-after-refusal", "refused-own", "refusal", "refusal-continued", "benign",
+                          "steered-refused", "steered-failed")
 
 
 @dataclass
@@ -65,6 +67,10 @@ class ResponseStates:
     y: torch.Tensor  #: [N] long, 1 = unsafe
     prompt_index: torch.Tensor  #: [N] long, index into harmful + benign (in that order)
     kind: list[str]  #: per row, one of :data:`KINDS` (the answer the state belongs to)
+
+    def __add__(self, other: ResponseStates) -> ResponseStates:
+        return ResponseStates(torch.cat([self.H, other.H]), torch.cat([self.y, other.y]),
+                              torch.cat([self.prompt_index, other.prompt_index]), self.kind + other.kind)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """States per kind and label: ``{kind: {"unsafe": n1, "safe": n0}}``."""
@@ -148,6 +154,58 @@ def response_states(
         pairs.append(_Pair(i, chosen[i], "refusal-continued" if continue_refusals else "refusal", labels,
                            keep_prompt_state=own is None))
     pairs += [_Pair(i, ids[i], "benign", [0] * len(ids[i])) for i in range(len(harmful), len(prompts)) if ids[i]]
+    return _states(extractor, prompts, pairs)
+
+
+def steered_states(
+    extractor: HFExtractor,
+    harmful: Sequence[str],
+    steer: dict[str, Any],
+    *,
+    max_tokens: int = 32,
+    judge: RefusalJudge | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ResponseStates:
+    """States of the model's answers to ``harmful`` prompts *under steering*, labelled by how the
+    steering went — the hard negatives of a refusal polytope.
+
+    ``steer`` holds the keyword arguments of :func:`~safeflow.steering` (the current refusal
+    polytope, a steerer, the layer, ...). Each steered answer is judged with its prompt: a safe
+    refusal gives **safe (0)** states (kind ``steered-refused``); anything else — compliance, a
+    refusal that turns to help (from the turn on), or a degenerate answer ("I'm here to help you
+    …" loops, which steering into the nearest inside point can produce) — gives **unsafe (1)**
+    states (kind ``steered-failed``). The states are those of the answer read back without
+    steering, i.e. what the hook sees before it steers. A polytope refitted with them learns
+    to keep steering away from the ways steering failed.
+    """
+    harmful = list(harmful)
+    if not harmful:
+        raise DataError("need at least one harmful prompt to steer")
+    judge = judge or RefusalJudge()
+    tok = extractor.tokenizer
+    if extractor.world.size > 1:
+        raise ConfigError("steered_states runs in one process; call it on one rank")
+    texts, ids, _ = generate_responses(extractor.model, tok, harmful, max_new_tokens=max_tokens, batch_size=batch_size,
+                                       chat_template=extractor.chat_template, system_prompt=extractor.system_prompt,
+                                       steer=steer, progress=progress)
+    pairs: list[_Pair] = []
+    for i, prompt in enumerate(harmful):
+        if not ids[i]:
+            continue
+        verdict = judge.verdict(texts[i], prompt)
+        if verdict.refuses_safely:
+            pairs.append(_Pair(i, ids[i], "steered-refused", [0] * len(ids[i])))
+        else:
+            labels = token_labels(verdict, ids[i], tok) or [1] * len(ids[i])  # degenerate: all unsafe
+            pairs.append(_Pair(i, ids[i], "steered-failed", labels))
+    if not pairs:
+        raise DataError("steering produced no answer to judge; check the prompts and max_tokens")
+    return _states(extractor, harmful, pairs)
+
+
+def _states(extractor: HFExtractor, prompts: list[str], pairs: list[_Pair]) -> ResponseStates:
+    """Teacher-forced states of each pair's answer, labelled per state."""
     longest = max(len(p.response) for p in pairs)
     states = extractor.extract_responses([prompts[p.prompt] for p in pairs], [p.response for p in pairs], longest)
     rows = [(s, torch.tensor(p.labels), p) if p.keep_prompt_state else (s[1:], torch.tensor(p.labels[1:]), p)

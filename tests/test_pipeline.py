@@ -76,10 +76,10 @@ def test_cli_refusal_polytope_round_trip(tmp_path, tokenizer, capsys):
     data.write_text("text,label\n" + "".join(f"{t},1\n" for t in HARM) + "".join(f"{t},0\n" for t in SAFE))
     common = ["--model", str(model_dir), "--layer", "2"]
     assert main(["extract", *common, "--data", str(data), "--out", str(tmp_path / "prompts.safetensors")]) == 0
-    assert main(["extract", *common, "--data", str(data), "--responses", "3",
+    assert main(["extract", *common, "--data", str(data), "--responses", "12",
                  "--out", str(tmp_path / "responses.safetensors")]) == 0
     tensors, header = sf.io.load_tensors(tmp_path / "responses.safetensors")
-    assert header["responses"] == 3 and len(header["kinds"]) == len(tensors["labels"]) == tensors["hidden"].shape[0]
+    assert header["responses"] == 12 and len(header["kinds"]) == len(tensors["labels"]) == tensors["hidden"].shape[0]
     assert set(header["kinds"]) <= {"complied", "helped-after-refusal", "refused-own", "refusal-continued"}  # harmful only
     for name in ("prompts", "responses"):
         assert main(["train", "--features", str(tmp_path / f"{name}.safetensors"), "--features-width", "64",
