@@ -138,7 +138,8 @@ def load_prompts(name_or_path: str = "default", sources: Sequence[str] | None = 
 
 def load_prompt_file(path: str | Path) -> PromptSet:
     """Read a user CSV (header row) or JSONL file with ``text``, ``label`` and optional
-    ``category`` and ``source`` fields. Labels: 1/0, or "unsafe"/"safe"."""
+    ``category`` and ``source`` fields. Labels: 1/0, "unsafe"/"safe", "harmful"/"benign" or
+    "true"/"false" (:data:`LABEL_SPELLINGS`). Rows without a source get the file's name (stem)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist; pass a CSV or JSONL with text,label columns")
@@ -174,17 +175,34 @@ def load_prompt_file(path: str | Path) -> PromptSet:
     return PromptSet(texts, labels, cats, srcs)
 
 
+#: Label spellings accepted in prompt files (case-insensitive), and what they mean (1 = unsafe).
+LABEL_SPELLINGS: dict[str, int] = {"1": 1, "1.0": 1, "unsafe": 1, "harmful": 1, "true": 1,
+                                   "0": 0, "0.0": 0, "safe": 0, "benign": 0, "false": 0}
+
+
 def _parse_label(value: object, where: str) -> int:
     text = str(value).strip().lower()
-    mapping = {"1": 1, "0": 0, "unsafe": 1, "safe": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0}
-    if text not in mapping:
-        raise DataError(f"{where}: label {value!r} is not 0/1 or safe/unsafe; use 1 = unsafe, 0 = safe")
-    return mapping[text]
+    if text not in LABEL_SPELLINGS:
+        unsafe = ", ".join(k for k, v in LABEL_SPELLINGS.items() if v == 1)
+        safe = ", ".join(k for k, v in LABEL_SPELLINGS.items() if v == 0)
+        raise DataError(f"{where}: unknown label {value!r}; accepted spellings (any case): {unsafe} for unsafe; "
+                        f"{safe} for safe")
+    return LABEL_SPELLINGS[text]
 
 
 def stratified_split(data: PromptSet, test_fraction: float = 0.3, seed: int = 0) -> tuple[PromptSet, PromptSet]:
-    """In-distribution split, stratified by (source, label): ``(train, test)``."""
-    if not 0 < test_fraction < 1:
+    """In-distribution split, stratified by (source, label): ``(train, test)``; each (source,
+    label) group puts ``round(test_fraction × size)`` random rows into ``test``.
+
+    Raises :class:`DataError` if a class (safe or unsafe) present in ``data`` ends up missing from
+    either part (too few rows of it for this fraction)."""
+    train_idx, test_idx = split_indices(data, test_fraction, seed)
+    return data.subset(train_idx), data.subset(test_idx)
+
+
+def split_indices(data: PromptSet, test_fraction: float = 0.3, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The row indices (sorted) of :func:`stratified_split`'s ``(train, test)``."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = random.Random(seed)
     groups: dict[tuple[str, int], list[int]] = {}
@@ -197,7 +215,13 @@ def stratified_split(data: PromptSet, test_fraction: float = 0.3, seed: int = 0)
         k = round(len(idx) * test_fraction)
         test += idx[:k]
         train += idx[k:]
-    return data.subset(sorted(train)), data.subset(sorted(test))
+    for part, rows in (("train", train), ("test", test)):
+        for label, name in ((1, "unsafe"), (0, "safe")):
+            total = sum(1 for lbl in data.labels if lbl == label)
+            if total and not any(data.labels[i] == label for i in rows):
+                raise DataError(f"a test fraction of {test_fraction:g} leaves the {part} split without {name} rows "
+                                f"(the data has {total} {name} row(s)); add {name} rows or choose another test fraction")
+    return sorted(train), sorted(test)
 
 
 def source_split(data: PromptSet, test_sources: Iterable[str]) -> tuple[PromptSet, PromptSet]:
