@@ -12,6 +12,7 @@ from .extractors import Extractor, HFExtractor
 from .features import FeatureDataset
 from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
+from .provenance import describe_source
 from .responses import ResponseStates, response_states
 from .steerers import Projection, ProjectionSteerer, SafeFlowSteerer, SteerResult, Steerer, project
 
@@ -29,6 +30,6 @@ __all__ = [
     "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "Projection",
     "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
-    "available", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
+    "available", "describe_source", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
     "load_prompts", "project", "response_states", "source_split", "steering", "stratified_split",
 ]

@@ -8,7 +8,9 @@ constraint set. Saved files are one safetensors file with a JSON header — neve
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -116,7 +118,13 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     * ``safe_depth`` [], the typical depth of the safe training rows inside the set — the median
       of ``max(0, −max_k v_k(h))`` over them — the unit in which steering depths are given, so the same
       setting means the same thing on any model, layer or constraint set (see
-      :meth:`calibrate_depth`).
+      :meth:`calibrate_depth`);
+    * ``train_history``: the mean training loss of each epoch (a list of floats; not saved);
+    * ``provenance["training"]``: the fit's settings, epochs, rows and final loss (saved).
+
+    ``provenance`` (a JSON-serialisable dict, saved in the file header) also records where the
+    training states came from — model, layer, pooling, chat template — when the caller sets it:
+    ``poly.provenance.update(sf.describe_source(extractor))`` (see :mod:`safeflow.provenance`).
     """
 
     input_dim: int
@@ -131,6 +139,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
         self.register_buffer("safe_depth", torch.tensor(UNKNOWN_DEPTH))
+        self.provenance: dict[str, Any] = {}
 
     # --- what an implementation provides -------------------------------------------------
     @abstractmethod
@@ -193,7 +202,12 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write parameters and config to ``path`` (one safetensors file, JSON header), atomically."""
-        header = {"type": self.registered_name, "format_version": FORMAT_VERSION, "config": self.config()}
+        try:
+            provenance = json.loads(json.dumps(self.provenance, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"provenance must hold JSON values (str, numbers, lists, dicts) only: {exc}") from None
+        header = {"type": self.registered_name, "format_version": FORMAT_VERSION, "config": self.config(),
+                  "provenance": provenance}
         save_tensors(path, self.state_dict(), header)
 
     @classmethod
@@ -203,10 +217,17 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         The config is checked against the file's own tensor names, shapes and dtypes before
         anything is built, and every parameter must be finite: a hostile or damaged file raises
         :class:`CorruptFileError` and costs no more memory than its own size. Format 2 files
-        (without ``safe_depth``) load with ``safe_depth`` = :data:`UNKNOWN_DEPTH`.
+        (without ``safe_depth``) load with ``safe_depth`` = :data:`UNKNOWN_DEPTH`; files without
+        a ``provenance`` header entry (written before it existed) load with ``provenance == {}``
+        (unknown: nothing is checked, steering needs an explicit layer).
         """
         specs, header = read_header(path)
         impl, config = _constructor(path, header, cls)
+        provenance = header.get("provenance", {})
+        layer = provenance.get("layer") if isinstance(provenance, dict) else None
+        if not isinstance(provenance, dict) or not (layer is None or type(layer) is int):
+            raise CorruptFileError(f"{path} has a malformed provenance header entry ({short_repr(provenance)}); "
+                                   "re-create it with .save()")
         old_format = header["format_version"] == 2 and "safe_depth" not in specs
         if old_format:
             specs["safe_depth"] = TensorSpec("F32", ())
@@ -233,11 +254,13 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
                                        "with .save()")
         obj = impl(**config)
         obj.load_state_dict(tensors)
+        obj.provenance = provenance
         return obj
 
-    def _record_fit(self, data: FeatureDataset, covariance: torch.Tensor) -> None:
-        """Mark fitted; store the covariance [d, d] of the training rows and the depth of the safe
-        rows of ``data`` (one more pass over it).
+    def _record_fit(self, data: FeatureDataset, covariance: torch.Tensor, options: dict[str, Any] | None = None) -> None:
+        """Mark fitted; store the covariance [d, d] of the training rows, the depth of the safe
+        rows of ``data`` (one more pass over it) and ``provenance["training"]``: the fit
+        ``options``, epochs, rows and final loss (from ``self.train_history``).
 
         Raises :class:`ConfigError` if training left any parameter NaN/inf (the set is not marked fitted).
         """
@@ -247,6 +270,12 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             raise ConfigError(f"training produced NaN/inf in {bad}; lower lr or the margin, or rescale the hidden "
                               "states")
         self.fitted.fill_(True)
+        history = getattr(self, "train_history", [])
+        unsafe = int((data.labels == 1).sum())
+        self.provenance["training"] = {
+            "constraint": self.registered_name, "config": self.config(), "options": options or {},
+            "epochs": len(history), "rows": len(data), "unsafe_rows": unsafe, "safe_rows": len(data) - unsafe,
+            "final_loss": history[-1] if history and math.isfinite(history[-1]) else None}
         depth = self.calibrate_depth(data)
         if depth == 0:
             log.warning("most safe training rows are not inside the fitted %s (median depth 0), so relative steering "

@@ -43,7 +43,8 @@ class _LogitConstraint(ConstraintSet):
     ) -> _LogitConstraint:
         """Train on H [N, d], y [N] (1 = unsafe) with balanced BCE + L2 ``weight_decay``; ``H`` may
         be a :class:`~safeflow.features.FeatureDataset` (``y`` None)."""
-        validate_fit_options(self, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+        options = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+        validate_fit_options(self, **options)
         data = training_data(H, y, self.input_dim)
         torch.manual_seed(seed)
         for m in self.net:
@@ -66,7 +67,7 @@ class _LogitConstraint(ConstraintSet):
         )
         first = self.net[0]
         fold_standardization(first.weight.data, first.bias.data, mean, std)
-        self._record_fit(data, stats.covariance())
+        self._record_fit(data, stats.covariance(), options)
         return self
 
 

@@ -225,9 +225,10 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
         Returns self (fitted; parameters act on raw, unstandardised hidden states).
         """
-        validate_fit_options(self, margin=margin, unsafe_weight=unsafe_weight, feature_l1=feature_l1, facet_l1=facet_l1,
-                             entropy_weight=entropy_weight, assignment=assignment, init=init, epochs=epochs,
-                             batch_size=batch_size, lr=lr, schedule=schedule, average=average, seed=seed)
+        options = dict(margin=margin, unsafe_weight=unsafe_weight, feature_l1=feature_l1, facet_l1=facet_l1,
+                       entropy_weight=entropy_weight, assignment=assignment, init=init, epochs=epochs,
+                       batch_size=batch_size, lr=lr, schedule=schedule, average=average, seed=seed)
+        validate_fit_options(self, **options)
         data = training_data(H, y, self.input_dim)
         device = self.facets.device
         torch.manual_seed(seed)
@@ -254,7 +255,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             schedule=schedule, average=average, progress=progress, desc="polytope",
         )
         fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean, std)
-        self._record_fit(data, stats.covariance())
+        self._record_fit(data, stats.covariance(), options)
         return self
 
     @torch.no_grad()
