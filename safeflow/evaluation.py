@@ -87,7 +87,7 @@ def evaluate_steering(
     tokenizer,
     constraints,
     steerer,
-    layer: int,
+    layer: int | None = None,
     *,
     harmful: Sequence[str],
     benign: Sequence[str],
@@ -99,8 +99,12 @@ def evaluate_steering(
     judge: RefusalJudge | None = None,
     unsteered: tuple[list[str], list[list[int]]] | None = None,
     progress: bool = False,
+    check_provenance: bool = True,
 ) -> dict[str, Any]:
     """Generate every prompt with and without steering and compare.
+
+    ``layer`` defaults to the one recorded in the constraint set's provenance; ``check_provenance``
+    as in :func:`safeflow.steering`.
 
     ``unsteered``: the unsteered ``(texts, token_ids)`` of ``harmful + benign + edgy`` from an
     earlier call (``result["unsteered"]``), to compare several steerers without generating the
@@ -132,7 +136,8 @@ def evaluate_steering(
         raise DataError(f"unsteered holds {len(unsteered[0])} answers for {len(prompts)} prompts; pass the "
                         "'unsteered' of a call with the same harmful, benign and edgy prompts")
     plain, plain_ids = unsteered if unsteered is not None else generate_responses(model, tokenizer, prompts, **kw)[:2]
-    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens)
+    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens,
+                 check_provenance=check_provenance)
     steered, steered_ids, log = generate_responses(model, tokenizer, prompts, steer=steer, **kw)
     steered_tokens: dict[int, int] = {}
     for e in log.steered() if log else []:

@@ -12,14 +12,14 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from . import distributed
 from .cache import HiddenStateCache, text_key, weights_digest
 from .distributed import World
 from .errors import ConfigError, DataError
 from .features import FeatureDataset
-from .layers import block_output, find_decoder_layers, normalize_layer
+from .layers import block_output, default_model_layer, find_decoder_layers, normalize_layer
 from .registry import Registered
 
 Pooling = Literal["last", "mean"]
@@ -130,7 +130,8 @@ class HFExtractor(Extractor, name="hf"):
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
-        layer: decoder block index (negative counts from the end).
+        layer: decoder block index (negative counts from the end); None (default): the model's
+            preset layer, or the paper's relative depth (:func:`~safeflow.layers.default_model_layer`).
         pooling: ``"last"`` (last real token; what steering acts on) or ``"mean"``.
         chat_template: True, False or "auto" (use the template if the tokenizer has one).
         system_prompt: optional system message when a chat template is used.
@@ -147,7 +148,7 @@ class HFExtractor(Extractor, name="hf"):
         self,
         model: nn.Module,
         tokenizer,
-        layer: int = -1,
+        layer: int | None = None,
         pooling: Pooling = "last",
         chat_template: bool | str = "auto",
         system_prompt: str | None = None,
@@ -165,7 +166,8 @@ class HFExtractor(Extractor, name="hf"):
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = find_decoder_layers(model, layers)
-        self.layer = normalize_layer(layer, len(self.blocks))
+        self.layer = normalize_layer(default_model_layer(model, layers=layers) if layer is None else layer,
+                                     len(self.blocks))
         self.pooling: Pooling = pooling
         self.chat_template = chat_template
         self.system_prompt = system_prompt
@@ -276,7 +278,7 @@ class HFExtractor(Extractor, name="hf"):
         batches, owners = world.broadcast(plan)
         mine = [b for b, owner in zip(batches, owners) if owner == world.rank]
         computed: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=sum(map(len, mine)), desc=desc, unit="row", disable=not self.progress or not world.is_main)
+        bar = progress_bar(total=sum(map(len, mine)), desc=desc, unit="row", disable=not self.progress or not world.is_main)
         for batch in mine:
             rows = job.compute(batch)
             batch_keys = [keys[i] for i in batch]

@@ -15,6 +15,15 @@ sees the same hidden states.
 Batches must be left-padded (the usual setting for generation with decoder-only models). The
 prompt may be given as ``input_ids`` or as ``inputs_embeds``.
 
+**Provenance.** The layer defaults to the one recorded in the constraint set's (or the gate's)
+``provenance``; a recorded model architecture or layer that does not match is refused
+(:func:`safeflow.provenance.check_source`) unless ``check_provenance=False``.
+
+**Large shifts.** A steering shift larger than the hidden state itself usually means settings made
+for another model (a margin or weights in another model's units). When the steered tokens of a
+generate() call move states by more, on average, than their norm, one warning is logged for
+that call, and :meth:`SteeringLog.summary` lists the call under ``large_shift_calls``.
+
 **Non-finite hidden states.** A NaN/inf hidden state arriving from upstream (a broken layer, an
 overflow) cannot be judged, so it is never steered and never makes ``generate`` raise: the row is
 left untouched at that step and logged with ``nonfinite=True`` (counted as ``nonfinite`` in
@@ -24,6 +33,7 @@ every gate treats it as eligible and it is checked (and logged) at every step.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +46,15 @@ from torch import nn
 from .constraints.base import ConstraintSet
 from .errors import ConfigError
 from .layers import block_output, find_decoder_layers, hidden_size, normalize_layer, replace_block_output
+from .progress import progress_bar
+from .provenance import check_source, recorded_layer
 from .steerers.base import Steerer
+
+log = logging.getLogger(__name__)
+
+#: A generate() call is flagged when its steered tokens' mean shift exceeds this multiple of
+#: their hidden states' mean L2 norm.
+LARGE_SHIFT = 1.0
 
 
 @dataclass
@@ -55,6 +73,7 @@ class SteerEvent:
     inside: bool
     rejected: bool
     nonfinite: bool = False  #: the hidden state (or its violations) was NaN/inf; left untouched
+    norm: float = 0.0  #: L2 norm of the hidden state before steering
 
 
 @dataclass
@@ -62,6 +81,7 @@ class SteeringLog:
     """Everything the steering hook did, for inspection after generation."""
 
     events: list[SteerEvent] = field(default_factory=list)
+    large_shift_calls: list[int] = field(default_factory=list)  #: calls whose mean shift exceeded the mean norm
 
     def steered(self) -> list[SteerEvent]:
         return [e for e in self.events if e.steered]
@@ -75,7 +95,9 @@ class SteeringLog:
         return sorted({e.row for e in self.events if e.call == c and e.steered})
 
     def summary(self) -> dict[str, Any]:
-        """Counts and magnitudes: checks, steered tokens, rows steered, ended inside, rejected."""
+        """Counts and magnitudes: checks, steered tokens, rows steered, ended inside, rejected;
+        ``mean_relative_shift`` (mean of shift / state norm over steered tokens) and
+        ``large_shift_calls`` (generate() calls whose mean shift exceeded their states' mean norm)."""
         steered = self.steered()
         rows = {(e.call, e.row) for e in self.events}
         per_row: dict[str, int] = {}
@@ -95,7 +117,26 @@ class SteeringLog:
             "mean_shift": sum(e.shift for e in steered) / len(steered) if steered else 0.0,
             "max_shift": max((e.shift for e in steered), default=0.0),
             "mean_iterations": sum(e.iterations for e in steered) / len(steered) if steered else 0.0,
+            "mean_relative_shift": (sum(e.shift / max(e.norm, 1e-12) for e in steered) / len(steered)
+                                    if steered else 0.0),
+            "large_shift_calls": list(self.large_shift_calls),
         }
+
+    def check_shifts(self, call: int) -> None:
+        """Log one warning (and record ``call`` in ``large_shift_calls``) if the steered tokens of
+        generate() call ``call`` moved, on average, by more than :data:`LARGE_SHIFT` × their states' norm."""
+        steered = [e for e in self.events if e.call == call and e.steered]
+        if not steered or call in self.large_shift_calls:
+            return
+        shift = sum(e.shift for e in steered) / len(steered)
+        norm = sum(e.norm for e in steered) / len(steered)
+        if shift > LARGE_SHIFT * norm:
+            self.large_shift_calls.append(call)
+            log.warning("steering moved hidden states by %.3g on average, %.1f× their norm (%.3g), in generate() call "
+                        "%d; the steering settings probably do not fit this model or layer (another model's preset, "
+                        "an absolute margin?): use a relative depth= (e.g. the steerer's default), a smaller "
+                        "margin, or train the constraint set on this model", shift, shift / max(norm, 1e-12), norm,
+                        call)
 
 
 class _SequenceState:
@@ -134,6 +175,8 @@ class _SteeringHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        if self.state is not None:
+            self.log.check_shifts(self.state.call)
 
     def _before_forward(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -153,6 +196,8 @@ class _SteeringHooks:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.ndim == 2 and not bool(mask[:, -1].all()):
                 raise ConfigError("steered generation needs left padding; set tokenizer.padding_side = 'left'")
+            if s is not None:
+                self.log.check_shifts(s.call)
             self.state = s = _SequenceState(self.calls)
             s.batch = B
             self.calls += 1
@@ -196,18 +241,19 @@ class _SteeringHooks:
                     new = hidden.clone() if new is None else new
                     new[rows[moved], -1] = result.hidden[moved]
                     s.replacements[position] = (rows[moved], result.hidden[moved].detach())
-                self._record(s, position, rows.tolist(), result)
+                self._record(s, position, rows.tolist(), result, last[rows])
         return output if new is None else replace_block_output(output, new)
 
-    def _record(self, s: _SequenceState, position: int, rows: list[int], r) -> None:
+    def _record(self, s: _SequenceState, position: int, rows: list[int], r, hidden: torch.Tensor) -> None:
         before = r.violations_before.max(dim=1).values.tolist()
         after = r.violations_after.max(dim=1).values.tolist()
+        norms = hidden.detach().float().norm(dim=1).tolist()
         for i, row in enumerate(rows):
             self.log.events.append(SteerEvent(
                 call=s.call, row=row, step=s.step, position=position, violation_before=before[i],
                 violation_after=after[i], steered=bool(r.steered[i]), iterations=int(r.iterations[i]),
                 shift=float(r.shift[i]), inside=bool(r.inside[i]), rejected=bool(r.rejected[i]),
-                nonfinite=bool(r.nonfinite[i]),
+                nonfinite=bool(r.nonfinite[i]), norm=norms[i],
             ))
 
 
@@ -226,10 +272,11 @@ def steering(
     model: nn.Module,
     constraints: ConstraintSet,
     steerer: Steerer,
-    layer: int,
+    layer: int | None = None,
     first_n_tokens: int | None = 20,
     gate: str | ConstraintSet = "prompt",
     layers: str | Sequence[nn.Module] | None = None,
+    check_provenance: bool = True,
 ) -> Iterator[SteeringLog]:
     """Steer ``model``'s hidden states at decoder layer ``layer`` while the context is open.
 
@@ -237,17 +284,21 @@ def steering(
         model: a Hugging Face causal LM (any architecture whose decoder blocks can be found).
         constraints: a fitted constraint set trained on the same model's layer ``layer``.
         steerer: e.g. ``Steerer.create("safeflow")``.
-        layer: decoder block index, as used for extraction.
+        layer: decoder block index, as used for extraction; None (default): the layer recorded in
+            the provenance of ``constraints`` (or of the gate).
         first_n_tokens: check/steer only the first n generation steps of each row (None: all).
         gate: ``"prompt"`` — steer only rows whose prompt is outside the constraint set;
             a :class:`ConstraintSet` — steer only rows whose prompt it flags as unsafe (a
             detector, e.g. a prompt polytope, gating a refusal polytope); ``"token"`` — check
             every row at every step (the paper's Algorithm 1 literally).
         layers: override decoder-layer discovery (attribute path or module list).
+        check_provenance: refuse constraint sets (and a gate) whose provenance records another
+            model architecture or another layer (:func:`safeflow.provenance.check_source`); False
+            skips that check.
 
     Yields a :class:`SteeringLog`. Hooks are removed on exit, also on exceptions.
     """
-    block = check_steering(model, constraints, steerer, layer, first_n_tokens, gate, layers)
+    block = check_steering(model, constraints, steerer, layer, first_n_tokens, gate, layers, check_provenance)
     log = SteeringLog()
     hooks = _SteeringHooks(model, constraints, steerer, block, first_n_tokens, gate, log)
     _ACTIVE[model] = _ACTIVE.get(model, 0) + 1
@@ -269,24 +320,42 @@ def steering_active(model: nn.Module) -> bool:
     return model in _ACTIVE
 
 
-def check_steering(model: nn.Module, constraints: ConstraintSet, steerer: Steerer, layer: int,
+def steering_layer(constraints: ConstraintSet, layer: int | None = None,
+                   gate: str | ConstraintSet = "prompt") -> int:
+    """``layer``, or the layer recorded in the provenance of ``constraints`` (else of ``gate``).
+    Raises :class:`ConfigError` if neither is known."""
+    if layer is not None:
+        return layer
+    found = recorded_layer(constraints, gate)
+    if found is None:
+        raise ConfigError("the constraint set does not record the layer it was trained on (saved before provenance "
+                          "existed, or fitted on tensors without provenance); pass layer=L (command line: --layer L), "
+                          "or record it: constraints.provenance.update(sf.describe_source(extractor))")
+    return found
+
+
+def check_steering(model: nn.Module, constraints: ConstraintSet, steerer: Steerer, layer: int | None = None,
                    first_n_tokens: int | None = 20, gate: str | ConstraintSet = "prompt",
-                   layers: str | Sequence[nn.Module] | None = None) -> nn.Module:
+                   layers: str | Sequence[nn.Module] | None = None, check_provenance: bool = True) -> nn.Module:
     """Check the arguments of :func:`steering` (everything that could fail during ``generate``)
     and return the decoder block to hook. Raises :class:`ConfigError` / :class:`DataError`."""
     if not isinstance(steerer, Steerer):
         raise ConfigError(f"steerer must be a Steerer, got {steerer!r}; create one with "
                           f"Steerer.create(name) (names: {', '.join(Steerer.available())})")
-    blocks = find_decoder_layers(model, layers)
-    index = normalize_layer(layer, len(blocks))
-    d = hidden_size(model)
     if not isinstance(gate, ConstraintSet) and gate not in ("prompt", "token"):
         raise ConfigError(f"gate must be 'prompt', 'token' or a fitted ConstraintSet, got {gate!r}")
     if not isinstance(constraints, ConstraintSet):
         raise ConfigError(f"constraints must be a fitted ConstraintSet, got {constraints!r}; load one with "
                           "ConstraintSet.load(path) or fit one")
+    blocks = find_decoder_layers(model, layers)
+    index = normalize_layer(steering_layer(constraints, layer, gate), len(blocks))
+    d = hidden_size(model)
     steerer.check(constraints)
-    for c in [constraints] + ([gate] if isinstance(gate, ConstraintSet) else []):
+    gates = [gate] if isinstance(gate, ConstraintSet) else []
+    if check_provenance:
+        for c, what in [(constraints, "the constraint set"), *((g, "the gate") for g in gates)]:
+            check_source(c.provenance, model=model, layer=index, what=what)
+    for c in [constraints] + gates:
         if c.input_dim != d:
             raise ConfigError(
                 f"the constraint set expects hidden size {c.input_dim} but the model's is {d}; "
@@ -341,15 +410,13 @@ def generate_from_ids(
     """Greedy continuations of token-id ``prefixes`` (left-padded batches), e.g. a formatted
     prompt followed by the start of an answer. Returns ``(texts, token_ids)`` of the new tokens,
     stopping at EOS."""
-    from tqdm.auto import tqdm
-
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     texts: list[str] = []
     tokens: list[list[int]] = []
-    for start in tqdm(range(0, len(prefixes), batch_size), desc="generate", disable=not progress):
+    for start in progress_bar(range(0, len(prefixes), batch_size), desc="generate", disable=not progress):
         batch = [list(p) for p in prefixes[start : start + batch_size]]
         width = max(map(len, batch))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)

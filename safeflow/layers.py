@@ -75,6 +75,16 @@ def normalize_layer(layer: int, num_layers: int) -> int:
     return layer % num_layers
 
 
+def default_model_layer(model: nn.Module, preset_name: str | None = None,
+                        layers: str | Sequence[nn.Module] | None = None) -> int:
+    """The layer to read and steer when none is given: the preset's layer for a model with a preset
+    (``preset_name``, or the entry matching the model's name), else
+    :func:`~safeflow.presets.default_layer` — the paper's layer 20 of 32 as a fraction of the depth."""
+    from .presets import preset, resolve_layer
+
+    return resolve_layer(preset(preset_name, model), len(find_decoder_layers(model, layers)))
+
+
 def hidden_size(model: nn.Module) -> int:
     """The residual-stream width of ``model`` from its config."""
     config = getattr(model, "config", None)

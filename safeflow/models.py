@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .assets import default_model_path, manifest
+from .assets import default_model_path, manifest, model_dir
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -39,6 +39,28 @@ def resolve_model(name_or_path: str) -> str | None:
     if close:
         raise ConfigError(f"unknown model {name_or_path!r}; did you mean the default model {close[0]!r}?")
     return None
+
+
+def model_config(name_or_path: str) -> Any:
+    """The config of a model without loading its weights, or None where that needs a download
+    (a default model not yet converted, a Hugging Face id not in the local cache). Raises
+    :class:`ConfigError` for a local directory whose config cannot be read."""
+    from transformers import AutoConfig
+
+    local = resolve_model(name_or_path)
+    if name_or_path in manifest()["models"]:
+        target = model_dir(name_or_path)
+        local = str(target) if (target / "config.json").is_file() else None
+        if local is None:
+            return None
+    try:
+        return AutoConfig.from_pretrained(local or name_or_path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        if local is None:
+            return None
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{name_or_path} holds no readable model config ({reason[:200]}); pass a directory "
+                          "written by save_pretrained") from None
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
