@@ -7,6 +7,9 @@ Splits of the default prompts (labels: 1 = unsafe):
 * **OOD validation**: ``rho-refusal-50`` — used only to choose settings (layer, margin);
 * **OOD test**: ``rho-refusal-100`` (paired harmful/benign questions) and ``rho-overrefusal``
   (benign but edgy) — sources never seen in training and never used for choices.
+
+A user's own prompt file (``--data``) has none of these sources: :func:`own_data_splits` splits
+it *in distribution* (stratified by source and label), and the report says so.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .io import json_text, write_text_atomic
 from .layers import find_decoder_layers
 from .presets import preset as get_preset
 from .presets import resolve_layer
+from .provenance import describe_source
 from .errors import ConfigError
 from .responses import ResponseStates, response_states, steered_states
 from .steerers.base import Steerer
@@ -44,10 +48,38 @@ CONSTRAINT_KINDS = ("polytope", "mlp", "linear")
 
 @dataclass
 class Splits:
+    """Prompt splits: ``train``, an in-distribution test ``test_id``, a validation split
+    ``val_ood`` (for choices) and a test split ``test_ood``. ``ood`` False: the validation and test
+    splits are in-distribution (a user's own data; ``test_ood`` is then ``test_id``)."""
+
     train: PromptSet
     test_id: PromptSet
     val_ood: PromptSet
     test_ood: PromptSet
+    ood: bool = True
+
+    def describe(self) -> str:
+        """One sentence on what the validation and test splits are."""
+        if self.ood:
+            return ("validation and test on out-of-distribution sources never trained on "
+                    f"({', '.join(OOD_VALIDATION_SOURCES)}; {', '.join(OOD_TEST_SOURCES)})")
+        return ("in-distribution split of your data (stratified by source and label; it has no out-of-distribution "
+                "sources): val_ood and test_ood are held-out rows of the same sources, test_ood = test_id")
+
+    def parts(self) -> dict[str, PromptSet]:
+        """The prompt sets by name (``test_ood`` only when it is a split of its own)."""
+        names = ("train", "test_id", "val_ood", "test_ood") if self.ood else ("train", "test_id", "val_ood")
+        return {n: getattr(self, n) for n in names}
+
+    def steering_groups(self) -> dict[str, list[str]]:
+        """The prompts of the steering evaluation: ``harmful``, ``benign`` and ``edgy`` (benign but
+        edgy: false refusals) — the OOD test sources, or the test split of a user's data (no edgy)."""
+        test = self.test_ood
+        if not self.ood:
+            return dict(harmful=test.where(label=1).texts, benign=test.where(label=0).texts, edgy=[])
+        return dict(harmful=test.where(sources=["rho-refusal-100"], label=1).texts,
+                    benign=test.where(sources=["rho-refusal-100"], label=0).texts,
+                    edgy=test.where(sources=["rho-overrefusal"]).texts)
 
 
 def default_splits(data: PromptSet, seed: int = 0) -> Splits:
@@ -55,6 +87,22 @@ def default_splits(data: PromptSet, seed: int = 0) -> Splits:
     rest, val_ood = source_split(rest, OOD_VALIDATION_SOURCES)
     train, test_id = stratified_split(rest, 0.3, seed)
     return Splits(train, test_id, val_ood, test_ood)
+
+
+def own_data_splits(data: PromptSet, seed: int = 0) -> Splits:
+    """A user's prompts split in distribution, stratified by (source, label): 20 % test, 20 %
+    validation, 60 % train (:func:`~safeflow.stratified_split`)."""
+    rest, test = stratified_split(data, 0.2, seed)
+    train, val = stratified_split(rest, 0.25, seed)
+    return Splits(train, test, val, test, ood=False)
+
+
+def prompt_splits(data: str | PromptSet | None = None, seed: int = 0) -> Splits:
+    """The splits of ``data``: the default prompts (``None`` or ``"default"``; :func:`default_splits`)
+    or a user's prompt file or :class:`~safeflow.PromptSet` (:func:`own_data_splits`)."""
+    if data is None or data == "default":
+        return default_splits(load_prompts("default"), seed)
+    return own_data_splits(load_prompts(data) if isinstance(data, str) else data, seed)
 
 
 def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: str | None = None,
@@ -146,7 +194,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              num_features: int | None = None, refusal_prompts: int = 240, refusal_features: int = 4096,
              refusal_rounds: int = 2, steerers: Sequence[str] = ("safeflow", "projection"),
              first_n_tokens: int | None = None, progress: bool = True,
-             cache_dir: str | Path | None = None) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, data: str | PromptSet | None = None) -> dict[str, Any]:
     """Run the whole pipeline; write ``report.md``, ``metrics.json``, the steering records of each
     steerer and both polytopes to ``out_dir``.
 
@@ -155,7 +203,9 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     ``refusal_prompts`` harmful train prompts, gated by the detector with the best OOD-validation
     F1 (:func:`choose_gate`), steered by each of ``steerers`` (registry names) for the first
     ``first_n_tokens`` generated tokens (None: all); ``limit`` caps the prompts per group in the
-    (slow, generation-based) steering evaluation. ``layer`` defaults to the preset's.
+    (slow, generation-based) steering evaluation. ``layer`` defaults to the preset's. ``data``:
+    the default prompts (None) or a user's prompt file / :class:`~safeflow.PromptSet`, split in
+    distribution (:func:`prompt_splits`).
     """
     from .models import load_model
 
@@ -166,18 +216,19 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     model, tok = load_model(model_name, progress=progress)
     p = get_preset(preset_name, model)
     layer = resolve_layer(p, len(find_decoder_layers(model))) if layer is None else layer
-    data = load_prompts("default")
-    splits = default_splits(data)
+    splits = prompt_splits(data)
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ext = HFExtractor(model, tok, layer=layer, batch_size=16, progress=progress, cache_dir=cache_dir)
-    feats = {name: (ext.extract(s.texts), s.y) for name, s in vars(splits).items()}
+    feats = {name: (ext.extract(s.texts), s.y) for name, s in splits.parts().items()}
     timings["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
     H, y = feats.pop("train")
     models = {kind: train_constraints(kind, H, y, preset_name, num_features, progress) for kind in CONSTRAINT_KINDS}
+    source = describe_source(ext, model_name)
+    models["polytope"].provenance.update(source)
     models["polytope"].save(out / "polytope.safetensors")
     timings["train"] = time.perf_counter() - t
     detection = detection_table(models, feats)
@@ -188,14 +239,11 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     harmful = random.Random(0).sample(harmful, min(refusal_prompts, len(harmful)))
     refusal, states = train_refusal_polytope(ext, harmful, preset_name, refusal_features, rounds=refusal_rounds,
                                              progress=progress)
+    refusal.provenance.update(source, rows="responses")
     refusal.save(out / "refusal_polytope.safetensors")
     timings["train_refusal"] = time.perf_counter() - t
 
-    test = splits.test_ood
-    cap = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
-    groups = dict(harmful=cap(test.where(sources=["rho-refusal-100"], label=1).texts),
-                  benign=cap(test.where(sources=["rho-refusal-100"], label=0).texts),
-                  edgy=cap(test.where(sources=["rho-overrefusal"]).texts))
+    groups = {k: v[:limit] if limit else v for k, v in splits.steering_groups().items()}
     steering: dict[str, dict[str, Any]] = {}
     unsteered = None
     for name in steerers:
@@ -208,8 +256,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
         write_text_atomic(out / f"steering_records_{name}.jsonl", "\n".join(json_text(r) for r in result["records"]) + "\n")
         steering[name] = {k: v for k, v in result.items() if k != "records"}
         steering[name]["examples"] = [r for r in result["records"] if r["group"] == "harmful" and r["steered_tokens"]][:5]
-    summary = {"model": model_name, "layer": layer, "preset": p.to_dict(),
-               "data": {k: v.summary() for k, v in vars(splits).items()}, "detection": detection, "gate": gate,
+    summary = {"model": model_name, "layer": layer, "preset": p.to_dict(), "splits": splits.describe(),
+               "data": {k: v.summary() for k, v in splits.parts().items()}, "detection": detection, "gate": gate,
                "refusal_states": states.counts(), "first_n_tokens": first_n_tokens, "steering": steering,
                "timings_s": timings}
     write_text_atomic(out / "metrics.json", json_text(summary, indent=2))
@@ -249,7 +297,8 @@ def render_report(result: dict[str, Any]) -> str:
     first = next(iter(steering.values()))
     lines = [
         f"# safeflow report — {result['model']}, layer {result['layer']}", "",
-        "Labels: 1 = unsafe (positive class), 0 = safe. OOD sets come from sources never seen in training.", "",
+        f"Labels: 1 = unsafe (positive class), 0 = safe. Splits: {result.get('splits', 'OOD sets come from sources never seen in training')}.",
+        "",
         "## Detection", "",
         format_table(result["detection"], ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"]),
         "", "## Steering (greedy decoding)", "",
