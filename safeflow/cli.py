@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import DataError, SafeflowError
+from .errors import ConfigError, DataError, SafeflowError
 
 #: Exceptions that are the user's to fix: reported as one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (SafeflowError, OSError, UnicodeDecodeError, FloatingPointError,
@@ -62,6 +62,17 @@ def _number(text: str, kind: type, low: float, strict: bool = False) -> Any:
 
 
 positive_int = _checked(lambda t: _number(t, int, 1))
+
+
+@_checked
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1."""
+    value = _number(text, float, 0.0, strict=True)
+    if value >= 1:
+        raise ValueError(f"must be < 1, got {text}")
+    return value
+
+
 nonnegative_int = _checked(lambda t: _number(t, int, 0))
 nonnegative_float = _checked(lambda t: _number(t, float, 0.0))
 
@@ -171,6 +182,15 @@ def registered(kind: str) -> Callable[[str], str]:
     return name
 
 
+@_checked
+def preset_name(text: str) -> str:
+    """A preset name (:func:`safeflow.presets.preset`)."""
+    from .presets import preset
+
+    preset(text)
+    return text
+
+
 def describe(exc: BaseException) -> str:
     """One line for a user error, naming the fix."""
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -197,6 +217,39 @@ def _features_file(path: str):
         raise DataError(f"{path} holds hidden {tuple(H.shape)} and labels {tuple(y.shape)}; re-create it with "
                         "`safeflow extract`")
     return H, y, header
+
+
+def _check_layers(model: str, layers: list[int | None]) -> None:
+    """Check layer arguments against ``model``'s config before its weights load (where the config
+    is at hand without a download)."""
+    from .layers import normalize_layer
+    from .models import model_config
+    from .provenance import fingerprint
+
+    config = model_config(model)
+    depth = fingerprint(config)["num_layers"] if config is not None else None
+    for layer in layers:
+        if layer is not None and depth:
+            normalize_layer(layer, depth)
+
+
+def _row_split(header: dict[str, Any], n: int, path: str) -> list[str] | None:
+    """The per-row ``"train"``/``"test"`` split of a features file (``extract --test-fraction``), or None."""
+    split = header.get("split")
+    if split is None:
+        return None
+    if not isinstance(split, list) or len(split) != n or not set(split) <= {"train", "test"}:
+        raise DataError(f"{path} has a malformed train/test split in its header; re-create it with `safeflow extract`")
+    return split
+
+
+def _rows(split: list[str] | None, part: str) -> list[int] | None:
+    """Indices of the rows in ``part`` (``"train"``, ``"test"``; ``"all"``: None, every row)."""
+    return None if part == "all" or split is None else [i for i, s in enumerate(split) if s == part]
+
+
+def _take(H, y, rows: list[int] | None):
+    return (H, y) if rows is None else (H[rows], y[rows])
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
@@ -241,7 +294,6 @@ def _load_model(args: argparse.Namespace, world):
 def _join(args: argparse.Namespace):
     """This process's :class:`~safeflow.distributed.World` (joined if launched by accelerate/torchrun)."""
     from . import distributed
-    from .errors import ConfigError
 
     if args.cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a rank under torchrun / accelerate launch
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -254,10 +306,7 @@ def _join(args: argparse.Namespace):
 
 def _spawn(args: argparse.Namespace) -> int:
     """``--processes N``: run this command in N processes on this machine."""
-    import os
-
     from . import distributed
-    from .errors import ConfigError
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ConfigError("--processes is the one-machine shortcut; under accelerate launch / torchrun leave it at 1")
@@ -267,80 +316,171 @@ def _spawn(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .data import load_prompts
+    from .data import load_prompts, split_indices
     from .extractors import HFExtractor
     from .io import save_tensors
+    from .provenance import describe_source
     from .responses import response_states
 
     if args.processes > 1:
         return _spawn(args)
-    world = _join(args)
     data = load_prompts(args.data)
+    part = ["train"] * len(data)
+    if args.test_fraction:
+        for i in split_indices(data, args.test_fraction, args.seed)[1]:
+            part[i] = "test"
+    _check_layers(args.model, [args.layer])
+    world = _join(args)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
-    header = {"model": args.model, "layer": ext.layer, "pooling": args.pooling}
+    header: dict[str, Any] = describe_source(ext, args.model)
     if args.responses:
-        harmful, benign = data.where(label=1), data.where(label=0)
-        states = response_states(ext, harmful.texts, benign.texts if args.with_benign else (),
+        order = [i for i, lbl in enumerate(data.labels) if lbl == 1]
+        order += [i for i, lbl in enumerate(data.labels) if lbl == 0] if args.with_benign else []
+        states = response_states(ext, [data.texts[i] for i in order if data.labels[i] == 1],
+                                 [data.texts[i] for i in order if data.labels[i] == 0],
                                  max_tokens=args.responses, progress=world.is_main)
-        sources = harmful.sources + benign.sources
         H, y = states.H, states.y
-        header.update(responses=args.responses, sources=[sources[i] for i in states.prompt_index.tolist()], kinds=states.kind)
+        rows = [order[i] for i in states.prompt_index.tolist()]  # the prompt of each state
+        header.update(responses=args.responses, rows="responses", kinds=states.kind)
     elif world.size > 1:
         ext.fill_cache(data.texts)  # every rank computes its share; rank 0 reads and writes the file
-        H, y = (ext.cached(data.texts) if world.is_main else None), data.y
-        header["sources"] = data.sources
+        H, y, rows = (ext.cached(data.texts) if world.is_main else None), data.y, list(range(len(data)))
     else:
-        H, y = ext.extract(data.texts), data.y
-        header["sources"] = data.sources
+        H, y, rows = ext.extract(data.texts), data.y, list(range(len(data)))
+    header["sources"] = [data.sources[i] for i in rows]
+    if any(data.categories):
+        header["categories"] = [data.categories[i] for i in rows]
+    if args.test_fraction:
+        header.update(split=[part[i] for i in rows], test_fraction=args.test_fraction, split_seed=args.seed)
     if world.is_main:
         save_tensors(args.out, {"hidden": H, "labels": y}, header)
-        print(f"wrote {tuple(H.shape)} hidden states (layer {ext.layer}) to {args.out}"
+        held = f", {header['split'].count('test')} held out for testing" if args.test_fraction else ""
+        print(f"wrote {tuple(H.shape)} hidden states (layer {ext.layer}{held}) to {args.out}"
               + (f" ({world.size} processes)" if world.size > 1 else ""))
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .constraints.base import ConstraintSet
-    from .presets import preset
+def _stream_headers(path: str) -> dict[str, Any]:
+    """The common source of the features file(s) at ``path`` (a file or a directory of them)."""
+    from .features import _expand
+    from .io import read_header
+    from .provenance import source_of
 
+    files = _expand(path)
+    headers = [read_header(f)[1] for f in files]
+    for f, header in zip(files, headers):
+        if header.get("split") is not None:
+            raise ConfigError(f"{f} holds a train/test split (extract --test-fraction), but --chunk-rows trains on "
+                              "every row; train without --chunk-rows, or extract without --test-fraction")
+    sources = [source_of(h) for h in headers]
+    for f, src in zip(files[1:], sources[1:]):
+        if src != sources[0]:
+            raise DataError(f"{f} was extracted from another model, layer or setting than the first file in {path} "
+                            f"({src} vs {sources[0]}); train on features of one source")
+    return sources[0] if sources else {}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .constraints.base import ConstraintSet
+    from .evaluation import detection_metrics
+    from .presets import match_preset, preset
+    from .provenance import source_of
+
+    test = None
     if args.chunk_rows:  # stream from disk: the features file(s) are never loaded whole
         from .features import FeatureDataset
 
         H, y = FeatureDataset.from_files(args.features, chunk_rows=args.chunk_rows), None
-        dim = H.dim
+        source, dim, n = _stream_headers(args.features), H.dim, len(H)
     elif Path(args.features).is_dir():
         raise DataError(f"{args.features} is a directory; stream its feature files with --chunk-rows N, "
                         "or pass one features file")
     else:
-        H, y, _ = _features_file(args.features)
-        dim = H.shape[1]
+        H_all, y_all, header = _features_file(args.features)
+        split = _row_split(header, len(y_all), args.features)
+        H, y = _take(H_all, y_all, _rows(split, "train"))
+        test = _take(H_all, y_all, _rows(split, "test")) if split else None
+        source, dim, n = source_of(header), H.shape[1], len(y)
+    preset_name = args.preset or match_preset(str(source.get("model", ""))) or "default"
+    started = time.perf_counter()
     if args.constraint == "polytope":
-        p = preset(args.preset or "default")
+        p = preset(preset_name)
         model = ConstraintSet.create("polytope", input_dim=dim, num_facets=args.facets or p.num_facets,
                                      num_features=args.features_width or p.num_features)
         options = p.fit_options() | ({"margin": args.margin} if args.margin is not None else {})
         model.fit(H, y, **options, epochs=args.epochs)
     else:
         model = ConstraintSet.create(args.constraint, input_dim=dim).fit(H, y, epochs=args.epochs)
+    seconds = time.perf_counter() - started
+    training = model.provenance["training"]
+    training.update(features=str(args.features), preset=preset_name if args.constraint == "polytope" else None,
+                    split="train" if test is not None else "all")
+    metrics = {}
+    if y is not None:
+        metrics["train"] = detection_metrics(y, model.score(H))
+    if test is not None:
+        metrics["held_out"] = detection_metrics(test[1], model.score(test[0]))
+    training["metrics"] = metrics
+    model.provenance.update(source)
     model.save(args.out)
+    print(_training_summary(args.constraint, model, source, seconds, n))
     print(f"wrote {args.constraint} constraint set to {args.out}")
     return 0
+
+
+def _training_summary(kind: str, model, source: dict[str, Any], seconds: float, rows: int) -> str:
+    """What training used and how it went: settings, final loss, train and held-out metrics, time."""
+    t = model.provenance["training"]
+    where = ", ".join(f"{k} {source[k]}" for k in ("model", "layer") if k in source) or "unknown source"
+    settings = ", ".join(f"{k}={v}" for k, v in {**t["config"], **t["options"]}.items()
+                         if k != "input_dim" and v is not None)
+    lines = [f"trained {kind} on {rows} rows ({t['unsafe_rows']} unsafe, {t['safe_rows']} safe; {where})",
+             f"  settings: {settings}" + (f" (preset {t['preset']})" if t.get("preset") else ""),
+             f"  final loss {t['final_loss']:.4g} after {t['epochs']} epochs, {seconds:.1f} s"
+             if t["final_loss"] is not None else f"  {t['epochs']} epochs, {seconds:.1f} s"]
+    for name, m in t["metrics"].items():
+        lines.append(f"  {name + ':':<10} n {m['n']:<6} f1 {m['f1']:.3f}  fpr {m['fpr']:.3f}  "
+                     f"auroc {m['auroc']:.3f}  accuracy {m['accuracy']:.3f}")
+    if "held_out" not in t["metrics"]:
+        lines.append("  no held-out rows: extract with --test-fraction F to measure on unseen prompts")
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .evaluation import detection_metrics
     from .io import json_text
+    from .provenance import check_source, source_of
 
     H, y, header = _features_file(args.features)
     model = ConstraintSet.load(args.constraints)
-    rows = {"all": detection_metrics(y, model.score(H))}
-    sources = header.get("sources") or []
-    for s in sorted(set(sources)):
-        idx = [i for i, x in enumerate(sources) if x == s]
-        rows[s] = detection_metrics(y[idx], model.score(H[idx]))
-    print(json_text(rows, indent=2))
+    if not args.ignore_provenance:
+        source = source_of(header)
+        check_source(model.provenance, model=source.get("fingerprint"), layer=source.get("layer"),
+                     what=f"the constraint set {args.constraints}")
+    split = _row_split(header, len(y), args.features)
+    part = args.split or ("test" if split else "all")
+    if part != "all" and split is None:
+        raise DataError(f"{args.features} has no train/test split; extract with --test-fraction F, or pass --split all")
+    rows = _rows(split, part)
+    idx = rows if rows is not None else list(range(len(y)))
+    if not idx:
+        raise DataError(f"{args.features} has no {part} rows; pass --split all")
+    score = model.score(H[idx])
+    labels = y[idx]
+    out: dict[str, Any] = {"split": part, "all": detection_metrics(labels, score)}
+    for key, column in (("sources", "sources"), ("categories", "categories")):
+        values = header.get(column) or []
+        if len(values) != len(y) or not any(values):
+            continue
+        values = [values[i] for i in idx]
+        out[key] = {v: detection_metrics(labels[[j for j, x in enumerate(values) if x == v]],
+                                         score[[j for j, x in enumerate(values) if x == v]])
+                    for v in sorted(set(values))}
+    print(json_text(out, indent=2))
     return 0
 
 
@@ -348,9 +488,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .generation import check_steering, generate_responses
     from .io import json_text
-    from .layers import find_decoder_layers
-    from .models import load_model
-    from .presets import preset, resolve_layer
+    from .layers import default_model_layer
+    from .models import load_model, model_config
+    from .provenance import check_source, recorded_layer
     from .steerers.base import Steerer
 
     prompts = list(args.prompt) + (Path(args.file).read_text("utf-8").splitlines() if args.file else [])
@@ -360,44 +500,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
     constraints = ConstraintSet.load(args.constraints)
     gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
     steerer = Steerer.create(args.steerer, **({"preset": args.preset} if args.preset else {}))
+    sets = [(constraints, f"the constraint set {args.constraints}")]
+    sets += [(gate, f"the gate {args.gate}")] if isinstance(gate, ConstraintSet) else []
+    layer = args.layer if args.layer is not None else recorded_layer(constraints, gate)
+    _check_layers(args.model, [layer])
+    config = model_config(args.model)
+    if config is not None and not args.ignore_provenance:  # refuse a mismatch before the model loads
+        for c, what in sets:
+            check_source(c.provenance, model=config, what=what)
     model, tok = load_model(args.model)
-    layer = args.layer if args.layer is not None else resolve_layer(preset(args.preset, model),
-                                                                      len(find_decoder_layers(model)))
-    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n)
+    layer = layer if layer is not None else default_model_layer(model, args.preset)
+    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n,
+                 check_provenance=not args.ignore_provenance)
     check_steering(model, **steer)  # fail before the unsteered pass, not after it
-    plain, _, _ = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens)
-    steered, _, log = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens, steer=steer)
+    template = constraints.provenance.get("chat_template", "auto")  # format prompts as in training
+    kw = dict(max_new_tokens=args.max_new_tokens, chat_template=template if isinstance(template, bool) else "auto")
+    plain, _, _ = generate_responses(model, tok, prompts, **kw)
+    steered, _, log = generate_responses(model, tok, prompts, steer=steer, **kw)
     for p, a, b in zip(prompts, plain, steered):
         print(f"=== {p}\n--- unsteered:\n{a}\n--- steered ({'moved' if a != b else 'unchanged'}):\n{b}\n")
     if log:
         print(json_text({k: v for k, v in log.summary().items() if k != "steered_tokens_per_row"}))
+        print(f"steered at layer {layer}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .data import load_prompts
     from .extractors import HFExtractor
-    from .pipeline import default_splits, format_table, layer_sweep
+    from .pipeline import format_table, layer_sweep, prompt_splits
 
     if args.processes > 1:
         return _spawn(args)
+    splits = prompt_splits(args.data)
+    _check_layers(args.model, list(args.layers or []))
     world = _join(args)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache, progress=world.is_main)
     layers = args.layers or list(range(len(ext.blocks)))
-    rows = layer_sweep(ext, default_splits(load_prompts("default")), layers, kind=args.constraint,
-                       progress=world.is_main)
+    rows = layer_sweep(ext, splits, layers, kind=args.constraint, progress=world.is_main)
     if world.is_main:
+        print(f"splits: {splits.describe()}")
         print(format_table(rows, list(rows[0])))
         best = max(rows, key=lambda r: (r["val_ood_f1"], r["val_ood_auroc"]))
-        print(f"best layer by OOD validation F1: {best['layer']}")
+        kind = "OOD" if splits.ood else "in-distribution"
+        print(f"best layer by {kind} validation F1: {best['layer']} (use it with --layer {best['layer']})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline import STEERING_COLUMNS, format_table, run_demo, steering_rows
+    from .data import load_prompts
+    from .pipeline import STEERING_COLUMNS, format_table, prompt_splits, run_demo, steering_rows
 
-    result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None,
+    data = None if args.data == "default" else load_prompts(args.data)
+    if data is not None:
+        prompt_splits(data)  # a split without a class fails now, not after the model has loaded
+    _check_layers(args.model, [args.layer])
+    result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None, data=data,
                       max_new_tokens=args.max_new_tokens, num_features=args.features_width,
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
                       refusal_rounds=args.refusal_rounds, steerers=args.steerers, first_n_tokens=args.first_n,
@@ -432,8 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default model name, HF id or local path")
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or a CSV/JSONL with text,label[,category]")
-    p.add_argument("--layer", type=int, default=20, help="decoder block index (its output is read)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="decoder block index (its output is read; default: the model's preset layer, else the "
+                        "paper's 20/32 of its depth)")
     p.add_argument("--pooling", choices=["last", "mean"], default="last")
+    p.add_argument("--test-fraction", type=fraction, default=None, metavar="F",
+                   help="hold out a fraction F of the prompts (stratified by source and label) for testing: "
+                        "`train` fits on the rest, `eval` reports on them")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the --test-fraction split")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
     p.add_argument("--responses", type=nonnegative_int, default=0, metavar="N",
@@ -452,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-width", type=positive_int, default=None,
                    help="polytope feature-map width F (default: the preset's)")
     p.add_argument("--margin", type=nonnegative_float, default=None, help="polytope margin κ (default: the preset's)")
-    p.add_argument("--preset", default=None, help="model preset (see safeflow.presets)")
+    p.add_argument("--preset", type=preset_name, default=None,
+                   help="model preset (see safeflow.presets; default: the features' model's entry, else 'default')")
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--chunk-rows", type=positive_int, default=None, metavar="N",
                    help="stream the features from disk in chunks of N rows instead of loading them "
@@ -460,9 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_file, default="runs/polytope.safetensors")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="detection metrics of a constraint set on a features file, per source")
+    p = sub.add_parser("eval", help="detection metrics of a constraint set on a features file, per source and "
+                                    "category")
     p.add_argument("--features", type=input_file, default="runs/features.safetensors")
     p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
+    p.add_argument("--split", choices=["test", "train", "all"], default=None,
+                   help="rows to evaluate (default: the held-out test rows if the file has a split, else all)")
+    p.add_argument("--ignore-provenance", action="store_true",
+                   help="evaluate even if the features come from another model or layer than the constraint set's")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate with and without steering, side by side")
@@ -474,14 +644,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'safeflow' (gradient steps) or 'projection' (nearest point)")
     p.add_argument("--gate", type=gate_source, default="prompt",
                    help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
-    p.add_argument("--layer", type=int, default=None, help="default: the preset's layer")
-    p.add_argument("--preset", default=None, help="model preset for the layer and the steerer's weights")
+    p.add_argument("--layer", type=int, default=None,
+                   help="default: the layer the constraint set was trained on (recorded in it), else the preset's")
+    p.add_argument("--preset", type=preset_name, default=None,
+                   help="model preset for the steerer's weights (and the layer, if the file records none)")
+    p.add_argument("--ignore-provenance", action="store_true",
+                   help="steer even if the constraint set was trained on another model or layer")
     p.add_argument("--first-n", type=nonnegative_int, default=20, help="steer only the first n generated tokens")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("sweep", help="choose the layer by out-of-distribution validation (default data)")
+    p = sub.add_parser("sweep", help="choose the layer by validation (out-of-distribution on the default data)")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    p.add_argument("--data", type=data_source, default="default",
+                   help="'default' or your CSV/JSONL (text,label[,category][,source]): split in distribution")
     p.add_argument("--layers", type=int, nargs="*", help="layers to try (default: all)")
     p.add_argument("--constraint", type=registered("constraint"), default="linear",
                    help="constraint set fitted per layer (fast: linear)")
@@ -493,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
     p.add_argument("--out", type=output_dir, default="runs/demo")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    p.add_argument("--data", type=data_source, default="default",
+                   help="'default' or your CSV/JSONL (text,label[,category][,source]): split in distribution "
+                        "(60/20/20 train/validation/test), the report says so")
     p.add_argument("--limit", type=nonnegative_int, default=50,
                    help="prompts per group for the steering evaluation (0: all)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)

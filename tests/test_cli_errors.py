@@ -182,4 +182,5 @@ def test_eval_writes_strict_json_with_null_for_undefined_auroc(files, capsys):
         raise ValueError(f"non-standard JSON constant {constant}")
 
     rows = json.loads(capsys.readouterr().out, parse_constant=refuse)
-    assert rows["all"]["auroc"] is None and rows["a"]["auroc"] is None and rows["all"]["n"] == 16
+    assert rows["all"]["auroc"] is None and rows["sources"]["a"]["auroc"] is None and rows["all"]["n"] == 16
+    assert rows["split"] == "all"
