@@ -3,6 +3,7 @@
 Labels everywhere: 1 = unsafe, 0 = safe. "Layer L" is the output of decoder block L.
 """
 
+from .attacks import Attack, AttackPrompt
 from .constraints import ConstraintSet, LinearConstraint, MLPConstraint, PolytopeConstraints
 from .data import PromptSet, load_prompts, source_split, stratified_split
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
@@ -18,11 +19,12 @@ __version__ = "0.1.0"
 
 def available() -> dict[str, list[str]]:
     """Every registry and its registered names."""
-    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available(), "steerer": Steerer.available()}
+    return {"extractor": Extractor.available(), "constraint": ConstraintSet.available(), "steerer": Steerer.available(),
+            "attack": Attack.available()}
 
 
 __all__ = [
-    "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
+    "AssetError", "Attack", "AttackPrompt", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
     "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
     "available", "detection_metrics", "evaluate_steering", "generate_responses", "load_model", "load_prompts",
