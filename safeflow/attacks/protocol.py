@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def attack_requests(data: PromptSet, n: int | None = 40, seed: int = 0) -> list[str]:
-    """``n`` harmful (label 1) texts of ``data`` drawn at random with ``seed`` (None: all, in order)."""
+    """The first ``n`` harmful (label 1) texts of ``data`` shuffled with ``seed`` (None: all, in order).
+
+    Prefix-stable: the first ``m < n`` requests for ``n`` are the requests for ``m``, so a cache
+    made for fewer requests is a head start for more."""
     harmful = data.where(label=1).texts
     if not harmful:
         raise DataError("the data has no harmful (label 1) prompts to attack")
@@ -43,7 +46,8 @@ def attack_requests(data: PromptSet, n: int | None = 40, seed: int = 0) -> list[
         return harmful
     if n < 1:
         raise ConfigError(f"the number of requests must be >= 1, got {n}")
-    return random.Random(seed).sample(harmful, n)
+    random.Random(seed).shuffle(harmful)
+    return harmful[:n]
 
 
 def protocol_prompts(data: PromptSet, default: bool, seed: int = 0) -> tuple[PromptSet, PromptSet]:
