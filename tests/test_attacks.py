@@ -362,3 +362,19 @@ def test_cli_attack_writes_the_table_and_reuses_the_cache(tmp_path, bpe, capsys)
     assert len((out / "attack_records.jsonl").read_text().splitlines()) == 3 + 3
     assert main(["attack", *common[:6], "--attacks", "autodan", "--generate-only"]) == 2
     assert "valid names" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gcg_on_cuda_matches_cpu_losses_and_retokenises(bpe):
+    cpu = make_model("llama", vocab_size=len(bpe), seed=2)
+    cuda = make_model("llama", vocab_size=len(bpe), seed=2).cuda()
+    kw = dict(steps=4, candidates=16, suffix_length=5, topk=20, init="!", target="sure, here is", early_stop=False)
+    a_cpu, a_cuda = gcg(cpu, bpe, **kw), gcg(cuda, bpe, **kw)
+    suffixes = torch.tensor([[a_cpu.init_id] * 5, [40, 41, 42, 43, 44]])
+    ref = a_cpu._evaluate(a_cpu._problem(REQUESTS[0]), suffixes)["loss"]
+    got = a_cuda._evaluate(a_cuda._problem(REQUESTS[0]), suffixes.cuda())["loss"].cpu()
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+    (p,) = a_cuda.generate(REQUESTS[:1], progress=False)
+    problem = a_cuda._problem(p.request)
+    assert a_cuda.prompt_ids(p.prompt) == problem.before + p.info["suffix_ids"] + problem.after
+    assert p.info["loss"] < p.info["initial_loss"]
