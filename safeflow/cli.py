@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template-max-chars", type=int, default=4000, help="longest jailbreak template used")
     p.add_argument("--detector", default=None,
                    help="constraint set adaptive-gcg attacks (default: a polytope trained on the train split, saved to --out)")
-    p.add_argument("--adaptive-weight", type=float, default=1.0, help="weight of the detector term in adaptive-gcg")
+    p.add_argument("--adaptive-weight", type=float, default=0.01, help="weight of the detector term in adaptive-gcg")
     p.add_argument("--adaptive-margin", type=float, default=0.0, help="depth inside the detector adaptive-gcg aims for")
     p.add_argument("--steerers", nargs="*", default=["safeflow"], help="steerers compared with unsteered generation")
     p.add_argument("--gate", default="polytope", help="detector gating steering (polytope, mlp, linear) or prompt/token")

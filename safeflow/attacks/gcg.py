@@ -277,12 +277,14 @@ class AdaptiveGCGAttack(GCGAttack, name="adaptive-gcg"):
     detector the defence gates steering with): loss ``+ weight · Σ_k ReLU(v_k(h) + margin)``.
 
     Extra args: ``constraints`` (a fitted constraint set of the model's ``layer``), ``layer``,
-    ``weight`` and ``margin`` (how deep inside to aim). ``info["violation"]`` is the returned
+    ``weight`` and ``margin`` (how deep inside to aim). The default weight suits the default
+    model's detection polytope, whose summed violations on harmful requests are O(100) while the
+    target loss is O(1). ``info["violation"]`` is the returned
     prompt's largest violation (<= 0: the detector passes it), ``info["initial_violation"]`` the
     plain request's (with the initial suffix).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, constraints: ConstraintSet, layer: int, weight: float = 1.0,
+    def __init__(self, model: nn.Module, tokenizer, *, constraints: ConstraintSet, layer: int, weight: float = 0.01,
                  margin: float = 0.0, **gcg: Any) -> None:
         super().__init__(model, tokenizer, **gcg)
         constraints.require_fitted()
