@@ -9,7 +9,6 @@ uninterrupted run would have produced.
 from __future__ import annotations
 
 import hashlib
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,6 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..registry import Registered
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +45,7 @@ class AttackPrompt:
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in names) \
                 or not isinstance(row.get("info", {}), dict):
             raise DataError(f"not an attack prompt record: {str(row)[:120]!r}")
-        return cls(*(row[k] for k in names), info=dict(row.get("info", {})))
+        return cls(row["attack"], row["request"], row["prompt"], row["group"], dict(row.get("info", {})))
 
 
 def request_seed(seed: int, request: str) -> int:

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from ..errors import ConfigError
 from ..extractors import format_prompts
 from ..layers import block_output, find_decoder_layers, normalize_layer
 from .base import Attack, AttackPrompt, positive_int, request_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class GCGAttack(Attack, name="gcg"):
         seed: candidate sampling (combined with each request).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, steps: int = 25, candidates: int = 64, suffix_length: int = 16,
+    def __init__(self, model: PreTrainedModel, tokenizer, *, steps: int = 25, candidates: int = 64, suffix_length: int = 16,
                  topk: int = 64, target: str = TARGET, init: str = "!", early_stop: bool = True,
                  allow_non_ascii: bool = False, eval_batch_size: int | None = None, chat_template: bool | str = "auto",
                  system_prompt: str | None = None, seed: int = 0) -> None:
@@ -91,7 +94,7 @@ class GCGAttack(Attack, name="gcg"):
         self.target, self.init, self.early_stop, self.allow_non_ascii = target, init, early_stop, allow_non_ascii
         self.chat_template, self.system_prompt, self.seed = chat_template, system_prompt, seed
         self.device = next(model.parameters()).device
-        self.embedding = model.get_input_embeddings()
+        self.embedding = cast(nn.Embedding, model.get_input_embeddings())
         self.allowed = self._allowed_tokens()
         if int(self.allowed.sum()) < self.topk:
             raise ConfigError(f"topk={topk} exceeds the {int(self.allowed.sum())} tokens a suffix may use")
@@ -284,7 +287,7 @@ class AdaptiveGCGAttack(GCGAttack, name="adaptive-gcg"):
     plain request's (with the initial suffix).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, constraints: ConstraintSet, layer: int, weight: float = 0.01,
+    def __init__(self, model: PreTrainedModel, tokenizer, *, constraints: ConstraintSet, layer: int, weight: float = 0.01,
                  margin: float = 0.0, **gcg: Any) -> None:
         super().__init__(model, tokenizer, **gcg)
         constraints.require_fitted()

@@ -12,7 +12,6 @@ detector's false-positive rate.
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ from ..steerers.base import Steerer
 from .base import Attack, AttackPrompt
 from .cache import cache_file
 
-log = logging.getLogger(__name__)
+#: Extraction keeps this many prompt tokens (jailbreak templates run to ~1000), so detectors read
+#: the same untruncated prompt state that generation, and so the steering gate, sees.
+MAX_PROMPT_TOKENS = 4096
 
 
 def attack_requests(data: PromptSet, n: int | None = 40, seed: int = 0) -> list[str]:
@@ -151,7 +152,7 @@ def evaluate_attacks(
     if not rows:
         raise DataError("no attack prompts to evaluate; generate and split an attack first")
     texts = [p.prompt for _, p in rows] + list(benign)
-    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     answers = {"unsteered": generate_responses(model, tokenizer, texts, **kw)[:2]}
     for name, steerer in steerers.items():
         steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens)
@@ -159,7 +160,8 @@ def evaluate_attacks(
     classes = {k: [judge.classify(t) for t in responses] for k, (responses, _) in answers.items()}
     flagged: dict[str, list[bool]] = {}
     if detectors:
-        extractor = extractor or HFExtractor(model, tokenizer, layer=layer, progress=progress)
+        extractor = extractor or HFExtractor(model, tokenizer, layer=layer, max_length=MAX_PROMPT_TOKENS,
+                                             progress=progress)
         H = extractor.extract(texts)
         flagged = {name: (det.score(H) > 0).tolist() for name, det in detectors.items()}
 
@@ -248,7 +250,7 @@ def run_attack_protocol(
                for name, attack in attacks.items()}
     splits = {name: split_attack(p, test_fraction, seed) for name, p in prompts.items()}
     attack_train = [p.prompt for s in splits.values() for p in s.train]
-    extractor = HFExtractor(model, tokenizer, layer=layer, progress=progress)
+    extractor = HFExtractor(model, tokenizer, layer=layer, max_length=MAX_PROMPT_TOKENS, progress=progress)
     H = torch.cat([extractor.extract(train.texts), extractor.extract(attack_train)])
     y = torch.cat([train.y, torch.ones(len(attack_train), dtype=torch.long)])
     detectors = {kind: train_constraints(kind, H, y, preset, num_features, progress) for kind in detector_kinds}
