@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptFileError
+from .errors import ConfigError, CorruptFileError
 from .io import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ class HiddenStateCache:
 
     def __init__(self, directory: str | Path, fingerprint: dict[str, Any]) -> None:
         digest = hashlib.sha256(repr(sorted(fingerprint.items())).encode()).hexdigest()[:16]
+        if Path(directory).exists() and not Path(directory).is_dir():
+            raise ConfigError(f"cache directory {directory} is a file; pass a directory (or none)")
         self.directory = Path(directory) / digest
         self.fingerprint = {k: str(v) for k, v in fingerprint.items()}
         self._rows: dict[str, torch.Tensor] = {}
@@ -40,14 +42,16 @@ class HiddenStateCache:
         if not self.directory.is_dir():
             return
         for path in sorted(self.directory.glob("chunk-*.safetensors")):
-            self._next_chunk = max(self._next_chunk, int(path.stem.split("-")[1]) + 1)
+            number = path.stem.split("-", 1)[1]
+            if number.isdigit():
+                self._next_chunk = max(self._next_chunk, int(number) + 1)
             try:
                 tensors, header = load_tensors(path)
                 keys = header["keys"]
                 hidden = tensors["hidden"]
-                if len(keys) != hidden.shape[0]:
+                if not isinstance(keys, list) or len(keys) != hidden.shape[0]:
                     raise KeyError("row count")
-            except (CorruptFileError, KeyError, TypeError) as exc:
+            except (CorruptFileError, OSError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable cache chunk %s (%s); it will be recomputed", path, exc)
                 continue
             self._rows.update(zip(keys, hidden))

@@ -1,23 +1,196 @@
-"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo, attack."""
+"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo, attack.
+
+Every user error — a bad argument, an unreadable or hostile file, a model that cannot be loaded,
+a full disk — is reported as one line ``safeflow: error: ...`` naming the fix, with exit status 2
+and no traceback. Two central pieces give a new subcommand this for free: the parser class
+(:class:`Parser`, inherited by every subparser) turns argument errors into that line, and
+:func:`main` does the same for the exceptions in :data:`USER_ERRORS`. Arguments are checked
+before any model is loaded by the ``type=`` validators below (:func:`positive_int`,
+:func:`input_file`, :func:`output_file`, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import logging
+import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
-from .errors import SafeflowError
+from .errors import DataError, SafeflowError
+
+#: Exceptions that are the user's to fix: reported as one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (SafeflowError, OSError, UnicodeDecodeError, FloatingPointError,
+                                                 MemoryError)
+
+
+class UsageError(SafeflowError):
+    """A command-line argument is invalid."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that raises :class:`UsageError` instead of printing usage and exiting;
+    :func:`main` reports it as one line (exit status 2). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# --- argument validators (argparse ``type=``): run at parse time, before any model is loaded ---
+def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    def wrapped(text: str) -> Any:
+        try:
+            return check(text)
+        except (SafeflowError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    wrapped.__name__ = check.__name__
+    return wrapped
+
+
+def _number(text: str, kind: type, low: float, strict: bool = False) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise ValueError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+    return value
+
+
+positive_int = _checked(lambda t: _number(t, int, 1))
+nonnegative_int = _checked(lambda t: _number(t, int, 0))
+nonnegative_float = _checked(lambda t: _number(t, float, 0.0))
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _creatable(path: Path) -> None:
+    """Raise ValueError unless ``path`` can be created (its nearest existing ancestor is a writable directory)."""
+    base = _nearest_existing(path.parent.absolute())
+    if not base.is_dir():
+        raise ValueError(f"cannot create {path}: {base} is a file, not a directory; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {path}: {base} is not writable; choose a writable location")
+
+
+@_checked
+def input_file(text: str) -> str:
+    """An existing, readable file."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{text} is a directory; pass a file")
+    if not path.is_file():
+        raise ValueError(f"{text} does not exist; pass an existing file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{text} is not readable; fix its permissions")
+    return str(path)
+
+
+@_checked
+def text_file(text: str) -> str:
+    """An existing UTF-8 text file."""
+    path = input_file(text)
+    try:
+        Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{text} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return path
+
+
+@_checked
+def output_file(text: str) -> str:
+    """A file path that can be written (an existing file is replaced)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{text} is a directory; pass a file path such as {Path(text) / 'out.safetensors'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{text} is not writable; choose another path")
+    _creatable(path)
+    return str(path)
+
+
+@_checked
+def output_dir(text: str) -> str:
+    """A directory that exists or can be created."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{text} is a file; pass a directory")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{text} is not writable; choose another directory")
+    else:
+        _creatable(path)
+    return str(path)
+
+
+@_checked
+def model_name(text: str) -> str:
+    """A default model name, a local model directory or a Hugging Face id."""
+    from .models import resolve_model
+
+    resolve_model(text)
+    return text
+
+
+@_checked
+def data_source(text: str) -> str:
+    """``default`` or a prompt file."""
+    return text if text == "default" else input_file(text)
+
+
+@_checked
+def gate_source(text: str) -> str:
+    """``prompt``, ``token`` or a constraint-set file."""
+    return text if text in ("prompt", "token") else input_file(text)
+
+
+def registered(kind: str) -> Callable[[str], str]:
+    """A name registered in the ``kind`` registry (``constraint``, ``steerer`` or ``attack``)."""
+    @_checked
+    def name(text: str) -> str:
+        from . import available
+
+        names = available()[kind]
+        if text not in names:
+            raise ValueError(f"unknown {kind} {text!r}; valid: {', '.join(names)}")
+        return text
+    return name
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a user error, naming the fix."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        fixes = {errno.ENOSPC: "free disk space or write elsewhere", errno.EACCES: "choose a writable location",
+                 errno.EPERM: "choose a writable location", errno.EROFS: "choose a writable location",
+                 errno.EISDIR: "pass a file path, not a directory", errno.ENOTDIR: "a part of the path is a file",
+                 errno.ENOENT: "check the path"}
+        return f"{exc.filename}: {exc.strerror or exc}; {fixes.get(exc.errno or 0, 'check the path')}"
+    if isinstance(exc, MemoryError):
+        return "out of memory; use smaller settings (e.g. --features-width, --batch-size)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    return str(exc) or type(exc).__name__
 
 
 def _features_file(path: str):
     from .io import load_tensors
 
     tensors, header = load_tensors(path)
-    if "hidden" not in tensors or "labels" not in tensors:
-        raise SafeflowError(f"{path} is not a features file; create one with `safeflow extract`")
-    return tensors["hidden"], tensors["labels"], header
+    H, y = tensors.get("hidden"), tensors.get("labels")
+    if H is None or y is None:
+        raise DataError(f"{path} is not a features file; create one with `safeflow extract`")
+    if H.ndim != 2 or y.ndim != 1 or len(y) != len(H):
+        raise DataError(f"{path} holds hidden {tuple(H.shape)} and labels {tuple(y.shape)}; re-create it with "
+                        "`safeflow extract`")
+    return H, y, header
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
@@ -49,8 +222,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .models import load_model
     from .responses import response_states
 
-    model, tok = load_model(args.model)
     data = load_prompts(args.data)
+    model, tok = load_model(args.model)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
     header = {"model": args.model, "layer": ext.layer, "pooling": args.pooling}
     if args.responses:
@@ -74,9 +247,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     H, y, _ = _features_file(args.features)
     if args.constraint == "polytope":
-        p = preset(args.preset)
-        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=args.facets, num_features=args.features_width)
-        model.fit(H, y, margin=args.margin if args.margin is not None else p.margin, feature_l1=p.feature_l1, epochs=args.epochs)
+        p = preset(args.preset or "default")
+        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=args.facets or p.num_facets, num_features=args.features_width)
+        options = p.fit_options() | ({"margin": args.margin} if args.margin is not None else {})
+        model.fit(H, y, **options, epochs=args.epochs)
     else:
         model = ConstraintSet.create(args.constraint, input_dim=H.shape[1]).fit(H, y, epochs=args.epochs)
     model.save(args.out)
@@ -87,6 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .evaluation import detection_metrics
+    from .io import json_text
 
     H, y, header = _features_file(args.features)
     model = ConstraintSet.load(args.constraints)
@@ -95,33 +270,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for s in sorted(set(sources)):
         idx = [i for i, x in enumerate(sources) if x == s]
         rows[s] = detection_metrics(y[idx], model.score(H[idx]))
-    print(json.dumps(rows, indent=2))
+    print(json_text(rows, indent=2))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
-    from .generation import generate_responses
+    from .generation import check_steering, generate_responses
+    from .io import json_text
+    from .layers import find_decoder_layers
     from .models import load_model
-    from .presets import preset
+    from .presets import preset, resolve_layer
     from .steerers.base import Steerer
 
     prompts = list(args.prompt) + (Path(args.file).read_text("utf-8").splitlines() if args.file else [])
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise SafeflowError("no prompt given; pass PROMPT or --file FILE (one prompt per line)")
-    model, tok = load_model(args.model)
-    layer = args.layer if args.layer is not None else preset(args.preset).layer
     constraints = ConstraintSet.load(args.constraints)
     gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
     steerer = Steerer.create(args.steerer, **({"preset": args.preset} if args.preset else {}))
+    model, tok = load_model(args.model)
+    layer = args.layer if args.layer is not None else resolve_layer(preset(args.preset, model),
+                                                                      len(find_decoder_layers(model)))
     steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n)
+    check_steering(model, **steer)  # fail before the unsteered pass, not after it
     plain, _, _ = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens)
     steered, _, log = generate_responses(model, tok, prompts, max_new_tokens=args.max_new_tokens, steer=steer)
     for p, a, b in zip(prompts, plain, steered):
         print(f"=== {p}\n--- unsteered:\n{a}\n--- steered ({'moved' if a != b else 'unchanged'}):\n{b}\n")
     if log:
-        print(json.dumps({k: v for k, v in log.summary().items() if k != "steered_tokens_per_row"}))
+        print(json_text({k: v for k, v in log.summary().items() if k != "steered_tokens_per_row"}))
     return 0
 
 
@@ -146,11 +325,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     from .attacks import cache_file
     from .attacks.protocol import (attack_requests, build_attacks, protocol_prompts, render_report,
-                                   run_attack_protocol)
+                                   run_attack_protocol, save_protocol)
     from .constraints.base import ConstraintSet
     from .data import load_prompts
     from .extractors import HFExtractor
-    from .io import write_text_atomic
     from .models import load_model
     from .pipeline import train_constraints
     from .presets import preset
@@ -190,15 +368,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         gate=args.gate, steerers=steerers, refusal_prompts=refusal_prompts, preset=args.preset,
         num_features=args.features_width, refusal_features=args.refusal_features_width,
         max_new_tokens=args.max_new_tokens, seed=args.seed)
-    report = result.report
-    write_text_atomic(out / "attack_report.json", json.dumps({k: v for k, v in report.items() if k != "records"}, indent=2))
-    write_text_atomic(out / "attack_records.jsonl", "\n".join(json.dumps(r) for r in report["records"]) + "\n")
-    write_text_atomic(out / "attack_report.md", render_report(report))
-    for name, det in result.detectors.items():
-        det.save(out / f"detector_{name}.safetensors")
-    if result.refusal is not None:
-        result.refusal.save(out / "refusal_polytope.safetensors")
-    print(render_report(report))
+    save_protocol(result, out)
+    print(render_report(result.report))
     print(f"report: {out / 'attack_report.md'}")
     return 0
 
@@ -220,7 +391,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safeflow", description="Learned safety polytopes: detect and steer.")
+    parser = Parser(prog="safeflow", description="Learned safety polytopes: detect and steer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -229,107 +400,123 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("extract", help="extract hidden states of a prompt set to a safetensors file")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="default model name, HF id or local path")
-    p.add_argument("--data", default="default", help="'default' or a CSV/JSONL with text,label[,category]")
+    p.add_argument("--model", type=model_name, default="smollm2-135m-instruct",
+                   help="default model name, HF id or local path")
+    p.add_argument("--data", type=data_source, default="default",
+                   help="'default' or a CSV/JSONL with text,label[,category]")
     p.add_argument("--layer", type=int, default=20, help="decoder block index (its output is read)")
     p.add_argument("--pooling", choices=["last", "mean"], default="last")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
-    p.add_argument("--responses", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
+    p.add_argument("--responses", type=nonnegative_int, default=0, metavar="N",
                    help="instead of prompt states: response states of the harmful prompts over N response tokens "
                         "(own answer = unsafe, refusal = safe); train a refusal polytope on them")
     p.add_argument("--with-benign", action="store_true", help="with --responses: add benign prompts' answers as safe")
-    p.add_argument("--out", default="runs/features.safetensors")
+    p.add_argument("--out", type=output_file, default="runs/features.safetensors")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train a constraint set on a features file")
-    p.add_argument("--features", default="runs/features.safetensors")
-    p.add_argument("--constraint", default="polytope", help="registered name: polytope, mlp, linear")
-    p.add_argument("--facets", type=int, default=14)
-    p.add_argument("--features-width", type=int, default=16384, help="polytope feature-map width F")
-    p.add_argument("--margin", type=float, default=None, help="polytope margin κ (default: the preset's)")
+    p.add_argument("--features", type=input_file, default="runs/features.safetensors")
+    p.add_argument("--constraint", type=registered("constraint"), default="polytope",
+                   help="registered name: polytope, mlp, linear")
+    p.add_argument("--facets", type=positive_int, default=None, help="number of facets K (default: the preset's)")
+    p.add_argument("--features-width", type=positive_int, default=16384, help="polytope feature-map width F")
+    p.add_argument("--margin", type=nonnegative_float, default=None, help="polytope margin κ (default: the preset's)")
     p.add_argument("--preset", default=None, help="model preset (see safeflow.presets)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--out", default="runs/polytope.safetensors")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--out", type=output_file, default="runs/polytope.safetensors")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="detection metrics of a constraint set on a features file, per source")
-    p.add_argument("--features", default="runs/features.safetensors")
-    p.add_argument("--constraints", default="runs/polytope.safetensors")
+    p.add_argument("--features", type=input_file, default="runs/features.safetensors")
+    p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate with and without steering, side by side")
     p.add_argument("prompt", nargs="*", help="prompt(s)")
-    p.add_argument("--file", help="file with one prompt per line")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--constraints", default="runs/polytope.safetensors")
-    p.add_argument("--steerer", default="safeflow")
-    p.add_argument("--gate", default="prompt",
+    p.add_argument("--file", type=text_file, help="file with one prompt per line")
+    p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
+    p.add_argument("--steerer", type=registered("steerer"), default="safeflow")
+    p.add_argument("--gate", type=gate_source, default="prompt",
                    help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
     p.add_argument("--layer", type=int, default=None, help="default: the preset's layer")
     p.add_argument("--preset", default=None, help="model preset for the layer and the steerer's weights")
-    p.add_argument("--first-n", type=int, default=20, help="steer only the first n generated tokens")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--first-n", type=nonnegative_int, default=20, help="steer only the first n generated tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sweep", help="choose the layer by out-of-distribution validation (default data)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
     p.add_argument("--layers", type=int, nargs="*", help="layers to try (default: all)")
-    p.add_argument("--constraint", default="linear", help="constraint set fitted per layer (fast: linear)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
+    p.add_argument("--constraint", type=registered("constraint"), default="linear",
+                   help="constraint set fitted per layer (fast: linear)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--limit", type=int, default=50, help="prompts per group for the steering evaluation (0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--features-width", type=int, default=16384, help="detection polytope width F")
-    p.add_argument("--refusal-prompts", type=int, default=240, help="harmful train prompts for the refusal polytope")
-    p.add_argument("--refusal-features-width", type=int, default=4096, help="refusal (steering) polytope width F")
-    p.add_argument("--cache", default=None, help="directory for a resumable hidden-state cache")
+    p.add_argument("--out", type=output_dir, default="runs/demo")
+    p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    p.add_argument("--limit", type=nonnegative_int, default=50,
+                   help="prompts per group for the steering evaluation (0: all)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--features-width", type=positive_int, default=16384, help="detection polytope width F")
+    p.add_argument("--refusal-prompts", type=positive_int, default=240,
+                   help="harmful train prompts for the refusal polytope")
+    p.add_argument("--refusal-features-width", type=positive_int, default=4096,
+                   help="refusal (steering) polytope width F")
+    p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("attack", help="jailbreak attacks: generate (cached), split 80/20, attack success with and without steering")
-    p.add_argument("--attacks", nargs="+", default=["direct", "template", "gcg"],
+    p.add_argument("--attacks", type=registered("attack"), nargs="+", default=["direct", "template", "gcg"],
                    help="registered attacks: direct, template, gcg, adaptive-gcg")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data", default="default", help="'default' or a CSV/JSONL with text,label[,category]")
+    p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    p.add_argument("--data", type=data_source, default="default",
+                   help="'default' or a CSV/JSONL with text,label[,category]")
     p.add_argument("--layer", type=int, default=None, help="steering/detection layer (default: the preset's)")
     p.add_argument("--preset", default=None, help="model preset (layer, polytope and steerer settings)")
-    p.add_argument("--requests", type=int, default=40, help="harmful train requests to attack (0: all)")
+    p.add_argument("--requests", type=nonnegative_int, default=40, help="harmful train requests to attack (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gcg-steps", type=int, default=25)
-    p.add_argument("--gcg-candidates", type=int, default=64, help="candidate suffixes evaluated per step")
-    p.add_argument("--gcg-suffix-length", type=int, default=16, help="suffix tokens")
-    p.add_argument("--gcg-topk", type=int, default=64, help="candidate tokens per suffix position")
-    p.add_argument("--template-max-chars", type=int, default=4000, help="longest jailbreak template used")
-    p.add_argument("--detector", default=None,
+    p.add_argument("--gcg-steps", type=positive_int, default=25)
+    p.add_argument("--gcg-candidates", type=positive_int, default=64, help="candidate suffixes evaluated per step")
+    p.add_argument("--gcg-suffix-length", type=positive_int, default=16, help="suffix tokens")
+    p.add_argument("--gcg-topk", type=positive_int, default=64, help="candidate tokens per suffix position")
+    p.add_argument("--template-max-chars", type=positive_int, default=4000, help="longest jailbreak template used")
+    p.add_argument("--detector", type=input_file, default=None,
                    help="constraint set adaptive-gcg attacks (default: a polytope trained on the train split, saved to --out)")
-    p.add_argument("--adaptive-weight", type=float, default=0.01, help="weight of the detector term in adaptive-gcg")
-    p.add_argument("--adaptive-margin", type=float, default=0.0, help="depth inside the detector adaptive-gcg aims for")
-    p.add_argument("--steerers", nargs="*", default=["safeflow"], help="steerers compared with unsteered generation")
+    p.add_argument("--adaptive-weight", type=nonnegative_float, default=0.01,
+                   help="weight of the detector term in adaptive-gcg")
+    p.add_argument("--adaptive-margin", type=nonnegative_float, default=0.0,
+                   help="depth inside the detector adaptive-gcg aims for")
+    p.add_argument("--steerers", type=registered("steerer"), nargs="*", default=["safeflow"],
+                   help="steerers compared with unsteered generation")
     p.add_argument("--gate", default="polytope", help="detector gating steering (polytope, mlp, linear) or prompt/token")
-    p.add_argument("--benign", type=int, default=60, help="benign test prompts (unchanged answers, false refusals)")
-    p.add_argument("--refusal-prompts", type=int, default=240, help="harmful train prompts for the refusal polytope")
-    p.add_argument("--features-width", type=int, default=16384, help="detection polytope width F")
-    p.add_argument("--refusal-features-width", type=int, default=4096, help="refusal (steering) polytope width F")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--cache", default="runs/attack-cache", help="directory of the resumable attack-prompt caches")
+    p.add_argument("--benign", type=positive_int, default=60, help="benign test prompts (unchanged answers, false refusals)")
+    p.add_argument("--refusal-prompts", type=positive_int, default=240,
+                   help="harmful train prompts for the refusal polytope")
+    p.add_argument("--features-width", type=positive_int, default=16384, help="detection polytope width F")
+    p.add_argument("--refusal-features-width", type=positive_int, default=4096, help="refusal (steering) polytope width F")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--cache", type=output_dir, default="runs/attack-cache",
+                   help="directory of the resumable attack-prompt caches")
     p.add_argument("--generate-only", action="store_true", help="only generate (and cache) the attack prompts")
-    p.add_argument("--out", default="runs/attack")
+    p.add_argument("--out", type=output_dir, default="runs/attack")
     p.set_defaults(func=cmd_attack)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
         return args.func(args)
-    except (SafeflowError, FileNotFoundError) as exc:
-        print(f"safeflow: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("safeflow: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"safeflow: error: {' '.join(describe(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,7 @@ Labels everywhere: **1 = unsafe (harmful), 0 = safe (benign)**.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -141,17 +142,21 @@ def load_prompt_file(path: str | Path) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist; pass a CSV or JSONL with text,label columns")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f))
+        records = list(csv.DictReader(io.StringIO(content, newline="")))
     elif path.suffix.lower() in (".jsonl", ".json"):
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n} is not valid JSON ({exc}); write one JSON object per line") from None
+                except (ValueError, RecursionError) as exc:
+                    raise DataError(f"{path}:{n} is not valid JSON ({str(exc)[:100]}); write one JSON object "
+                                    "per line") from None
     else:
         raise DataError(f"{path} must end in .csv or .jsonl")
     if not records:

@@ -30,11 +30,32 @@ def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
 
 
 def detection_metrics(y_true: Any, score: Any, threshold: float = 0.0) -> dict[str, float]:
-    """Accuracy, precision, recall, F1, FPR (unsafe = positive, predicted iff score > threshold) and AUROC."""
-    y = np.asarray(torch.as_tensor(y_true).cpu()).astype(int)
-    s = np.asarray(torch.as_tensor(score, dtype=torch.float64).cpu())
+    """Accuracy, precision, recall, F1, FPR (unsafe = positive, predicted iff score > threshold) and AUROC.
+
+    Labels must be 0 (safe) or 1 (unsafe) and scores must not be NaN (a NaN score is neither
+    "safe" nor ranked); both raise :class:`DataError` naming the rows. AUROC is NaN when only one
+    class is present (the CLI writes it as ``null``).
+    """
+    y = np.asarray(torch.as_tensor(y_true).cpu()) if isinstance(y_true, torch.Tensor) else np.asarray(y_true)
+    try:
+        s = np.asarray(torch.as_tensor(score, dtype=torch.float64).cpu())
+    except (TypeError, ValueError, RuntimeError):
+        raise DataError(f"scores must be numbers, got {type(score).__name__}") from None
     if y.shape != s.shape or y.ndim != 1 or len(y) == 0:
         raise DataError(f"labels {y.shape} and scores {s.shape} must be equal-length, non-empty 1-D arrays")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"labels must be 0 (safe) or 1 (unsafe), got {y.dtype} values; map them to 1 = unsafe, "
+                        "0 = safe")
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        raise DataError(f"labels must be 0 (safe) or 1 (unsafe); found {sorted(set(y[bad].tolist()))[:5]} in "
+                        f"{int(bad.sum())} row(s) (first: {np.flatnonzero(bad)[:5].tolist()}); map them to "
+                        "1 = unsafe, 0 = safe")
+    y = y.astype(int)
+    nan = np.isnan(s)
+    if nan.any():
+        raise DataError(f"scores are NaN in {int(nan.sum())} row(s) (first: {np.flatnonzero(nan)[:5].tolist()}); "
+                        "a NaN score is neither safe nor unsafe: drop those rows or fix their hidden states")
     pred = s > threshold
     tp = int((pred & (y == 1)).sum())
     fp = int((pred & (y == 0)).sum())

@@ -122,6 +122,7 @@ class HFExtractor(Extractor, name="hf"):
 
     def extract_layers(self, texts: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
         """Hidden states [N, len(layers), d] (float32, CPU) at several layers in one pass."""
+        self._check_not_steering()
         texts = list(texts)
         if not texts:
             raise DataError("no texts to extract; pass at least one prompt")
@@ -175,6 +176,7 @@ class HFExtractor(Extractor, name="hf"):
         (which produces r_2), ... up to r_{n-1} — exactly the states steering sees at generation
         steps 0..n-1 when the model generates that response itself.
         """
+        self._check_not_steering()
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses) or not prompts:
             raise DataError(f"need one response per prompt and at least one pair; got {len(prompts)} prompts "
@@ -206,6 +208,13 @@ class HFExtractor(Extractor, name="hf"):
             bar.update(len(batch))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _check_not_steering(self) -> None:
+        from .generation import steering_active
+
+        if steering_active(self.model):
+            raise ConfigError("HFExtractor cannot run on a model inside a `with steering(...)` block (the steering "
+                              "hook would act on its forward passes); extract before or after the block")
 
     @torch.no_grad()
     def _layer_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:

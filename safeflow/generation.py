@@ -12,11 +12,19 @@ result. Steered states are remembered per (row, position) and re-applied wheneve
 recomputes earlier positions (``use_cache=False``), so generation with and without the KV cache
 sees the same hidden states.
 
-Batches must be left-padded (the usual setting for generation with decoder-only models).
+Batches must be left-padded (the usual setting for generation with decoder-only models). The
+prompt may be given as ``input_ids`` or as ``inputs_embeds``.
+
+**Non-finite hidden states.** A NaN/inf hidden state arriving from upstream (a broken layer, an
+overflow) cannot be judged, so it is never steered and never makes ``generate`` raise: the row is
+left untouched at that step and logged with ``nonfinite=True`` (counted as ``nonfinite`` in
+:meth:`SteeringLog.summary`). A row whose prompt state is non-finite cannot be certified safe, so
+every gate treats it as eligible and it is checked (and logged) at every step.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +54,7 @@ class SteerEvent:
     shift: float  #: L2 norm of the change
     inside: bool
     rejected: bool
+    nonfinite: bool = False  #: the hidden state (or its violations) was NaN/inf; left untouched
 
 
 @dataclass
@@ -81,6 +90,8 @@ class SteeringLog:
             "steered_tokens_per_row": per_row,
             "ended_inside": sum(e.inside for e in steered),
             "rejected": sum(e.rejected for e in self.events),
+            "nonfinite": sum(e.nonfinite for e in self.events),
+            "rows_nonfinite": len({(e.call, e.row) for e in self.events if e.nonfinite}),
             "mean_shift": sum(e.shift for e in steered) / len(steered) if steered else 0.0,
             "max_shift": max((e.shift for e in steered), default=0.0),
             "mean_iterations": sum(e.iterations for e in steered) / len(steered) if steered else 0.0,
@@ -92,7 +103,8 @@ class _SequenceState:
 
     def __init__(self, call: int) -> None:
         self.call = call
-        self.tokens: torch.Tensor | None = None  # token ids seen so far [B, length]
+        self.tokens: torch.Tensor | None = None  # token ids seen so far [B, length]; None after inputs_embeds
+        self.batch = 0
         self.length = 0  # positions seen so far
         self.step = -1
         self.flagged: torch.Tensor | None = None  # rows whose prompt was outside (gate="prompt")
@@ -126,23 +138,30 @@ class _SteeringHooks:
     def _before_forward(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        T = ids.shape[1] if ids is not None else embeds.shape[1]
-        B = ids.shape[0] if ids is not None else embeds.shape[0]
+        source = ids if ids is not None else embeds
+        if source is None:
+            raise ConfigError("steered generation needs input_ids or inputs_embeds in every forward pass")
+        B, T = source.shape[0], source.shape[1]
         past = _cache_length(kwargs)
         s = self.state
-        continues = s is not None and s.tokens is not None and ids is not None and s.tokens.shape[0] == B and (
-            (past == s.length and T == 1) or (past == 0 and T == s.length + 1 and torch.equal(ids[:, :-1], s.tokens))
+        continues = s is not None and s.batch == B and (
+            (past == s.length > 0 and T == 1)
+            or (past == 0 and ids is not None and s.tokens is not None and T == s.length + 1
+                and torch.equal(ids[:, :-1], s.tokens))
         )
         if not continues:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.ndim == 2 and not bool(mask[:, -1].all()):
                 raise ConfigError("steered generation needs left padding; set tokenizer.padding_side = 'left'")
             self.state = s = _SequenceState(self.calls)
+            s.batch = B
             self.calls += 1
         assert s is not None
         s.step += 1
         s.start = past
-        if ids is not None:
+        if ids is None:
+            s.tokens = None
+        elif past == 0 or s.tokens is not None:
             s.tokens = ids if past == 0 else torch.cat([s.tokens, ids], dim=1)
         s.length = past + T
 
@@ -161,15 +180,16 @@ class _SteeringHooks:
             new = hidden.clone() if new is None else new
             new[rows, p - s.start] = values.to(new.dtype)
         if check:
+            last = hidden[:, -1]
             if s.flagged is None and isinstance(self.gate, ConstraintSet):
-                s.flagged = (self.gate.score(hidden[:, -1].float()) > 0).to(hidden.device)
+                s.flagged = _flag(self.gate, last)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             if self.gate != "token" and s.flagged is not None:
                 rows = rows[s.flagged]
             if rows.numel():
-                result = self.steerer.steer(hidden[rows, -1], self.constraints)
+                result = self.steerer.steer(last[rows], self.constraints)
                 if s.flagged is None:
-                    s.flagged = (result.violations_before.max(dim=1).values > 0).to(hidden.device)
+                    s.flagged = ((result.violations_before.max(dim=1).values > 0) | result.nonfinite).to(hidden.device)
                 position = s.start + hidden.shape[1] - 1
                 moved = result.steered.to(hidden.device)
                 if moved.any():
@@ -187,7 +207,18 @@ class _SteeringHooks:
                 call=s.call, row=row, step=s.step, position=position, violation_before=before[i],
                 violation_after=after[i], steered=bool(r.steered[i]), iterations=int(r.iterations[i]),
                 shift=float(r.shift[i]), inside=bool(r.inside[i]), rejected=bool(r.rejected[i]),
+                nonfinite=bool(r.nonfinite[i]),
             ))
+
+
+@torch.no_grad()
+def _flag(gate: ConstraintSet, hidden: torch.Tensor) -> torch.Tensor:
+    """Rows [B] the detector ``gate`` flags as unsafe at ``hidden`` [B, d]; rows it cannot judge
+    (NaN/inf states or violations) are flagged too. Never raises on the values."""
+    param = next(gate.parameters())
+    V = gate.violations(hidden.detach().to(device=param.device, dtype=param.dtype))
+    unknown = ~(torch.isfinite(hidden).all(dim=1) & torch.isfinite(V).all(dim=1).to(hidden.device))
+    return (V.max(dim=1).values.to(hidden.device) > 0) | unknown
 
 
 @contextmanager
@@ -216,27 +247,56 @@ def steering(
 
     Yields a :class:`SteeringLog`. Hooks are removed on exit, also on exceptions.
     """
+    block = check_steering(model, constraints, steerer, layer, first_n_tokens, gate, layers)
+    log = SteeringLog()
+    hooks = _SteeringHooks(model, constraints, steerer, block, first_n_tokens, gate, log)
+    _ACTIVE[model] = _ACTIVE.get(model, 0) + 1
+    try:
+        yield log
+    finally:
+        hooks.remove()
+        _ACTIVE[model] -= 1
+        if not _ACTIVE[model]:
+            del _ACTIVE[model]
+
+
+#: Models with steering hooks attached (count of open ``steering`` contexts).
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def steering_active(model: nn.Module) -> bool:
+    """Whether a :func:`steering` context is open on ``model``."""
+    return model in _ACTIVE
+
+
+def check_steering(model: nn.Module, constraints: ConstraintSet, steerer: Steerer, layer: int,
+                   first_n_tokens: int | None = 20, gate: str | ConstraintSet = "prompt",
+                   layers: str | Sequence[nn.Module] | None = None) -> nn.Module:
+    """Check the arguments of :func:`steering` (everything that could fail during ``generate``)
+    and return the decoder block to hook. Raises :class:`ConfigError` / :class:`DataError`."""
+    if not isinstance(steerer, Steerer):
+        raise ConfigError(f"steerer must be a Steerer, got {steerer!r}; create one with "
+                          f"Steerer.create(name) (names: {', '.join(Steerer.available())})")
     blocks = find_decoder_layers(model, layers)
     index = normalize_layer(layer, len(blocks))
     d = hidden_size(model)
-    checked = [constraints] + ([gate] if isinstance(gate, ConstraintSet) else [])
-    for c in checked:
+    if not isinstance(gate, ConstraintSet) and gate not in ("prompt", "token"):
+        raise ConfigError(f"gate must be 'prompt', 'token' or a fitted ConstraintSet, got {gate!r}")
+    if not isinstance(constraints, ConstraintSet):
+        raise ConfigError(f"constraints must be a fitted ConstraintSet, got {constraints!r}; load one with "
+                          "ConstraintSet.load(path) or fit one")
+    steerer.check(constraints)
+    for c in [constraints] + ([gate] if isinstance(gate, ConstraintSet) else []):
         if c.input_dim != d:
             raise ConfigError(
                 f"the constraint set expects hidden size {c.input_dim} but the model's is {d}; "
                 "train the constraint set on hidden states of this model"
             )
         c.require_fitted()
-    if not isinstance(gate, ConstraintSet) and gate not in ("prompt", "token"):
-        raise ConfigError(f"gate must be 'prompt', 'token' or a fitted ConstraintSet, got {gate!r}")
-    if first_n_tokens is not None and first_n_tokens < 0:
-        raise ConfigError(f"first_n_tokens must be >= 0 or None, got {first_n_tokens}")
-    log = SteeringLog()
-    hooks = _SteeringHooks(model, constraints, steerer, blocks[index], first_n_tokens, gate, log)
-    try:
-        yield log
-    finally:
-        hooks.remove()
+    if first_n_tokens is not None and (isinstance(first_n_tokens, bool) or not isinstance(first_n_tokens, int)
+                                       or first_n_tokens < 0):
+        raise ConfigError(f"first_n_tokens must be an int >= 0 or None, got {first_n_tokens!r}")
+    return blocks[index]
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
 """Where the decoder blocks of a causal LM live, and what "layer L" means.
 
-**Layer L is the output of decoder block L (0-based)** — the residual stream after block L,
-which Hugging Face reports as ``hidden_states[L + 1]`` (index 0 is the embeddings). Extraction
-reads this tensor through a forward hook on block L, and steering modifies the very same tensor
-through a hook on the same block, so what the constraint set was trained on is exactly what it
-acts on.
+**Layer L is the output of decoder block L (0-based)** — the residual stream after block L.
+For every block but the last this is Hugging Face's ``hidden_states[L + 1]`` (index 0 is the
+embeddings); for the last block it is *not* ``hidden_states[-1]``, which Hugging Face reports
+after the model's final norm (``model.norm``, ``ln_f``): layer -1 here is the raw block output,
+before that norm. Extraction reads this tensor through a forward hook on block L, and steering
+modifies the very same tensor through a hook on the same block, so what the constraint set was
+trained on is exactly what it acts on.
 """
 
 from __future__ import annotations

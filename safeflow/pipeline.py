@@ -26,8 +26,10 @@ from .constraints.base import ConstraintSet
 from .data import PromptSet, load_prompts, source_split, stratified_split
 from .evaluation import detection_metrics, evaluate_steering
 from .extractors import HFExtractor
-from .io import write_text_atomic
+from .io import json_text, write_text_atomic
+from .layers import find_decoder_layers
 from .presets import preset as get_preset
+from .presets import resolve_layer
 from .responses import ResponseStates, response_states
 from .steerers.safeflow import SafeFlowSteerer
 
@@ -55,11 +57,11 @@ def default_splits(data: PromptSet, seed: int = 0) -> Splits:
 
 def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: str | None = None,
                       num_features: int = 16384, progress: bool = True) -> ConstraintSet:
-    """Fit constraint set ``kind`` with the preset's settings (polytope: 14 facets)."""
+    """Fit constraint set ``kind`` with the preset's settings (polytope: its facets and training options)."""
     p = get_preset(preset_name)
     if kind == "polytope":
-        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=14, num_features=num_features)
-        return model.fit(H, y, margin=p.margin, feature_l1=p.feature_l1, progress=progress)
+        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=p.num_facets, num_features=num_features)
+        return model.fit(H, y, **p.fit_options(), progress=progress)
     return ConstraintSet.create(kind, input_dim=H.shape[1]).fit(H, y, progress=progress)
 
 
@@ -128,16 +130,17 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p = get_preset(preset_name)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     model, tok = load_model(model_name, progress=progress)
+    p = get_preset(preset_name, model)
+    layer = resolve_layer(p, len(find_decoder_layers(model)))
     data = load_prompts("default")
     splits = default_splits(data)
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ext = HFExtractor(model, tok, layer=p.layer, batch_size=16, progress=progress, cache_dir=cache_dir)
+    ext = HFExtractor(model, tok, layer=layer, batch_size=16, progress=progress, cache_dir=cache_dir)
     feats = {name: (ext.extract(s.texts), s.y) for name, s in vars(splits).items()}
     timings["extract"] = time.perf_counter() - t
 
@@ -160,18 +163,18 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     test = splits.test_ood
     cap = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
     steering = evaluate_steering(
-        model, tok, refusal, SafeFlowSteerer(preset=preset_name or "default"), p.layer,
+        model, tok, refusal, SafeFlowSteerer(preset=preset_name or "default"), layer,
         harmful=cap(test.where(sources=["rho-refusal-100"], label=1).texts),
         benign=cap(test.where(sources=["rho-refusal-100"], label=0).texts),
         edgy=cap(test.where(sources=["rho-overrefusal"]).texts),
         gate=models[gate], max_new_tokens=max_new_tokens, progress=progress,
     )
     timings["steer"] = time.perf_counter() - t
-    result = {"model": model_name, "layer": p.layer, "preset": vars(p), "data": {k: v.summary() for k, v in vars(splits).items()},
+    result = {"model": model_name, "layer": layer, "preset": p.to_dict(), "data": {k: v.summary() for k, v in vars(splits).items()},
               "detection": detection, "gate": gate, "refusal_states": states.counts(),
               "steering": {k: v for k, v in steering.items() if k != "records"}, "timings_s": timings}
-    write_text_atomic(out / "metrics.json", json.dumps(result, indent=2))
-    write_text_atomic(out / "steering_records.jsonl", "\n".join(json.dumps(r) for r in steering["records"]) + "\n")
+    write_text_atomic(out / "metrics.json", json_text(result, indent=2))
+    write_text_atomic(out / "steering_records.jsonl", "\n".join(json_text(r) for r in steering["records"]) + "\n")
     write_text_atomic(out / "report.md", render_report(result, steering["records"]))
     return result
 

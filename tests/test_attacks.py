@@ -361,7 +361,9 @@ def test_cli_attack_writes_the_table_and_reuses_the_cache(tmp_path, bpe, capsys)
     assert (out / "attack_report.md").is_file() and (out / "refusal_polytope.safetensors").is_file()
     assert len((out / "attack_records.jsonl").read_text().splitlines()) == 3 + 3
     assert main(["attack", *common[:6], "--attacks", "autodan", "--generate-only"]) == 2
-    assert "valid names" in capsys.readouterr().err
+    assert "unknown attack 'autodan'; valid: adaptive-gcg, direct, gcg, template" in capsys.readouterr().err
+    assert main(["attack", *common[:6], "--gcg-steps", "0"]) == 2  # a zero budget is refused before loading
+    assert "--gcg-steps: must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -146,6 +146,29 @@ def test_assignment_moves_the_cheapest_row():
     assert a.tolist().count(1) == 2 and a[0] == 1
 
 
+@pytest.mark.parametrize("rule", ["greedy", "reference"])
+def test_assignment_moves_rows_only_to_facets_they_violate(rule):
+    """A row may move to a facet it violates, or to its second-most-violated one; never elsewhere."""
+    K = 6
+    v = torch.full((40, K), -1.0)
+    v[:, 0] = 2.0  # everybody violates facet 0 most
+    v[:20, 3] = 1.0  # half also violate facet 3
+    v[20:, 5] = -0.5  # the other half violate nothing else; facet 5 is their second
+    a = assign_facets(v, 1.0, rule, torch.Generator().manual_seed(0))
+    assert set(a[:20].tolist()) <= {0, 3} and set(a[20:].tolist()) <= {0, 5}
+    assert entropy_bits(torch.bincount(a, minlength=K)) > 0.5  # some rows moved
+
+
+def test_reference_assignment_only_raises_entropy_and_is_seeded():
+    K = 8
+    v = torch.rand(64, K, generator=torch.Generator().manual_seed(3))
+    v[:, 0] += 1.0
+    start = entropy_bits(torch.bincount(v.argmax(1), minlength=K))
+    a = assign_facets(v, 1.0, "reference", torch.Generator().manual_seed(1))
+    assert entropy_bits(torch.bincount(a, minlength=K)) > start
+    assert torch.equal(a, assign_facets(v, 1.0, "reference", torch.Generator().manual_seed(1)))
+
+
 def test_standardisation_is_folded_into_raw_space():
     H, y = separable(200, 10, gap=5.0)
     H = H * 100 + 1000  # badly scaled raw states

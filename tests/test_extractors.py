@@ -81,3 +81,32 @@ def test_bad_inputs(tokenizer):
         sf.HFExtractor(model, make_tokenizer(chat_template=False), layer=1, chat_template=True).extract(["hack bank"])
     with pytest.raises(ConfigError, match="layers="):
         sf.HFExtractor(torch.nn.Linear(2, 2), tokenizer)
+
+
+def final_norm(model):
+    return model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+
+
+def test_last_layer_is_the_block_output_before_the_final_norm(tiny_model, tokenizer):
+    """hidden_states[L + 1] is block L's output for every block but the last: Hugging Face reports
+    the last entry after the model's final norm. Layer -1 here is the raw output of the last block."""
+    blocks = sf.layers.find_decoder_layers(tiny_model)
+    seen = {}
+    handles = [b.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, sf.layers.block_output(out)))
+               for k, b in enumerate(blocks)]
+    enc = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    try:
+        with torch.no_grad():
+            out = tiny_model(**enc, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    last = len(blocks) - 1
+    for layer in range(last):
+        assert torch.equal(seen[layer], out.hidden_states[layer + 1])
+    assert not torch.allclose(seen[last], out.hidden_states[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(final_norm(tiny_model)(seen[last]), out.hidden_states[-1])
+    # extraction at layer -1 reads the raw block output (row 0 is the longest text: no padding in it)
+    H = sf.HFExtractor(tiny_model, tokenizer, layer=-1, chat_template=False, progress=False).extract(TEXTS[:1])
+    torch.testing.assert_close(H[0], seen[last][0, -1], rtol=1e-4, atol=1e-5)

@@ -25,6 +25,7 @@ def always_inside(d):
         c.net[0].weight.zero_()
         c.net[0].bias.fill_(-1.0)
         c.input_covariance.copy_(torch.eye(d))
+        c.safe_depth.fill_(1.0)
     c.fitted.fill_(True)
     return c
 
@@ -111,8 +112,10 @@ def test_unreachable_target_reports_not_inside():
 
 def test_non_finite_steps_are_rejected_and_original_kept():
     c = always_outside(8)
-    h = torch.randn(3, 8)
-    r = sf.SafeFlowSteerer(lambda_unsafe=float("inf"), max_steps=2).steer(h, c)
+    with torch.no_grad():
+        c.net[0].weight.fill_(1e30)  # violations stay finite at h; the first step overflows float32
+    h = torch.randn(3, 8) * 1e-30
+    r = sf.SafeFlowSteerer(lr=1e30, max_steps=2).steer(h, c)
     assert r.rejected.all() and not r.steered.any()
     assert torch.equal(r.hidden, h)
 

@@ -12,6 +12,7 @@ detector's false-positive rate.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ..errors import ConfigError, DataError
 from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
 from ..generation import generate_responses
+from ..io import write_text_atomic
 from ..steerers.base import Steerer
 from .base import Attack, AttackPrompt
 from .cache import cache_file
@@ -287,3 +289,18 @@ def render_report(report: dict[str, Any]) -> str:
                   format_table([{"attack": k, **v} for k, v in report["splits"].items()],
                                ["attack", "train", "test", "test_groups"]), ""]
     return "\n".join(lines)
+
+
+def save_protocol(result: ProtocolResult, out_dir: str | Path) -> None:
+    """Write ``attack_report.json`` (without the records), ``attack_records.jsonl``,
+    ``attack_report.md`` and the trained constraint sets (``detector_<kind>.safetensors``,
+    ``refusal_polytope.safetensors``) to ``out_dir``, each atomically."""
+    out, report = Path(out_dir), result.report
+    write_text_atomic(out / "attack_report.json", json.dumps({k: v for k, v in report.items() if k != "records"},
+                                                             indent=2))
+    write_text_atomic(out / "attack_records.jsonl", "".join(json.dumps(r) + "\n" for r in report["records"]))
+    write_text_atomic(out / "attack_report.md", render_report(report))
+    for name, detector in result.detectors.items():
+        detector.save(out / f"detector_{name}.safetensors")
+    if result.refusal is not None:
+        result.refusal.save(out / "refusal_polytope.safetensors")

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from .base import ConstraintSet, as_features, as_labels
-from .training import default_epochs, fold_standardization, standardization, train_minibatches
+from .training import default_epochs, fold_standardization, standardization, train_minibatches, validate_fit_options
 
 
 class _LogitConstraint(ConstraintSet):
@@ -42,6 +42,7 @@ class _LogitConstraint(ConstraintSet):
         progress: bool = True,
     ) -> _LogitConstraint:
         """Train on H [N, d], y [N] (1 = unsafe) with balanced BCE + L2 ``weight_decay``."""
+        validate_fit_options(self, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
         H = as_features(H, self.input_dim).float()
         y = as_labels(y, H.shape[0])
         torch.manual_seed(seed)
@@ -65,7 +66,7 @@ class _LogitConstraint(ConstraintSet):
         )
         first = self.net[0]
         fold_standardization(first.weight.data, first.bias.data, mean.to(device), std.to(device))
-        self._record_fit(H)
+        self._record_fit(H, y)
         return self
 
 
@@ -85,7 +86,8 @@ class MLPConstraint(_LogitConstraint, name="mlp"):
 
     def __init__(self, input_dim: int, hidden_sizes: tuple[int, ...] | list[int] = (256, 256)) -> None:
         super().__init__(input_dim)
-        if not hidden_sizes or any(not isinstance(s, int) or s < 1 for s in hidden_sizes):
+        if not isinstance(hidden_sizes, (list, tuple)) or not hidden_sizes or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hidden_sizes):
             raise ConfigError(f"hidden_sizes must be positive ints, got {hidden_sizes!r}")
         self.hidden_sizes = list(hidden_sizes)
         layers: list[nn.Module] = []

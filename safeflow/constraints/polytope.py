@@ -24,8 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .base import ConstraintSet, Weights, as_features, as_labels
-from .training import default_epochs, entropy_bits, fold_standardization, standardization, train_minibatches
+from .base import ConstraintSet, Weights, as_features, as_labels, check_positive_int
+from .training import (FIT_OPTION_RULES, default_epochs, entropy_bits, fold_standardization, one_of, standardization,
+                       train_minibatches, validate_fit_options)
 
 #: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
 #: and ours for the default model are in :mod:`safeflow.presets`. Inputs are standardised during
@@ -33,34 +34,75 @@ from .training import default_epochs, entropy_bits, fold_standardization, standa
 DEFAULT_MARGIN = 5.0
 
 
-def assign_facets(v: torch.Tensor, entropy_weight: float = 1.0) -> torch.Tensor:
+ASSIGNMENTS = ("greedy", "reference")
+INITS = ("default", "reference")
+FIT_OPTION_RULES.update(assignment=one_of(ASSIGNMENTS), init=one_of(INITS))
+
+
+def assign_facets(v: torch.Tensor, entropy_weight: float = 1.0, rule: str = "greedy",
+                  generator: torch.Generator | None = None, max_attempts: int = 100) -> torch.Tensor:
     """Entropy-driven assignment of unsafe rows to facets.
 
     Args:
         v: violations [M, K] of the unsafe rows (no gradient needed).
         entropy_weight: scales the target entropy ``½ log₂ K``; 0 disables re-assignment.
+        rule: how rows are moved while the entropy (bits) of the assignment histogram is below
+            the target. A row may only move to a facet it violates (``v > 0``), or to its
+            second-most-violated facet if it violates at most one.
+
+            * ``"greedy"`` (default): move the row of the most crowded facet whose violation drops
+              least, to a facet with fewer rows; deterministic.
+            * ``"reference"``: the paper's code — up to ``max_attempts`` random proposals (a random
+              unsafe row, a random allowed facet), each kept only if it raises the entropy.
+        generator: random source of the ``"reference"`` rule.
 
     Returns:
-        a [M] long: start from ``argmax_k v``; while the histogram entropy is below the target,
-        move the row of the most crowded facet whose violation drops least to a facet with
-        fewer rows.
+        a [M] long: the facet each unsafe row must violate, starting from ``argmax_k v``.
     """
+    if rule not in ASSIGNMENTS:
+        raise ConfigError(f"assignment must be one of {ASSIGNMENTS}, got {rule!r}")
     M, K = v.shape
     a = v.argmax(dim=1)
     target = entropy_weight * 0.5 * math.log2(K) if K > 1 else 0.0
     counts = torch.bincount(a, minlength=K)
+    if K == 1 or entropy_bits(counts) >= target:
+        return a
+    second = v.topk(2, dim=1).indices[:, 1]
+    allowed = (v > 0) | (torch.arange(K, device=v.device) == second[:, None])
+    allowed[torch.arange(M), a] = False
+    if rule == "reference":
+        entropy = entropy_bits(counts)
+        for _ in range(max_attempts):
+            row = int(torch.randint(M, (1,), generator=generator))
+            choices = allowed[row].nonzero().squeeze(1)
+            if entropy >= target or choices.numel() == 0:
+                if entropy >= target:
+                    break
+                continue
+            facet = int(choices[torch.randint(choices.numel(), (1,), generator=generator)])
+            counts[a[row]] -= 1
+            counts[facet] += 1
+            new = entropy_bits(counts)
+            if new > entropy:
+                allowed[row, facet], allowed[row, a[row]] = False, bool(v[row, a[row]] > 0)
+                a[row], entropy = facet, new
+            else:
+                counts[facet] -= 1
+                counts[a[row]] += 1
+        return a
     for _ in range(M):
         if entropy_bits(counts) >= target:
             break
         k_max = int(counts.argmax())
-        movable = (counts < counts[k_max] - 1).to(v.dtype)
-        if not movable.any():
-            break
         rows = (a == k_max).nonzero().squeeze(1)
+        ok = allowed[rows] & (counts < counts[k_max] - 1)
+        if not ok.any():
+            break
         cost = v[rows, k_max].unsqueeze(1) - v[rows]  # loss of violation when moving row -> facet
-        cost = cost + (1 - movable) * torch.finfo(v.dtype).max
+        cost = cost.masked_fill(~ok, float("inf"))
         flat = int(cost.argmin())
         row, facet = rows[flat // K], flat % K
+        allowed[row, facet] = False
         a[row] = facet
         counts[k_max] -= 1
         counts[facet] += 1
@@ -78,9 +120,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
 
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384) -> None:
         super().__init__(input_dim)
-        for name, value in (("num_facets", num_facets), ("num_features", num_features)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("num_facets", num_facets)
+        check_positive_int("num_features", num_features)
         self.num_constraints, self.num_features = num_facets, num_features
         self.feature_map = nn.Linear(input_dim, num_features)
         self.facets = nn.Parameter(torch.randn(num_facets, num_features) / math.sqrt(num_features))
@@ -127,9 +168,13 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         feature_l1: float = 1.0,
         facet_l1: float = 1e-3,
         entropy_weight: float = 1.0,
+        assignment: str = "greedy",
+        init: str = "default",
         epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-2,
+        schedule: str = "constant",
+        average: float = 0.0,
         seed: int = 0,
         progress: bool = True,
     ) -> PolytopeConstraints:
@@ -139,11 +184,15 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
         Returns self (fitted; parameters act on raw, unstandardised hidden states).
         """
+        validate_fit_options(self, margin=margin, unsafe_weight=unsafe_weight, feature_l1=feature_l1, facet_l1=facet_l1,
+                             entropy_weight=entropy_weight, assignment=assignment, init=init, epochs=epochs,
+                             batch_size=batch_size, lr=lr, schedule=schedule, average=average, seed=seed)
         H = as_features(H, self.input_dim).float()
         y = as_labels(y, H.shape[0])
         device = self.facets.device
         torch.manual_seed(seed)
-        self.reset_parameters()
+        self.reset_parameters(init)
+        assign_rng = torch.Generator().manual_seed(seed)
         mean, std = standardization(H)
         Z, y = ((H - mean) / std).to(device), y.to(device)
         kappa = float(margin)
@@ -155,7 +204,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             hinge = F.relu(kappa + v[~unsafe]).sum()
             if unsafe.any():
                 vu = v[unsafe]
-                a = assign_facets(vu.detach(), entropy_weight)
+                a = assign_facets(vu.detach(), entropy_weight, assignment, assign_rng)
                 hinge = hinge + unsafe_weight * F.relu(kappa - vu.gather(1, a[:, None])).sum()
             reg = feature_l1 * f.abs().sum(1).mean() + facet_l1 * self.facets.abs().sum(1).mean()
             return hinge / len(labels) + reg
@@ -163,14 +212,24 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         self.train_history = train_minibatches(
             self.parameters(), loss_fn, Z, y,
             epochs=epochs or default_epochs(len(y), batch_size), batch_size=batch_size, lr=lr, seed=seed,
-            progress=progress, desc="polytope",
+            schedule=schedule, average=average, progress=progress, desc="polytope",
         )
         fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean.to(device), std.to(device))
-        self._record_fit(H)
+        self._record_fit(H, y)
         return self
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, init: str = "default") -> None:
+        """``"default"``: PyTorch's Linear init, Φ ~ N(0, 1/F), ξ = 0. ``"reference"`` (the
+        paper's code): Xavier-uniform W, b = 0, Φ ~ N(0, 1), ξ ~ N(0, 1)."""
+        if init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+        if init == "reference":
+            nn.init.xavier_uniform_(self.feature_map.weight)
+            self.feature_map.bias.zero_()
+            self.facets.normal_(0, 1)
+            self.thresholds.normal_(0, 1)
+            return
         self.feature_map.reset_parameters()
         self.facets.normal_(0, 1 / math.sqrt(self.num_features))
         self.thresholds.zero_()

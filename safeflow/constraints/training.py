@@ -9,10 +9,84 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+
+#: Largest training margin accepted: hinge terms stay finite in float32 well below it.
+MAX_MARGIN = 1e6
+#: Largest learning rate accepted (Adam's step is about lr in parameter units; beyond this it overflows).
+MAX_LR = 1e6
+
+
+def _int(low: int, optional: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v is None and optional:
+            return None
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return None if ok else f"an int >= {low}" + (" or None (the default)" if optional else "")
+    return check
+
+
+def _real(low: float, high: float = math.inf, strict: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+            v > low if strict else v >= low) and v <= high
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        return None if ok else f"a finite number {bound}" + (f" and <= {high:g}" if high < math.inf else "")
+    return check
+
+
+def one_of(values: tuple[str, ...]) -> Callable[[Any], str | None]:
+    """A rule for :data:`FIT_OPTION_RULES`: the value is one of ``values``."""
+    return lambda v: None if isinstance(v, str) and v in values else f"one of {values}"
+
+
+SCHEDULES = ("constant", "cosine")
+
+#: What each ``fit`` keyword must be; :func:`validate_fit_options` checks the ones it is given.
+#: Implementations add rules for their own options (the polytope adds ``assignment`` and ``init``).
+FIT_OPTION_RULES: dict[str, Callable[[Any], str | None]] = {
+    "epochs": _int(1, optional=True),
+    "batch_size": _int(1),
+    "lr": _real(0.0, MAX_LR, strict=True),
+    "margin": _real(0.0, MAX_MARGIN),
+    "unsafe_weight": _real(0.0),
+    "feature_l1": _real(0.0),
+    "facet_l1": _real(0.0),
+    "entropy_weight": _real(0.0),
+    "weight_decay": _real(0.0),
+    "seed": _int(0),
+    "schedule": one_of(SCHEDULES),
+    "average": lambda v: _real(0.0)(v) or (None if v < 1 else "a fraction in [0, 1)"),
+    "progress": lambda v: None if isinstance(v, bool) else "True or False",
+}
+
+
+def validate_fit_options(model: nn.Module, **options: Any) -> None:
+    """Check ``fit`` settings up front: raise :class:`ConfigError` naming the first bad one.
+
+    Every option with a rule in :data:`FIT_OPTION_RULES` is checked; the model must hold float32
+    parameters (training runs in float32). Once the settings pass, the model is marked unfitted
+    until ``fit`` completes, so a failure during training (a diverging loss, an interrupt) never
+    leaves half-trained parameters marked fitted.
+    """
+    for name, value in options.items():
+        rule = FIT_OPTION_RULES.get(name)
+        need = rule(value) if rule else None
+        if need:
+            raise ConfigError(f"fit option {name}={value!r} is invalid: it must be {need}")
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise ConfigError(f"fit trains in float32 but this {type(model).__name__} is {dtype}; call .float() "
+                          "before fit (and convert it again afterwards if you need another dtype)")
+    fitted = getattr(model, "fitted", None)
+    if isinstance(fitted, torch.Tensor):
+        fitted.fill_(False)
 
 
 def standardization(H: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,17 +111,33 @@ def train_minibatches(
     batch_size: int = 128,
     lr: float = 1e-2,
     seed: int = 0,
+    schedule: str = "constant",
+    average: float = 0.0,
     progress: bool = True,
     desc: str = "train",
 ) -> list[float]:
     """Adam over shuffled minibatches; returns the mean loss of each epoch.
 
+    ``schedule``: ``"constant"`` learning rate, or ``"cosine"`` decay from ``lr`` to 0 over all steps.
+    ``average``: if > 0, the parameters are replaced at the end by their mean over the last
+    ``average`` fraction of optimiser steps (Polyak–Ruppert / SWA averaging), which removes most
+    of the dependence of the result on the order of the last minibatches.
     Raises ``FloatingPointError`` if the loss becomes non-finite (lower ``lr``).
     """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 0.0 <= average < 1.0:
+        raise ConfigError(f"average must be a fraction in [0, 1), got {average!r}")
     params = list(params)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = H.shape[0]
+    total_steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps) if schedule == "cosine" else None
+    average_from = total_steps - int(average * total_steps) if average > 0 else None
+    mean_params = [torch.zeros_like(p) for p in params] if average_from is not None else []
+    averaged = 0
+    step = 0
     history: list[float] = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
     for _ in bar:
@@ -61,9 +151,21 @@ def train_minibatches(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            if average_from is not None and step > average_from:
+                averaged += 1
+                with torch.no_grad():
+                    for m, p in zip(mean_params, params):
+                        m.add_(p.detach() - m, alpha=1.0 / averaged)
             total += loss.item() * len(idx)
         history.append(total / n)
         bar.set_postfix(loss=f"{history[-1]:.4g}")
+    if averaged:
+        with torch.no_grad():
+            for m, p in zip(mean_params, params):
+                p.copy_(m)
     return history
 
 

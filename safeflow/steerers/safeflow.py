@@ -21,12 +21,14 @@ difference is what changes the model's behaviour (see the concepts page of the d
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
-from .base import Steerer
+from .base import Steerer, check_depth, target_margin
 
 PRECONDITIONERS = ("none", "covariance")
 
@@ -36,55 +38,73 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
 
     Args:
         lambda_unsafe, lambda_safe: loss weights (default: the ``preset``'s).
-        preset: a model preset from :mod:`safeflow.presets` supplying the defaults of every
-            argument left as None (paper: ``"llama-2-7b"``, ``"ministral-8b"``, ``"qwen2-1.5b"``;
-            ``"default"``).
+        preset: a preset from :mod:`safeflow.presets` supplying the defaults of every argument
+            left as None (``"default"``: the relative default; paper: ``"llama-2-7b"``,
+            ``"ministral-8b"``, ``"qwen2-1.5b"``).
         lr: gradient-descent step size (paper: 0.01).
         max_steps: step budget per row (paper: up to 100; the reference code took 1).
-        margin: target depth m — stop once every violation is <= −m (0: as soon as inside).
+        depth: target depth m relative to the constraint set — stop once every violation is
+            <= −depth × ``constraints.safe_depth`` (1: as deep as a typical safe training state;
+            0: as soon as inside, the paper's algorithm). Carries over across models and layers.
+        margin: the same target as an absolute number in violation units (instead of ``depth``).
         precondition: ``"none"`` (plain gradient, the paper) or ``"covariance"`` (see the module doc).
     """
 
     def __init__(self, lambda_unsafe: float | None = None, lambda_safe: float | None = None, *, preset: str = "default",
-                 lr: float = 0.01, max_steps: int = 100, margin: float | None = None,
+                 lr: float = 0.01, max_steps: int = 100, depth: float | None = None, margin: float | None = None,
                  precondition: str | None = None) -> None:
         p = get_preset(preset)
-        margin = p.steer_margin if margin is None else float(margin)
+        if depth is None and margin is None:
+            depth = p.steer_depth
+        check_depth(margin, depth)
         precondition = p.precondition if precondition is None else precondition
-        if max_steps < 1 or lr <= 0 or margin < 0:
-            raise ConfigError(f"need max_steps >= 1, lr > 0, margin >= 0; got {max_steps}, {lr}, {margin}")
+        lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else lambda_unsafe
+        lambda_safe = p.lambda_safe if lambda_safe is None else lambda_safe
+        for name, value in (("lr", lr), ("lambda_unsafe", lambda_unsafe), ("lambda_safe", lambda_safe)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf or (
+                    name == "lr" and value == 0):
+                raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigError(f"max_steps must be an int >= 1, got {max_steps!r}")
         if precondition not in PRECONDITIONERS:
             raise ConfigError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
-        self.lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else float(lambda_unsafe)
-        self.lambda_safe = p.lambda_safe if lambda_safe is None else float(lambda_safe)
-        self.lr, self.max_steps, self.margin, self.precondition = float(lr), int(max_steps), margin, precondition
+        self.lambda_unsafe, self.lambda_safe = float(lambda_unsafe), float(lambda_safe)
+        self.lr, self.max_steps, self.precondition = float(lr), max_steps, precondition
+        self.depth = None if depth is None else float(depth)
+        self.margin = None if margin is None else float(margin)
 
     def __repr__(self) -> str:
+        target = f"depth={self.depth}" if self.margin is None else f"margin={self.margin}"
         return (f"SafeFlowSteerer(lambda_unsafe={self.lambda_unsafe}, lambda_safe={self.lambda_safe}, lr={self.lr}, "
-                f"max_steps={self.max_steps}, margin={self.margin}, precondition={self.precondition!r})")
+                f"max_steps={self.max_steps}, {target}, precondition={self.precondition!r})")
 
-    def _weights(self, V: torch.Tensor) -> torch.Tensor:
-        return self.lambda_safe + self.lambda_unsafe * (V > -self.margin).to(V.dtype)
+    def check(self, constraints: ConstraintSet) -> None:
+        super().check(constraints)
+        target_margin(constraints, self.margin, self.depth)  # a relative depth needs the set's safe_depth
+        if self.precondition == "covariance" and not constraints.input_covariance.trace() > 0:
+            raise DataError("precondition='covariance' needs the covariance of the constraint set's training states, "
+                            "which this one lacks; fit it with this version of safeflow or pass precondition='none'")
 
     def _preconditioner(self, constraints: ConstraintSet) -> torch.Tensor | None:
         if self.precondition == "none":
             return None
-        cov = constraints.input_covariance.float()
-        scale = cov.trace() / cov.shape[0]
-        if not scale > 0:
-            raise DataError("precondition='covariance' needs the covariance of the constraint set's training states, "
-                            "which this one lacks; fit it with this version of safeflow or pass precondition='none'")
-        return cov / scale
+        cov = constraints.input_covariance
+        return cov / (cov.trace() / cov.shape[0])
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         P = self._preconditioner(constraints)
+        m = target_margin(constraints, self.margin, self.depth)
+
+        def weights(V: torch.Tensor) -> torch.Tensor:  # ∂/∂v of λ_s Σ v + λ_u Σ ReLU(v + m)
+            return self.lambda_safe + self.lambda_unsafe * (V > -m).to(V.dtype)
+
         x = h.clone()
         d = h.shape[1]
         steps = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
         active = torch.arange(h.shape[0], device=h.device)
         for _ in range(self.max_steps):
-            V, grad = constraints.violations_vjp(x[active], self._weights)
-            keep = (V.max(dim=1).values > -self.margin) & torch.isfinite(V).all(dim=1)
+            V, grad = constraints.violations_vjp(x[active], weights)
+            keep = (V.max(dim=1).values > -m) & torch.isfinite(V).all(dim=1)
             active, grad = active[keep], grad[keep]
             if active.numel() == 0:
                 break
