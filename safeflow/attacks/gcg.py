@@ -304,8 +304,8 @@ class AdaptiveGCGAttack(GCGAttack, name="adaptive-gcg"):
         self.weight, self.margin = float(weight), float(margin)
 
     def config(self) -> dict[str, Any]:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.constraints.state_dict().items()):
+        digest = hashlib.sha256()  # of the learned parameters only: buffers may be added by newer formats
+        for name, tensor in sorted(self.constraints.named_parameters()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return super().config() | {"layer": self.layer, "weight": self.weight, "margin": self.margin,
