@@ -208,7 +208,11 @@ def test_adaptive_gcg_pushes_the_prompt_state_into_the_detector(tokenizer):
                          **(TINY | {"steps": 6, "early_stop": False}))
     plain = gcg(model, tokenizer, steps=6, early_stop=False)
     assert a.config()["constraints"].startswith("linear:") and a.config() != plain.config()
-    for p in a.generate(REQUESTS[:2], progress=False):
+    prompts = a.generate(REQUESTS[:2], progress=False)
+    again = sf.Attack.create("adaptive-gcg", model=model, tokenizer=tokenizer, constraints=detector, layer=2,
+                             weight=5.0, **(TINY | {"steps": 6, "early_stop": False})).generate(REQUESTS[:2], progress=False)
+    assert strip_time(prompts) == strip_time(again)
+    for p in prompts:
         assert p.attack == "adaptive-gcg" and p.info["loss"] < p.info["initial_loss"]
         assert p.info["violation"] <= p.info["initial_violation"]
         state = ext.extract([p.prompt])
