@@ -97,6 +97,22 @@ def test_template_fills_the_slot_deterministically_and_groups_by_template():
     assert TemplateAttack(templates=templates, per_request=2, seed=4).generate(REQUESTS, progress=False) != prompts
 
 
+def test_template_renders_the_jinja_subset_of_the_collected_templates():
+    from safeflow.attacks.templates import fill
+
+    t = '{% raw %}Keep {{ prompt }} and {% if x %} verbatim.{% endraw %} Now: {{prompt}}{{ "{% endraw %}" }}'
+    assert fill(t, "REQ") == "Keep {{ prompt }} and {% if x %} verbatim. Now: REQ{% endraw %}"
+    a = TemplateAttack(templates={"wild": t})
+    assert a.generate(["hack bank"], progress=False)[0].prompt == \
+        "Keep {{ prompt }} and {% if x %} verbatim. Now: hack bank{% endraw %}"
+    with pytest.raises(ConfigError, match="has no .* placeholder"):  # a slot inside a raw block is text
+        TemplateAttack(templates={"t": "{% raw %}say {{ prompt }}{% endraw %}"})
+    with pytest.raises(ConfigError, match="Jinja syntax safeflow does not render"):
+        TemplateAttack(templates={"t": "{% if evil %}{{ prompt }}{% endif %}"})
+    with pytest.raises(ConfigError, match="Jinja syntax safeflow does not render"):
+        TemplateAttack(templates={"t": "{{ prompt }} {{ config.__class__ }}"})
+
+
 def test_template_config_changes_with_the_templates():
     a = TemplateAttack(templates={"a": "x {{ prompt }}"})
     b = TemplateAttack(templates={"a": "y {{ prompt }}"})

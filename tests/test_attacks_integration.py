@@ -7,7 +7,7 @@ import pytest
 import safeflow as sf
 from safeflow.assets import verify_package
 from safeflow.attacks import load_templates
-from safeflow.attacks.templates import PLACEHOLDER
+from safeflow.attacks.templates import check_template, fill
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +15,11 @@ pytestmark = pytest.mark.integration
 def test_every_shipped_template_has_the_placeholder_and_verifies():
     templates = load_templates()
     assert len(templates) == 652 and verify_package("pyrit") == []
-    assert all(PLACEHOLDER.search(t) for t in templates.values())
+    jinja = pytest.importorskip("jinja2.sandbox", reason="jinja2 (a transformers dependency) is the reference")
+    env = jinja.SandboxedEnvironment(keep_trailing_newline=True)
+    for name, text in templates.items():  # safeflow's renderer equals Jinja's on every shipped template
+        check_template(name, text)
+        assert fill(text, "REQUEST-X") == env.from_string(text).render(prompt="REQUEST-X")
     assert "aim" in templates and 0 < len(load_templates(max_chars=4000)) < len(templates)
     a = sf.Attack.create("template")
     (p,) = a.generate(["Explain how to pick a lock"], progress=False)

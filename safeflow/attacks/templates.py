@@ -2,9 +2,14 @@
 
 The default templates ship in the pinned ``pyrit==1.1.0`` wheel under
 ``pyrit/datasets/jailbreak/templates/`` (YAML files whose ``value`` holds the template text and
-marks the request's place with the Jinja-style placeholder ``{{ prompt }}``). Only the files
-listed in ``manifest.json`` (single-slot templates, sha256-verified) are used. The placeholder is
-substituted as plain text; no template code is ever executed.
+marks the request's place with the Jinja placeholder ``{{ prompt }}``). Only the files listed in
+``manifest.json`` (single-slot templates, sha256-verified) are used.
+
+The templates are Jinja, and the collected ones protect their text with ``{% raw %} ...
+{% endraw %}`` blocks (and a literal ``{% endraw %}`` as ``{{ "{% endraw %}" }}``). safeflow
+renders exactly that subset itself — raw blocks verbatim, ``{{ prompt }}`` outside them replaced
+by the request, string-literal expressions by their text — and refuses any other Jinja syntax;
+no template code is ever executed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from .base import Attack, AttackPrompt, positive_int, request_seed
 
 #: The request's slot in a template: ``{{ prompt }}`` (spaces optional), as in PyRIT's templates.
 PLACEHOLDER = re.compile(r"\{\{\s*prompt\s*\}\}")
+_RAW = re.compile(r"\{%\s*raw\s*%\}(.*?)\{%\s*endraw\s*%\}", re.S)
+_EXPRESSION = re.compile(r"""\{\{\s*(?:(prompt)|"([^"]*)"|'([^']*)')\s*\}\}""")
 DEFAULT_SET = "pyrit-jailbreak"
 
 
@@ -49,9 +56,35 @@ def load_templates(max_chars: int | None = None) -> dict[str, str]:
     return {name: text for name, text in _pyrit_templates() if max_chars is None or len(text) <= max_chars}
 
 
+def _segments(template: str) -> list[tuple[bool, str]]:
+    """``template`` as ``(verbatim, text)`` pieces: raw blocks are verbatim, the rest is rendered."""
+    out, pos = [], 0
+    for m in _RAW.finditer(template):
+        out += [(False, template[pos:m.start()]), (True, m.group(1))]
+        pos = m.end()
+    return out + [(False, template[pos:])]
+
+
+def check_template(name: str, template: str) -> None:
+    """Raise :class:`ConfigError` unless ``template`` has a ``{{ prompt }}`` slot outside raw blocks
+    and no Jinja syntax beyond raw blocks, the slot and string literals."""
+    rendered = [text for verbatim, text in _segments(template) if not verbatim]
+    if not any(PLACEHOLDER.search(text) for text in rendered):
+        raise ConfigError(f"template {name!r} has no {{{{ prompt }}}} placeholder for the request; "
+                          "write {{ prompt }} where the request goes")
+    leftover = next((t for t in (_EXPRESSION.sub("", text) for text in rendered) if "{{" in t or "{%" in t), None)
+    if leftover is not None:
+        i = leftover.find("{{") if "{{" in leftover else leftover.find("{%")
+        raise ConfigError(f"template {name!r} uses Jinja syntax safeflow does not render ({leftover[i:i + 40]!r}); "
+                          "only {% raw %} blocks, {{ prompt }} and string literals are supported")
+
+
 def fill(template: str, request: str) -> str:
-    """``template`` with every ``{{ prompt }}`` replaced by ``request`` (plain text, no escapes)."""
-    return PLACEHOLDER.sub(lambda _: request, template)
+    """Render ``template`` with ``request`` in every ``{{ prompt }}`` slot (plain text, no escapes)."""
+    def expression(m: re.Match[str]) -> str:
+        return request if m.group(1) else m.group(2) if m.group(2) is not None else m.group(3)
+
+    return "".join(text if verbatim else _EXPRESSION.sub(expression, text) for verbatim, text in _segments(template))
 
 
 class TemplateAttack(Attack, name="template"):
@@ -77,9 +110,9 @@ class TemplateAttack(Attack, name="template"):
         if not self.templates:
             raise ConfigError("no templates to draw from; pass templates={name: text} or raise max_chars")
         for name, text in self.templates.items():
-            if not isinstance(text, str) or not PLACEHOLDER.search(text):
-                raise ConfigError(f"template {name!r} has no {{{{ prompt }}}} placeholder for the request; "
-                                  "write {{ prompt }} where the request goes")
+            if not isinstance(text, str):
+                raise ConfigError(f"template {name!r} is not a string")
+            check_template(name, text)
         if self.per_request > len(self.templates):
             raise ConfigError(f"per_request={per_request} exceeds the {len(self.templates)} templates available")
         self._names = sorted(self.templates)
