@@ -52,6 +52,16 @@ def prompt_splits() -> Splits:
     return Splits(train=ps(TEXTS[:12]), test_id=ps(TEXTS[12:18]), val_ood=ps(TEXTS[18:22]), test_ood=ps(TEXTS[:4]))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The reference runs with one thread, as each rank does: on CPU a matrix product's rounding
+    depends on how many threads split it, so "identical" holds for equal thread counts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- workers (module level: the spawned processes import them) ------------------------------
 def work(out: str, cache: str, scenario: str, model_dir: str = "") -> int:
     """One rank of a test run. ``everything``: prompt states, response states, a layer sweep, then
