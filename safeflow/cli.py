@@ -558,11 +558,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
     from .models import load_model
     from .pipeline import train_constraints
-    from .presets import preset
+    from .layers import default_model_layer
     from .steerers.base import Steerer
 
+    _check_layers(args.model, [args.layer])
     model, tok = load_model(args.model)
-    layer = args.layer if args.layer is not None else preset(args.preset).layer
+    layer = args.layer if args.layer is not None else default_model_layer(model, args.preset)
     train, test = protocol_prompts(load_prompts(args.data), args.data == "default", args.seed)
     requests = attack_requests(train, args.requests or None, args.seed)
     out = Path(args.out)
@@ -751,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or a CSV/JSONL with text,label[,category]")
-    p.add_argument("--layer", type=int, default=None, help="steering/detection layer (default: the preset's)")
-    p.add_argument("--preset", default=None, help="model preset (layer, polytope and steerer settings)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="steering/detection layer (default: the preset's, else 20/32 of the model's depth)")
+    p.add_argument("--preset", type=preset_name, default=None, help="model preset (layer, polytope and steerer settings)")
     p.add_argument("--requests", type=nonnegative_int, default=40, help="harmful train requests to attack (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gcg-steps", type=positive_int, default=25)

@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ..errors import ConfigError, DataError
+from ..progress import progress_bar
 from ..registry import Registered
 
 
@@ -87,7 +86,7 @@ class Attack(Registered, ABC, kind="attack"):
         store = AttackCache(cache, self.config(), save_every_s=save_every_s) if cache is not None else None
         done = store.entries if store is not None else {}
         name = self.registered_name or type(self).__name__
-        bar = tqdm(total=len(requests), initial=sum(r in done for r in requests), desc=f"attack {name}",
+        bar = progress_bar(total=len(requests), initial=sum(r in done for r in requests), desc=f"attack {name}",
                    unit="request", disable=not progress)
         try:
             for request in requests:
