@@ -24,10 +24,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .progress import progress_bar
-
 from .errors import AssetError
 from .io import atomic_path
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from .progress import progress_bar
 
 from . import distributed
 from .cache import HiddenStateCache, text_key, weights_digest
@@ -20,6 +19,7 @@ from .distributed import World
 from .errors import ConfigError, DataError
 from .features import FeatureDataset
 from .layers import block_output, default_model_layer, find_decoder_layers, normalize_layer
+from .progress import progress_bar
 from .registry import Registered
 
 Pooling = Literal["last", "mean"]

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from ..progress import progress_bar
 
 from ..errors import ConfigError, DataError
 from ..features import FeatureDataset
+from ..progress import progress_bar
 
 #: Largest training margin accepted: hinge terms stay finite in float32 well below it.
 MAX_MARGIN = 1e6
