@@ -288,7 +288,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         header.update(responses=args.responses, sources=[sources[i] for i in states.prompt_index.tolist()], kinds=states.kind)
     elif world.size > 1:
         ext.fill_cache(data.texts)  # every rank computes its share; rank 0 reads and writes the file
-        H, y = (ext.cached(data.texts) if world.is_main else None), data.y
+        if not world.is_main:
+            return 0
+        H, y = ext.cached(data.texts), data.y
         header["sources"] = data.sources
     else:
         H, y = ext.extract(data.texts), data.y
@@ -403,13 +405,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .data import load_prompts
     from .extractors import HFExtractor
+    from .layers import find_decoder_layers
     from .models import load_model
     from .pipeline import train_constraints
-    from .presets import preset
+    from .presets import preset, resolve_layer
     from .steerers.base import Steerer
 
     model, tok = load_model(args.model)
-    layer = args.layer if args.layer is not None else preset(args.preset).layer
+    layer = args.layer if args.layer is not None else resolve_layer(preset(args.preset, model),
+                                                                    len(find_decoder_layers(model)))
     train, test = protocol_prompts(load_prompts(args.data), args.data == "default", args.seed)
     requests = attack_requests(train, args.requests or None, args.seed)
     out = Path(args.out)
