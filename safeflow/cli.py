@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful train prompts for the refusal polytope")
     p.add_argument("--refusal-features-width", type=positive_int, default=4096,
                    help="refusal (steering) polytope width F")
-    p.add_argument("--refusal-rounds", type=positive_int, default=2,
+    p.add_argument("--refusal-rounds", type=positive_int, default=1,
                    help="rounds of the refusal polytope: each further round adds the states of its own steered answers")
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
     p.add_argument("--steerers", nargs="+", type=registered("steerer"), default=["safeflow", "projection"],
