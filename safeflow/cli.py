@@ -345,7 +345,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         header.update(responses=args.responses, rows="responses", kinds=states.kind)
     elif world.size > 1:
         ext.fill_cache(data.texts)  # every rank computes its share; rank 0 reads and writes the file
-        H, y, rows = (ext.cached(data.texts) if world.is_main else None), data.y, list(range(len(data)))
+        if not world.is_main:
+            return 0
+        H, y, rows = ext.cached(data.texts), data.y, list(range(len(data)))
     else:
         H, y, rows = ext.extract(data.texts), data.y, list(range(len(data)))
     header["sources"] = [data.sources[i] for i in rows]
@@ -556,9 +558,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .data import load_prompts
     from .extractors import HFExtractor
+    from .layers import default_model_layer
     from .models import load_model
     from .pipeline import train_constraints
-    from .layers import default_model_layer
     from .steerers.base import Steerer
 
     _check_layers(args.model, [args.layer])
@@ -736,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful train prompts for the refusal polytope")
     p.add_argument("--refusal-features-width", type=positive_int, default=4096,
                    help="refusal (steering) polytope width F")
-    p.add_argument("--refusal-rounds", type=positive_int, default=2,
+    p.add_argument("--refusal-rounds", type=positive_int, default=1,
                    help="rounds of the refusal polytope: each further round adds the states of its own steered answers")
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
     p.add_argument("--steerers", nargs="+", type=registered("steerer"), default=["safeflow", "projection"],
