@@ -195,6 +195,8 @@ def docs_env(tmp_path, monkeypatch, model_dirs):
     monkeypatch.setattr(safeflow.models, "model_config", model_config)
     for module in (sf, safeflow.data, safeflow.pipeline):
         monkeypatch.setattr(module, "load_prompts", load_prompts)
+    for base in (sf.Extractor, sf.ConstraintSet, sf.Steerer, sf.Attack):  # examples may register classes
+        monkeypatch.setattr(base.registry, "_classes", dict(base.registry._classes))
     monkeypatch.chdir(tmp_path)
     shutil.copy(PROMPTS, tmp_path / "my_prompts.csv")
     shutil.copytree(default, tmp_path / "my-model")
