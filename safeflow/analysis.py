@@ -8,7 +8,8 @@ reports
 * ``mutual_information`` [K, C] (bits): ``I(X_k; Y_c)`` between the binary indicators
   ``X_k = [V[:, k] > 0]`` and ``Y_c = [category == c]``, from the empirical 2×2 table;
 * ``matching``: the one-to-one assignment of facets to categories maximising the summed MI
-  (Hungarian algorithm, :func:`scipy.optimize.linear_sum_assignment`; min(K, C) pairs);
+  (Hungarian algorithm, :func:`scipy.optimize.linear_sum_assignment`; at most min(K, C) pairs,
+  pairs with zero MI left out);
 * ``normal_cosine`` [K, K]: cosine similarity of the facet normals ``Φ_k`` in feature space
   (polytopes only), and ``jaccard`` [K, K]: ``|S_k ∩ S_j| / |S_k ∪ S_j|`` of the row sets
   ``S_k`` on which each facet fires;
@@ -33,6 +34,9 @@ from .data import PromptSet
 from .errors import DataError
 
 log = logging.getLogger(__name__)
+
+#: Mutual information (bits) at or below which a facet–category pair is not matched.
+MIN_MI = 1e-9
 
 
 @dataclass
@@ -113,11 +117,12 @@ def facet_normal_cosine(constraints: ConstraintSet) -> np.ndarray | None:
 
 
 def match_facets(mi: np.ndarray, categories: list[str]) -> list[tuple[int, str, float]]:
-    """One-to-one facets ↔ categories maximising the summed MI [K, C] (Hungarian); sorted by facet."""
+    """One-to-one facets ↔ categories maximising the summed MI [K, C] (Hungarian); sorted by facet.
+    Pairs without information (MI <= :data:`MIN_MI`, e.g. a facet that never fires) are left out."""
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(mi, maximize=True)
-    return sorted((int(k), categories[c], float(mi[k, c])) for k, c in zip(rows, cols))
+    return sorted((int(k), categories[c], float(mi[k, c])) for k, c in zip(rows, cols) if mi[k, c] > MIN_MI)
 
 
 @torch.no_grad()
@@ -160,7 +165,7 @@ def analyze_facets(constraints: ConstraintSet, H: Any, data: PromptSet, *, unsaf
         notes.append(f"{missing} of {len(rows)} prompts have no category and are left out of the category tables")
     rare = sorted(c for c, n in counted.items() if n < min_count)
     if rare:
-        notes.append(f"{len(rare)} categories with fewer than {min_count} prompts left out "
+        notes.append(f"{len(rare)} categor{'y' if len(rare) == 1 else 'ies'} with fewer than {min_count} prompts left out "
                      f"(e.g. {', '.join(rare[:3])})")
     categories = sorted(c for c, n in counted.items() if n >= min_count)
     if not categories:
@@ -175,6 +180,10 @@ def analyze_facets(constraints: ConstraintSet, H: Any, data: PromptSet, *, unsaf
     totals = onehot.sum(0).astype(int).tolist()
     rates = counts / np.maximum(np.array(totals), 1)[:, None]
     labelled = onehot.any(1)
+    dead = np.flatnonzero(~fires.any(0)).tolist()
+    if dead:
+        notes.append(f"{len(dead)} of {K} facets never fire on these prompts ({', '.join(map(str, dead[:20]))}); "
+                     "they are not matched")
     mi = binary_mutual_information(fires[labelled], onehot[labelled]) if categories else np.zeros((K, 0))
     matching = match_facets(mi, categories) if categories else []
     top = {}

@@ -302,9 +302,9 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
             fac.table([{**mt, "rate in category": facets["rates"][cats.index(mt["category"])][mt["facet"]],
                         "rate overall": facets["fire_rate"][mt["facet"]]} for mt in facets["matching"]])
         top = [{"facet": k, "violation": p["violation"], "category": p["category"], "prompt": p["text"][:120]}
-               for k, prompts in facets["top_prompts"].items() for p in prompts[:2]]
+               for k, prompts in facets["top_prompts"].items() for p in prompts[:2] if facets["fire_rate"][int(k)] > 0]
         if top:
-            fac.text("Top prompts per facet (largest violation):").table(top)
+            fac.text("Top prompts per facet that fires (largest violation):").table(top)
     sections.append(fac)
 
     steering = m["steering"]
