@@ -176,6 +176,11 @@ def violation_figure(scores: dict[str, Any], model: str = "polytope") -> Figure 
                                            "prompts; right of the dashed line is flagged unsafe.")
 
 
+def _matched(facets: dict[str, Any]) -> list[dict[str, Any]]:
+    """The facet–category pairs with information (runs saved before zero-MI pairs were dropped list them)."""
+    return [m for m in facets["matching"] if m["mi_bits"] > 0]
+
+
 def facet_figure(facets: dict[str, Any]) -> Figure | None:
     if not facets.get("categories"):
         return None
@@ -188,7 +193,7 @@ def facet_figure(facets: dict[str, Any]) -> Figure | None:
     ax.set_xticks(range(K), [str(k) for k in range(K)])
     ax.set_yticks(range(len(cats)), labels, fontsize=8)
     ax.set(xlabel="facet k", ylabel="harm category")
-    for m in facets["matching"]:
+    for m in _matched(facets):
         c = cats.index(m["category"])
         ax.add_patch(plt.Rectangle((m["facet"] - 0.5, c - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     fig.colorbar(im, ax=ax, label="share of the category's prompts violating facet k")
@@ -295,12 +300,12 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
         fac.text(f"Detection polytope on {facets['num_rows']} unsafe in-distribution test prompts. "
                  + " ".join(facets.get("notes", [])))
         fac.figure(facet_figure(facets))
-        if facets["matching"]:
+        if _matched(facets):
             fac.text("One-to-one matching of facets to categories maximising mutual information (bits) between "
                      "'facet violated' and 'prompt in category':")
             cats = facets["categories"]
             fac.table([{**mt, "rate in category": facets["rates"][cats.index(mt["category"])][mt["facet"]],
-                        "rate overall": facets["fire_rate"][mt["facet"]]} for mt in facets["matching"]])
+                        "rate overall": facets["fire_rate"][mt["facet"]]} for mt in _matched(facets)])
         top = [{"facet": k, "violation": p["violation"], "category": p["category"], "prompt": p["text"][:120]}
                for k, prompts in facets["top_prompts"].items() for p in prompts[:2] if facets["fire_rate"][int(k)] > 0]
         if top:
