@@ -26,6 +26,7 @@ demo: install
 
 test: install
 	$(BIN)/safeflow assets fetch
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html
 

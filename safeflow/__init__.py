@@ -4,6 +4,7 @@ Labels everywhere: 1 = unsafe, 0 = safe. "Layer L" is the output of decoder bloc
 """
 
 from . import kernels
+from .attacks import Attack, AttackPrompt
 from .constraints import ConstraintSet, LinearConstraint, MLPConstraint, PolytopeConstraints
 from .data import PromptSet, load_prompts, source_split, stratified_split
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
@@ -21,13 +22,13 @@ __version__ = "0.1.0"
 def available() -> dict[str, list[str]]:
     """Every registry and its registered names (``"kernel"``: the kernel backends that loaded here)."""
     return {"extractor": Extractor.available(), "constraint": ConstraintSet.available(), "steerer": Steerer.available(),
-            "kernel": kernels.available()}
+            "attack": Attack.available(), "kernel": kernels.available()}
 
 
 __all__ = [
-    "AssetError", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL", "DataError", "Extractor",
-    "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint", "PolytopeConstraints", "Projection",
-    "ProjectionSteerer", "PromptSet", "RefusalJudge",
+    "AssetError", "Attack", "AttackPrompt", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL",
+    "DataError", "Extractor", "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint",
+    "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
     "available", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
     "load_prompts", "project", "response_states", "source_split", "steering", "stratified_split",

@@ -1,4 +1,4 @@
-"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo, report.
+"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo, attack, report.
 
 Every user error — a bad argument, an unreadable or hostile file, a model that cannot be loaded,
 a full disk — is reported as one line ``safeflow: error: ...`` naming the fix, with exit status 2
@@ -170,7 +170,7 @@ def gate_source(text: str) -> str:
 
 
 def registered(kind: str) -> Callable[[str], str]:
-    """A name registered in the ``kind`` registry (``constraint`` or ``steerer``)."""
+    """A name registered in the ``kind`` registry (``constraint``, ``steerer`` or ``attack``)."""
     @_checked
     def name(text: str) -> str:
         from . import available
@@ -299,7 +299,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         header.update(responses=args.responses, sources=[sources[i] for i in states.prompt_index.tolist()], kinds=states.kind)
     elif world.size > 1:
         ext.fill_cache(data.texts)  # every rank computes its share; rank 0 reads and writes the file
-        H, y = (ext.cached(data.texts) if world.is_main else None), data.y
+        if not world.is_main:
+            return 0
+        H, y = ext.cached(data.texts), data.y
         header["sources"] = data.sources
     else:
         H, y = ext.extract(data.texts), data.y
@@ -402,6 +404,62 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(format_table(rows, list(rows[0])))
         best = max(rows, key=lambda r: (r["val_ood_f1"], r["val_ood_auroc"]))
         print(f"best layer by OOD validation F1: {best['layer']}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import random
+
+    from .attacks import cache_file
+    from .attacks.protocol import (attack_requests, build_attacks, protocol_prompts, render_report,
+                                   run_attack_protocol, save_protocol)
+    from .constraints.base import ConstraintSet
+    from .data import load_prompts
+    from .extractors import HFExtractor
+    from .layers import find_decoder_layers
+    from .models import load_model
+    from .pipeline import train_constraints
+    from .presets import preset, resolve_layer
+    from .steerers.base import Steerer
+
+    model, tok = load_model(args.model)
+    layer = args.layer if args.layer is not None else resolve_layer(preset(args.preset, model),
+                                                                    len(find_decoder_layers(model)))
+    train, test = protocol_prompts(load_prompts(args.data), args.data == "default", args.seed)
+    requests = attack_requests(train, args.requests or None, args.seed)
+    out = Path(args.out)
+    detector = None
+    if "adaptive-gcg" in args.attacks:
+        if args.detector:
+            detector = ConstraintSet.load(args.detector)
+        else:
+            H = HFExtractor(model, tok, layer=layer).extract(train.texts)
+            detector = train_constraints("polytope", H, train.y, args.preset, args.features_width)
+            detector.save(out / "adaptive_detector.safetensors")
+    gcg = {"steps": args.gcg_steps, "candidates": args.gcg_candidates, "suffix_length": args.gcg_suffix_length,
+           "topk": args.gcg_topk}
+    attacks = build_attacks(args.attacks, model, tok, gcg=gcg, template={"max_chars": args.template_max_chars},
+                            detector=detector, layer=layer,
+                            adaptive={"weight": args.adaptive_weight, "margin": args.adaptive_margin}, seed=args.seed)
+    if args.generate_only:
+        for name, attack in attacks.items():
+            path = cache_file(args.cache, attack)
+            prompts = attack.generate(requests, cache=path)
+            print(f"{name}: {len(prompts)} attack prompts in {path}")
+        return 0
+    benign = test.where(label=0).texts
+    benign = random.Random(args.seed).sample(benign, min(args.benign, len(benign)))
+    harmful = train.where(label=1).texts
+    refusal_prompts = random.Random(args.seed).sample(harmful, min(args.refusal_prompts, len(harmful)))
+    steerers = {name: Steerer.create(name, **({"preset": args.preset} if args.preset else {})) for name in args.steerers}
+    result = run_attack_protocol(
+        model, tok, attacks, requests, train=train, benign=benign, layer=layer, cache_dir=args.cache,
+        gate=args.gate, steerers=steerers, refusal_prompts=refusal_prompts, preset=args.preset,
+        num_features=args.features_width, refusal_features=args.refusal_features_width,
+        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    save_protocol(result, out)
+    print(render_report(result.report))
+    print(f"report: {out / 'attack_report.md'}")
     return 0
 
 
@@ -524,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful train prompts for the refusal polytope")
     p.add_argument("--refusal-features-width", type=positive_int, default=4096,
                    help="refusal (steering) polytope width F")
-    p.add_argument("--refusal-rounds", type=positive_int, default=2,
+    p.add_argument("--refusal-rounds", type=positive_int, default=1,
                    help="rounds of the refusal polytope: each further round adds the states of its own steered answers")
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
     p.add_argument("--steerers", nargs="+", type=registered("steerer"), default=["safeflow", "projection"],
@@ -537,6 +595,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capability-max-new-tokens", type=positive_int, default=64)
     p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("attack", help="jailbreak attacks: generate (cached), split 80/20, attack success with and without steering")
+    p.add_argument("--attacks", type=registered("attack"), nargs="+", default=["direct", "template", "gcg"],
+                   help="registered attacks: direct, template, gcg, adaptive-gcg")
+    p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    p.add_argument("--data", type=data_source, default="default",
+                   help="'default' or a CSV/JSONL with text,label[,category]")
+    p.add_argument("--layer", type=int, default=None, help="steering/detection layer (default: the preset's)")
+    p.add_argument("--preset", default=None, help="model preset (layer, polytope and steerer settings)")
+    p.add_argument("--requests", type=nonnegative_int, default=40, help="harmful train requests to attack (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gcg-steps", type=positive_int, default=25)
+    p.add_argument("--gcg-candidates", type=positive_int, default=64, help="candidate suffixes evaluated per step")
+    p.add_argument("--gcg-suffix-length", type=positive_int, default=16, help="suffix tokens")
+    p.add_argument("--gcg-topk", type=positive_int, default=64, help="candidate tokens per suffix position")
+    p.add_argument("--template-max-chars", type=positive_int, default=4000, help="longest jailbreak template used")
+    p.add_argument("--detector", type=input_file, default=None,
+                   help="constraint set adaptive-gcg attacks (default: a polytope trained on the train split, saved to --out)")
+    p.add_argument("--adaptive-weight", type=nonnegative_float, default=0.01,
+                   help="weight of the detector term in adaptive-gcg")
+    p.add_argument("--adaptive-margin", type=nonnegative_float, default=0.0,
+                   help="depth inside the detector adaptive-gcg aims for")
+    p.add_argument("--steerers", type=registered("steerer"), nargs="*", default=["safeflow"],
+                   help="steerers compared with unsteered generation")
+    p.add_argument("--gate", default="polytope", help="detector gating steering (polytope, mlp, linear) or prompt/token")
+    p.add_argument("--benign", type=positive_int, default=60, help="benign test prompts (unchanged answers, false refusals)")
+    p.add_argument("--refusal-prompts", type=positive_int, default=240,
+                   help="harmful train prompts for the refusal polytope")
+    p.add_argument("--features-width", type=positive_int, default=16384, help="detection polytope width F")
+    p.add_argument("--refusal-features-width", type=positive_int, default=4096, help="refusal (steering) polytope width F")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--cache", type=output_dir, default="runs/attack-cache",
+                   help="directory of the resumable attack-prompt caches")
+    p.add_argument("--generate-only", action="store_true", help="only generate (and cache) the attack prompts")
+    p.add_argument("--out", type=output_dir, default="runs/attack")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("report", help="write report.html (figures embedded) and report.md for a demo run directory")
     p.add_argument("run_dir", type=run_directory, metavar="RUN_DIR", help="the --out directory of `safeflow demo`")

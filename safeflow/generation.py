@@ -161,8 +161,10 @@ class _SteeringHooks:
         s.start = past
         if ids is None:
             s.tokens = None
-        elif past == 0 or s.tokens is not None:
-            s.tokens = ids if past == 0 else torch.cat([s.tokens, ids], dim=1)
+        elif past == 0:
+            s.tokens = ids
+        elif s.tokens is not None:
+            s.tokens = torch.cat([s.tokens, ids], dim=1)
         s.length = past + T
 
     def _after_block(self, _module: nn.Module, _inputs: tuple, output: object) -> object:
@@ -330,7 +332,7 @@ def generate_responses(
 
 @torch.no_grad()
 def generate_from_ids(
-    model: nn.Module,
+    model: Any,
     tokenizer,
     prefixes: Sequence[Sequence[int]],
     *,

@@ -59,8 +59,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     path = default_model_path(name_or_path, progress) if name_or_path in manifest()["models"] else local or name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        model: Any
         if device_map is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = model.to(device).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
                                                          max_memory=max_memory).eval()

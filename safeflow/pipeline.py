@@ -71,7 +71,7 @@ def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: 
 
 
 def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], preset_name: str | None = None,
-                           num_features: int = 4096, max_tokens: int = 32, rounds: int = 2,
+                           num_features: int = 4096, max_tokens: int = 32, rounds: int = 1,
                            steerer: Steerer | None = None, progress: bool = True) -> tuple[ConstraintSet, ResponseStates]:
     """The steering constraint set: a polytope on :func:`~safeflow.responses.response_states` of
     ``harmful`` prompts — helping is unsafe, refusing is safe — with the preset's settings.
@@ -79,7 +79,9 @@ def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], prese
     Each further round (``rounds`` >= 2) steers the same prompts into the current polytope with
     ``steerer`` (default: SafeFlow with the preset's settings), adds the states of the steered
     answers labelled by the judge (:func:`~safeflow.responses.steered_states`: answers that did
-    not end up as safe refusals are unsafe) and refits on everything.
+    not end up as safe refusals are unsafe) and refits on everything. One round is the default: on
+    the OOD validation source a second round gave 0.62 safe refusals against 0.74 (it also halves
+    the polytope's ``safe_depth``, so the same relative depth aims shallower).
     """
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -145,7 +147,7 @@ def demo_steerer(name: str, preset_name: str | None = None) -> Steerer:
 def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", preset_name: str | None = None,
              layer: int | None = None, limit: int | None = 50, max_new_tokens: int = 48,
              num_features: int | None = None, refusal_prompts: int = 240, refusal_features: int = 4096,
-             refusal_rounds: int = 2, steerers: Sequence[str] = ("safeflow", "projection"),
+             refusal_rounds: int = 1, steerers: Sequence[str] = ("safeflow", "projection"),
              first_n_tokens: int | None = None, capability_tasks: Sequence[str] = ("rho-gsm8k", "rho-factual"),
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
              cache_dir: str | Path | None = None) -> dict[str, Any]:

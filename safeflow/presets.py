@@ -29,6 +29,8 @@ from .errors import ConfigError
 
 #: The paper steers and detects at layer 20 of 32-block models.
 LAYER_FRACTION = 20 / 32
+#: The reference code sums its hinge terms over batches of 128; safeflow averages, so the
+#: paper presets divide their regularisers by this.
 REFERENCE_BATCH = 128
 
 

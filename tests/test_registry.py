@@ -6,14 +6,15 @@ from safeflow.errors import ConfigError
 
 def test_available_lists_every_registry():
     reg = sf.available()
-    assert set(reg) == {"extractor", "constraint", "steerer", "kernel"}
+    assert set(reg) == {"extractor", "constraint", "steerer", "attack", "kernel"}
     assert reg["extractor"] == ["hf"]
     assert reg["constraint"] == ["linear", "mlp", "polytope"]
     assert reg["steerer"] == ["projection", "safeflow"]
+    assert reg["attack"] == ["adaptive-gcg", "direct", "gcg", "template"]
     assert {"auto", "torch"} <= set(reg["kernel"]) <= {"auto", "cpu", "cuda", "torch"}
 
 
-@pytest.mark.parametrize("base", [sf.Extractor, sf.ConstraintSet, sf.Steerer])
+@pytest.mark.parametrize("base", [sf.Extractor, sf.ConstraintSet, sf.Steerer, sf.Attack])
 def test_unknown_name_lists_valid_ones(base):
     with pytest.raises(ConfigError) as err:
         base.create("nope")

@@ -138,7 +138,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         """Violations V [N, K] of hidden states H [N, d]; unsafe iff any V > 0. Differentiable."""
 
     @abstractmethod
-    def fit(self, H: Any, y: Any = None, **options: Any) -> ConstraintSet:
+    def fit(self, *args: Any, **options: Any) -> ConstraintSet:
         """Learn the constraints from hidden states H [N, d] and labels y [N] (1 = unsafe), or from
         a :class:`~safeflow.features.FeatureDataset` passed as ``H`` (streamed; ``y`` None)."""
 

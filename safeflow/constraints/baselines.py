@@ -65,6 +65,7 @@ class _LogitConstraint(ConstraintSet):
             progress=progress, desc=self.registered_name or "train",
         )
         first = self.net[0]
+        assert isinstance(first, nn.Linear)
         fold_standardization(first.weight.data, first.bias.data, mean, std)
         self._record_fit(data, stats.covariance())
         return self

@@ -102,7 +102,7 @@ def assign_facets(v: torch.Tensor, entropy_weight: float = 1.0, rule: str = "gre
         cost = v[rows, k_max].unsqueeze(1) - v[rows]  # loss of violation when moving row -> facet
         cost = cost.masked_fill(~ok, float("inf"))
         flat = int(cost.argmin())
-        row, facet = rows[flat // K], flat % K
+        row, facet = int(rows[flat // K]), flat % K
         allowed[row, facet] = False
         a[row] = facet
         counts[k_max] -= 1

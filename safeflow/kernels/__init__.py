@@ -46,6 +46,7 @@ def violations_vjp(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch
     impl = IMPLS[name]
     with torch.no_grad():
         V, mask = impl.forward(H, W, b, Phi, xi)
+        assert mask is not None  # requested (mask=True)
         C = weights(V) if callable(weights) else weights
         return V, impl.vjp_input(W, Phi, mask, C.to(V.dtype), V)
 
@@ -59,6 +60,7 @@ def local_affine(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.T
     impl = IMPLS[name]
     with torch.no_grad():
         _, mask = impl.forward(H, W, b, Phi, xi)
+        assert mask is not None  # requested (mask=True)
         return impl.jacobian(W, b, Phi, xi, mask)
 
 

@@ -212,7 +212,8 @@ class _LayerCall(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L_, r_, lam = ctx.graph
         with _quiet():
-            return torch.autograd.grad(lam, (L_, r_), grad)
+            dL, dr = torch.autograd.grad(lam, (L_, r_), grad)
+        return dL, dr
 
 
 def _cvxpylayers_dual(Q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
