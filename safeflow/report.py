@@ -97,7 +97,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(metrics, dict) or not {"model", "detection", "steering"} <= set(metrics):
         raise CorruptFileError(f"{run / 'metrics.json'} lacks the model, detection or steering results of a demo "
                                f"run; re-create it with `safeflow demo --out {run}`")
-    pieces = {"metrics": metrics}
+    pieces: dict[str, Any] = {"metrics": metrics}
     for key, name in (("scores", "scores.json"), ("attacks", "attack_report.json"), ("latency", "latency.json")):
         pieces[key] = _read_json(run / name) if (run / name).is_file() else None
     return pieces
