@@ -1,4 +1,4 @@
-"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo, attack.
+"""The ``safeflow`` command: assets, extract, train, eval, sweep, generate, demo, attack, report.
 
 Every user error — a bad argument, an unreadable or hostile file, a model that cannot be loaded,
 a full disk — is reported as one line ``safeflow: error: ...`` naming the fix, with exit status 2
@@ -139,6 +139,17 @@ def output_dir(text: str) -> str:
             raise ValueError(f"{text} is not writable; choose another directory")
     else:
         _creatable(path)
+    return str(path)
+
+
+@_checked
+def run_directory(text: str) -> str:
+    """An existing directory (a run directory of ``safeflow demo``)."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ValueError(f"{text} does not exist; pass the --out directory of `safeflow demo`")
+    if not path.is_dir():
+        raise ValueError(f"{text} is a file; pass the run directory that holds it")
     return str(path)
 
 
@@ -616,10 +627,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, num_features=args.features_width,
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
                       refusal_rounds=args.refusal_rounds, steerers=args.steerers, first_n_tokens=args.first_n,
-                      cache_dir=args.cache)
+                      capability_limit=args.capability_limit or 0,
+                      capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
     print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"report: {Path(args.out) / 'report.html'} (and report.md)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    html, md, missing = write_report(args.run_dir, args.out)
+    for piece in missing:
+        print(f"not in the run directory: {piece}")
+    print(f"report: {html} (and {md.name})")
     return 0
 
 
@@ -745,6 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steerers compared side by side (registry names)")
     p.add_argument("--first-n", type=nonnegative_int, default=None,
                    help="steer only the first n generated tokens (default: all)")
+    p.add_argument("--capability-limit", type=nonnegative_int, default=30,
+                   help="prompts per capability task (GSM8K, factual true/false) answered with and without steering "
+                        "(0: skip)")
+    p.add_argument("--capability-max-new-tokens", type=positive_int, default=64)
     p.add_argument("--cache", type=output_dir, default=None, help="directory for a resumable hidden-state cache")
     p.set_defaults(func=cmd_demo)
 
@@ -784,6 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-only", action="store_true", help="only generate (and cache) the attack prompts")
     p.add_argument("--out", type=output_dir, default="runs/attack")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("report", help="write report.html (figures embedded) and report.md for a demo run directory")
+    p.add_argument("run_dir", type=run_directory, metavar="RUN_DIR", help="the --out directory of `safeflow demo`")
+    p.add_argument("--out", type=output_dir, default=None, help="where to write the report (default: RUN_DIR)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

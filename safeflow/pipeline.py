@@ -14,7 +14,6 @@ it *in distribution* (stratified by source and label), and the report says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .analysis import analyze_facets
+from .capability import capability_retention, load_capability_task
 from .constraints.base import ConstraintSet
 from .data import PromptSet, load_prompts, source_split, stratified_split
 from .evaluation import HARMFUL_HELP, detection_metrics, evaluate_steering
@@ -195,10 +196,14 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              layer: int | None = None, limit: int | None = 50, max_new_tokens: int = 48,
              num_features: int | None = None, refusal_prompts: int = 240, refusal_features: int = 4096,
              refusal_rounds: int = 1, steerers: Sequence[str] = ("safeflow", "projection"),
-             first_n_tokens: int | None = None, progress: bool = True,
+             first_n_tokens: int | None = None, capability_tasks: Sequence[str] = ("rho-gsm8k", "rho-factual"),
+             capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
              cache_dir: str | Path | None = None, data: str | PromptSet | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; write ``report.md``, ``metrics.json``, the steering records of each
-    steerer and both polytopes to ``out_dir``.
+    """Run the whole pipeline; write to ``out_dir``: ``metrics.json`` (every table, the facet
+    analysis, capability retention, configuration, versions and machine), ``scores.json``
+    (per-prompt detection scores), the steering and capability records of each steerer
+    (``steering_records_<steerer>.jsonl``, ``capability_records_<steerer>.jsonl``), both polytopes,
+    and the report (:func:`safeflow.report.write_report`: ``report.html``, ``report.md``, ``figures/``).
 
     Detection: polytope / mlp / linear on prompt states of the train split. Steering: a refusal
     polytope (``refusal_features`` wide, ``refusal_rounds`` rounds) on response states of
@@ -208,7 +213,16 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     (slow, generation-based) steering evaluation. ``layer`` defaults to the preset's. ``data``:
     the default prompts (None) or a user's prompt file / :class:`~safeflow.PromptSet`, split in
     distribution (:func:`prompt_splits`).
+
+    Facets: :func:`~safeflow.analysis.analyze_facets` of the detection polytope on the unsafe
+    in-distribution test prompts (their harm categories). Capability retention:
+    :func:`~safeflow.capability.capability_retention` of each steerer on each of
+    ``capability_tasks`` (prompts outside the training split, at most ``capability_limit``; an empty
+    tuple or limit 0 skips it).
     """
+    config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir")}
+    config["steerers"], config["capability_tasks"] = list(steerers), list(capability_tasks)
+    config["data"] = "default" if data is None else data if isinstance(data, str) else "PromptSet"
     from .models import load_model
 
     out = Path(out_dir)
@@ -235,6 +249,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     timings["train"] = time.perf_counter() - t
     detection = detection_table(models, feats)
     gate = choose_gate(detection)
+    write_text_atomic(out / "scores.json", json_text(detection_scores(models, feats, splits)))
+    facets = analyze_facets(models["polytope"], feats["test_id"][0], splits.test_id).to_dict()
 
     t = time.perf_counter()
     harmful = splits.train.where(label=1).texts
@@ -258,13 +274,64 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
         write_text_atomic(out / f"steering_records_{name}.jsonl", "\n".join(json_text(r) for r in result["records"]) + "\n")
         steering[name] = {k: v for k, v in result.items() if k != "records"}
         steering[name]["examples"] = [r for r in result["records"] if r["group"] == "harmful" and r["steered_tokens"]][:5]
-    summary = {"model": model_name, "layer": layer, "preset": p.to_dict(), "splits": splits.describe(),
+
+    t = time.perf_counter()
+    capability: dict[str, dict[str, Any]] = {}
+    tasks = [load_capability_task(n).without(splits.train.texts).head(capability_limit)
+             for n in (capability_tasks if capability_limit != 0 else ())]
+    plain: dict[str, Any] = {}
+    for name in steerers:
+        records = []
+        for task in tasks:
+            r = capability_retention(model, tok, refusal, demo_steerer(name, preset_name), layer, task.prompts,
+                                     targets=task.targets, checker=task.checker, gate=models[gate],
+                                     first_n_tokens=first_n_tokens, max_new_tokens=capability_max_new_tokens,
+                                     unsteered=plain.get(task.name), progress=progress)
+            plain[task.name] = r.pop("unsteered")
+            records += [{"task": task.name, **rec} for rec in r.pop("records")]
+            capability.setdefault(name, {})[task.name] = r
+        if tasks:
+            write_text_atomic(out / f"capability_records_{name}.jsonl", "\n".join(json_text(r) for r in records) + "\n")
+    timings["capability"] = time.perf_counter() - t
+    summary = {"model": model_name, "layer": layer, "preset": p.to_dict(), "config": config,
+               "environment": environment(),
+               "splits": splits.describe(),
                "data": {k: v.summary() for k, v in splits.parts().items()}, "detection": detection, "gate": gate,
                "refusal_states": states.counts(), "first_n_tokens": first_n_tokens, "steering": steering,
-               "timings_s": timings}
+               "facets": facets, "capability": capability, "timings_s": timings}
     write_text_atomic(out / "metrics.json", json_text(summary, indent=2))
-    write_text_atomic(out / "report.md", render_report(summary))
+    from .report import write_report
+
+    write_report(out)
     return summary
+
+
+def detection_scores(models: dict[str, ConstraintSet], sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     splits: Splits) -> dict[str, Any]:
+    """Per-prompt scores (the largest violation, > 0 = unsafe) of every model on every evaluation
+    set, with the labels and sources: what the report's ROC curves and histograms are drawn from."""
+    return {"labels": {name: y.tolist() for name, (_, y) in sets.items()},
+            "sources": {name: getattr(splits, name).sources for name in sets},
+            "scores": {m: {name: [round(float(v), 6) for v in model.score(H)] for name, (H, _) in sets.items()}
+                       for m, model in models.items()}}
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, for the report."""
+    import os
+    import platform
+
+    import numpy
+    import transformers
+
+    from . import __version__, kernels
+
+    cuda = torch.cuda.is_available()
+    return {"safeflow": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if cuda else None, "kernels": kernels.available()}
 
 
 def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -291,36 +358,3 @@ def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 STEERING_COLUMNS = ["steerer", "harmful safe refusal", "harmful help", "degenerate", "benign unchanged",
                     "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside"]
-
-
-def render_report(result: dict[str, Any]) -> str:
-    """The demo's Markdown report from its ``metrics.json`` content."""
-    steering = result["steering"]
-    first = next(iter(steering.values()))
-    lines = [
-        f"# safeflow report — {result['model']}, layer {result['layer']}", "",
-        f"Labels: 1 = unsafe (positive class), 0 = safe. Splits: {result.get('splits', 'OOD sets come from sources never seen in training')}.",
-        "",
-        "## Detection", "",
-        format_table(result["detection"], ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"]),
-        "", "## Steering (greedy decoding)", "",
-        "Steered into a refusal polytope (response states of harmful training prompts, per kind and label: "
-        f"{result['refusal_states']}), gated by the `{result['gate']}` detector (best F1 on the OOD validation "
-        f"split), first {result['first_n_tokens'] or 'all'} generated tokens checked.", "",
-        f"Prompts: {first['counts']}. Answers judged by `safeflow.judge.RefusalJudge` into refusal / refusal "
-        "then harmful help / refusal then safe help / compliance / degenerate. *Harmful safe refusal*: refusal "
-        "or refusal then safe help; *harmful help*: compliance or refusal then harmful help; perplexity (median) "
-        "and repetition (token 3-grams) of the harmful prompts' answers under the unsteered model; mean shift "
-        "is the L2 norm of a steered state's change; *ended inside*: steered states inside the polytope.", "",
-        format_table(steering_rows(steering), STEERING_COLUMNS), "",
-    ]
-    for name, s in steering.items():
-        log = {k: v for k, v in s["steering"].items() if k != "steered_tokens_per_row"}
-        lines += [f"### {name}", "", "Classes of the harmful prompts' answers: " + json.dumps(
-            {w: {c: round(v, 3) for c, v in s["classes"]["harmful"][w].items()} for w in ("unsteered", "steered")}),
-            "", "Steering log: " + json.dumps(log), "", "Examples (harmful prompts that were steered):", ""]
-        for r in s["examples"]:
-            lines += [f"**Prompt:** {r['prompt']}", "", f"- unsteered ({r['class_unsteered']}): {r['unsteered'][:300]!r}",
-                      f"- steered ({r['class_steered']}): {r['steered'][:300]!r}", ""]
-    lines += ["Timings (s): " + json.dumps({k: round(v, 1) for k, v in result["timings_s"].items()}), ""]
-    return "\n".join(lines)
