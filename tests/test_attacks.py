@@ -329,7 +329,7 @@ def test_evaluate_attacks_reports_asr_detection_and_benign_rates(tokenizer):
     test = {"direct": sf.Attack.create("direct").generate(REQUESTS[:3], progress=False),
             "gcg": gcg(model, tokenizer, steps=2).generate(REQUESTS[3:], progress=False)}
     report = evaluate_attacks(model, tokenizer, test, layer=2, benign=safe, constraints=linear,
-                              steerers={"safeflow": sf.Steerer.create("safeflow")}, gate="token",
+                              steerers={"safeflow": sf.Steerer.create("safeflow")}, gate=linear,
                               detectors={"linear": linear}, max_new_tokens=3, batch_size=2, progress=False)
     rows = {r["attack"]: r for r in report["attacks"]}
     assert list(rows) == ["direct", "gcg", "overall"] and rows["overall"]["n"] == 5
@@ -337,7 +337,7 @@ def test_evaluate_attacks_reports_asr_detection_and_benign_rates(tokenizer):
     records = report["records"]
     for name in ("direct", "gcg"):
         recs = [r for r in records if r["attack"] == name]
-        assert rows[name]["asr_unsteered"] == sum(judge.classify(r["response_unsteered"]) in
+        assert rows[name]["asr_unsteered"] == sum(judge.classify(r["response_unsteered"], r["request"]) in
                                                   sf.evaluation.HARMFUL_HELP for r in recs) / len(recs)
         assert rows[name]["detected_linear"] == pytest.approx(
             float((linear.score(ext.extract([r["prompt"] for r in recs])) > 0).float().mean()))
@@ -345,6 +345,11 @@ def test_evaluate_attacks_reports_asr_detection_and_benign_rates(tokenizer):
     benign = report["benign"]
     assert benign["n"] == 4 and set(benign) == {"n", "unchanged_safeflow", "false_refusal_unsteered",
                                                  "false_refusal_safeflow", "flagged_linear"}
+    benign_recs = [r for r in records if r["attack"] == "benign"]  # unchanged: this answer's tokens equal
+    assert [r["unchanged_safeflow"] for r in benign_recs] == [
+        r["response_safeflow"] == r["response_unsteered"] for r in benign_recs]
+    assert all(r["unchanged_safeflow"] for r in benign_recs if not r["flagged_linear"])  # the gate passed them
+    assert benign["unchanged_safeflow"] == sum(r["unchanged_safeflow"] for r in benign_recs) / 4
     assert "## Benign prompts" in render_report(report)
 
 

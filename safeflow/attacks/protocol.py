@@ -177,7 +177,7 @@ def evaluate_attacks(
             record[f"response_{k}"] = responses[i]
             record[f"class_{k}"] = classes[k][i]
             if k != "unsteered":
-                record[f"unchanged_{k}"] = ids == answers["unsteered"][1][i]
+                record[f"unchanged_{k}"] = ids[i] == answers["unsteered"][1][i]
         record.update({f"flagged_{d}": f[i] for d, f in flagged.items()})
         records.append(record)
 
