@@ -268,7 +268,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     unsteered = None
     for name in steerers:
         t = time.perf_counter()
-        result = evaluate_steering(model, tok, refusal, demo_steerer(name, preset_name), layer, **groups,
+        result = evaluate_steering(model, tok, refusal, demo_steerer(name, preset_name), layer,
+                                   harmful=groups["harmful"], benign=groups["benign"], edgy=groups["edgy"],
                                    gate=models[gate], first_n_tokens=first_n_tokens, max_new_tokens=max_new_tokens,
                                    unsteered=unsteered, progress=progress)
         unsteered = result.pop("unsteered")
