@@ -108,7 +108,7 @@ def test_refusal_polytope_steers_harmful_prompts_to_refusals(model_and_tokenizer
     harmful_train = splits.train.where(label=1).texts[::8][:64]
     refusal, states = train_refusal_polytope(ext, harmful_train, num_features=1024, progress=False)
     counts = states.counts()
-    assert counts["complied"]["unsafe"] > 0 and counts["refusal"]["safe"] > 0, counts
+    assert counts["complied"]["unsafe"] > 0 and counts["refusal-continued"]["safe"] > 0, counts
     test = splits.test_ood.where(sources=["rho-refusal-100"])
     result = sf.evaluate_steering(model, tok, refusal, sf.SafeFlowSteerer(), LAYER, gate=detector,
                                   harmful=test.where(label=1).texts[:8], benign=test.where(label=0).texts[:8],
