@@ -259,6 +259,12 @@ def attack_rows(attacks: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
 
 
 # --- assembling ---------------------------------------------------------------------------------
+def _absent(section: Section, piece: str, missing: list[str]) -> None:
+    """Record a missing piece of the run and say so in its section."""
+    missing.append(piece)
+    section.text("Not in this run: " + piece + ".")
+
+
 def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
     """The report's sections and the list of missing pieces (each with how to produce it)."""
     from .pipeline import STEERING_COLUMNS, steering_rows
@@ -295,8 +301,7 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
     facets = m.get("facets")
     fac = Section("Facets and harm categories")
     if facets is None:
-        missing.append(PIECES["facets"])
-        fac.text("Not in this run: " + PIECES["facets"] + ".")
+        _absent(fac, PIECES["facets"], missing)
     else:
         fac.text(f"Detection polytope on {facets['num_rows']} unsafe in-distribution test prompts. "
                  + " ".join(facets.get("notes", [])))
@@ -336,8 +341,7 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
                  "with any steered token; *unchanged*: answers token-identical; accuracy by the task's checker; "
                  "perplexity: median under the unsteered model.").table(capability_rows(m["capability"]))
     else:
-        missing.append(PIECES["capability"])
-        cap.text("Not in this run: " + PIECES["capability"] + ".")
+        _absent(cap, PIECES["capability"], missing)
     sections.append(cap)
 
     att = Section("Attacks")
@@ -348,8 +352,7 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
         if benign:
             att.text("Benign prompts:").table([benign])
     else:
-        missing.append(PIECES["attack_report.json"])
-        att.text("Not in this run: " + PIECES["attack_report.json"] + ".")
+        _absent(att, PIECES["attack_report.json"], missing)
     sections.append(att)
 
     lat = Section("Latency")
@@ -357,8 +360,7 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
         lat.text("pytest-benchmark medians (see benchmarks/README.md for what each measures).")
         lat.table(latency_rows(run["latency"]))
     else:
-        missing.append(PIECES["latency.json"])
-        lat.text("Not in this run: " + PIECES["latency.json"] + ".")
+        _absent(lat, PIECES["latency.json"], missing)
     sections.append(lat)
     if m.get("timings_s"):
         sections.append(Section("Timings").table([{"stage": k, "seconds": round(v, 1)}

@@ -71,6 +71,14 @@ def check_depth(margin: float | None, depth: float | None) -> None:
                           f"got {value!r}")
 
 
+def require_covariance(constraints: ConstraintSet, setting: str, fallback: str) -> None:
+    """A covariance-based ``setting`` needs the constraint set's ``input_covariance`` (recorded by
+    ``fit``); name the ``fallback`` setting otherwise."""
+    if not constraints.input_covariance.trace() > 0:
+        raise DataError(f"{setting} needs the covariance of the constraint set's training states, which this one "
+                        f"lacks; fit it with this version of safeflow or pass {fallback}")
+
+
 class Steerer(Registered, ABC, kind="steerer"):
     """Moves hidden states outside a constraint set back inside. Configured by its own
     hyper-parameters; receives the constraint set at call time."""

@@ -39,7 +39,7 @@ import torch
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
-from .base import Steerer, check_depth, target_margin
+from .base import Steerer, check_depth, require_covariance, target_margin
 from .dual_qp import SOLVERS, Status, solve_dual
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,8 @@ class ProjectionSteerer(Steerer, name="projection"):
     def check(self, constraints: ConstraintSet) -> None:
         super().check(constraints)
         target_margin(constraints, self.margin, self.depth)  # a relative depth needs the set's safe_depth
-        if self.metric == "covariance" and not constraints.input_covariance.trace() > 0:
-            raise DataError("metric='covariance' needs the covariance of the constraint set's training states, which "
-                            "this one lacks; fit it with this version of safeflow or pass metric='euclidean'")
+        if self.metric == "covariance":
+            require_covariance(constraints, "metric='covariance'", "metric='euclidean'")
 
     def target(self, constraints: ConstraintSet) -> float:
         """The target depth m in the constraint set's violation units."""

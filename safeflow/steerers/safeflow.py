@@ -28,9 +28,9 @@ import torch
 from .. import kernels
 from ..constraints.base import ConstraintSet
 from ..constraints.polytope import PolytopeConstraints
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..presets import preset as get_preset
-from .base import Steerer, check_depth, target_margin
+from .base import Steerer, check_depth, require_covariance, target_margin
 
 PRECONDITIONERS = ("none", "covariance")
 
@@ -87,9 +87,8 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
     def check(self, constraints: ConstraintSet) -> None:
         super().check(constraints)
         target_margin(constraints, self.margin, self.depth)  # a relative depth needs the set's safe_depth
-        if self.precondition == "covariance" and not constraints.input_covariance.trace() > 0:
-            raise DataError("precondition='covariance' needs the covariance of the constraint set's training states, "
-                            "which this one lacks; fit it with this version of safeflow or pass precondition='none'")
+        if self.precondition == "covariance":
+            require_covariance(constraints, "precondition='covariance'", "precondition='none'")
 
     def _preconditioner(self, constraints: ConstraintSet) -> torch.Tensor | None:
         if self.precondition == "none":
