@@ -189,6 +189,8 @@ def _worker(fn: Callable[..., int | None], rank: int, nprocs: int, port: int, cp
     init()
     try:
         code = fn(*args)
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a rank that tears down while another still talks can abort (gloo)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
