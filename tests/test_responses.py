@@ -68,9 +68,6 @@ def test_token_labels_follow_the_verdict(tokenizer):
     assert token_labels(Verdict("degenerate"), ids, tokenizer) is None
     # the state producing "bake" (token 4) and every later one are unsafe
     assert token_labels(Verdict("refusal_then_harmful", 0, help_at), ids, tokenizer) == [0, 0, 0, 0, 1, 1]
-    # redirects_unsafe: a turn to safe help is labelled like a turn to harmful help; refusals stay safe
-    assert token_labels(Verdict("refusal_then_safe", 0, help_at), ids, tokenizer, True) == [0, 0, 0, 0, 1, 1]
-    assert token_labels(Verdict("refusal", 0), ids, tokenizer, True) == [0] * 6
 
 
 @pytest.mark.parametrize("continue_refusals", [False, True])
