@@ -90,10 +90,10 @@ ANNOUNCES_STEPS = r"\bhere(?:'s| is| are) (?:how|the steps|some steps|a step|wha
 REFERS_BACK = (r"\b(?:help|assist)(?: you)? with (?:that|this|it|your (?:question|request|query))\b|\btry to help\b"
                r"|\b(?:provide|give|offer)(?: you)?(?: with)? (?:a |an )?(?:general |brief |short |more \w+ )?"
                r"(?:answer|explanation|overview)\b|\bexplain (?:it )?in a\b")
+_TOPIC_NOUNS = r"(?:questions?|inquiries|queries|topics?|matters|tasks)\b"
 #: An offer about a whole subject rather than the request ("any other cannabis-related questions"):
 #: not help with the request unless it also makes or does something.
-TOPIC = (r"\bany (?:other )?(?:\w+[- ])*?(?:questions?|inquiries|queries|topics?|matters|tasks)\b|\bany other\b"
-         r"|\b\w+-related (?:questions?|inquiries|queries|topics?|matters|tasks)\b")
+TOPIC = rf"\bany (?:other )?(?:\w+[- ])*?{_TOPIC_NOUNS}|\bany other\b|\b\w+-related {_TOPIC_NOUNS}"
 #: The action of an offer ("help you break …", "assist you in hacking …", "assist with hotwiring …", "how to …").
 ACTION = (r"\b(?:help|assist)(?: you)? (?:with|in) (\w+ing)\b(?! (?:tasks?|questions?|queries|topics?|services|projects?|"
           r"needs|skills|issues|problems|related|inquiries))|"
