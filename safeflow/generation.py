@@ -353,6 +353,7 @@ def check_steering(model: nn.Module, constraints: ConstraintSet, steerer: Steere
     index = normalize_layer(steering_layer(constraints, layer, gate), len(blocks))
     d = hidden_size(model)
     steerer.check(constraints)
+    steerer.check_model(model, index, check_provenance)
     gates = [gate] if isinstance(gate, ConstraintSet) else []
     if check_provenance:
         for c, what in [(constraints, "the constraint set"), *((g, "the gate") for g in gates)]:
