@@ -15,7 +15,7 @@ from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .provenance import describe_source
 from .responses import ResponseStates, response_states
-from .steerers import (DirectionSteerer, FittedSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
+from .steerers import (DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
                        SteerResult, Steerer, project)
 
 __version__ = "0.1.0"
@@ -29,7 +29,7 @@ def available() -> dict[str, list[str]]:
 
 __all__ = [
     "AssetError", "Attack", "AttackPrompt", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL",
-    "DataError", "DirectionSteerer", "Extractor", "FeatureDataset", "FittedSteerer", "HFExtractor", "LinearConstraint", "MLPConstraint",
+    "DataError", "DirectionSteerer", "Extractor", "FeatureDataset", "FittedSteerer", "HFExtractor", "LineSteerer", "LinearConstraint", "MLPConstraint",
     "NullSpaceSteerer", "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
     "available", "describe_source", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",

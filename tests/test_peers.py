@@ -107,3 +107,38 @@ def test_direction_steering_under_generate_cache_and_batch_parity_and_provenance
     with pytest.raises(ConfigError, match="layer 2"):
         with sf.steering(model, poly, s, layer=3):
             pass
+
+
+# --- line steering: the constraint set decides when and how far, the direction where ----------
+def test_line_steerer_reaches_the_target_depth_along_its_direction_only():
+    H, y, poly = fitted_polytope()
+    s = sf.LineSteerer(16, depth=1.0).fit(H[y == 1], H[y == 0])
+    u = s.direction
+    diff = H[y == 0].double().mean(0) - H[y == 1].double().mean(0)
+    torch.testing.assert_close(u, (diff / diff.norm()).float())
+    rows = H[:40]
+    r = s.steer(rows, poly)
+    outside = poly.violations(rows).amax(1) > 0
+    assert outside.any() and (~outside).any()
+    assert torch.equal(r.steered, outside)  # only rows outside move (the default selection)
+    assert torch.equal(r.hidden[~outside], rows[~outside])
+    m = float(poly.safe_depth)
+    assert (r.violations_after[outside].amax(1) <= -m).all() and r.inside[outside].all()
+    step = r.hidden[outside] - rows[outside]
+    t = step @ u
+    torch.testing.assert_close(step, t[:, None] * u)  # a move along u alone, forward
+    assert (t > 0).all()
+    # minimal: a step 1 % shorter (beyond the bisection tolerance) is not deep enough
+    shorter = rows[outside] + 0.99 * step
+    assert (poly.violations(shorter).amax(1) > -m).all()
+
+
+def test_line_steerer_caps_the_move_and_reports_rows_that_cannot_reach_the_depth():
+    H, y, poly = fitted_polytope()
+    s = sf.LineSteerer(16, depth=1.0, max_scale=1e-3).fit(H[y == 1], H[y == 0])
+    rows = H[y == 1][:5]
+    r = s.steer(rows, poly)
+    assert r.steered.all() and not r.inside.any()
+    torch.testing.assert_close((r.hidden - rows).norm(dim=1), torch.full((5,), 1e-3 * float(s.scale)))
+    with pytest.raises(ConfigError, match="max_scale"):
+        sf.LineSteerer(16, max_scale=0)

@@ -4,9 +4,10 @@
 from .base import SteerResult, Steerer
 from .direction import DirectionSteerer
 from .fitted import FittedSteerer
+from .line import LineSteerer
 from .nullspace import NullSpaceSteerer
 from .projection import Projection, ProjectionSteerer, project
 from .safeflow import SafeFlowSteerer
 
-__all__ = ["DirectionSteerer", "FittedSteerer", "NullSpaceSteerer", "Projection", "ProjectionSteerer",
+__all__ = ["DirectionSteerer", "FittedSteerer", "LineSteerer", "NullSpaceSteerer", "Projection", "ProjectionSteerer",
            "SafeFlowSteerer", "SteerResult", "Steerer", "project"]
