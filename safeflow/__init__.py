@@ -16,7 +16,7 @@ from .models import DEFAULT_MODEL, load_model
 from .provenance import describe_source
 from .responses import ResponseStates, response_states
 from .steerers import (DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
-                       SteerResult, Steerer, project)
+                       SteerResult, Steerer, SteeringData, project)
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ __all__ = [
     "AssetError", "Attack", "AttackPrompt", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL",
     "DataError", "DirectionSteerer", "Extractor", "FeatureDataset", "FittedSteerer", "HFExtractor", "LineSteerer", "LinearConstraint", "MLPConstraint",
     "NullSpaceSteerer", "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
-    "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
+    "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringData", "SteeringLog",
     "available", "describe_source", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
     "load_prompts", "project", "response_states", "source_split", "steering", "stratified_split",
 ]

@@ -142,3 +142,21 @@ def test_line_steerer_caps_the_move_and_reports_rows_that_cannot_reach_the_depth
     torch.testing.assert_close((r.hidden - rows).norm(dim=1), torch.full((5,), 1e-3 * float(s.scale)))
     with pytest.raises(ConfigError, match="max_scale"):
         sf.LineSteerer(16, max_scale=0)
+
+
+def test_every_registered_steerer_builds_from_a_runs_states():
+    H, y, poly = fitted_polytope()
+    data = sf.SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=H, response_labels=y,
+                           provenance={"layer": 2, "model": "tiny"}, preset="default")
+    for name in sf.Steerer.available():
+        s = sf.Steerer.registry.get(name).build(data)
+        assert isinstance(s, sf.Steerer) and s.registered_name == name
+        s.check(poly)
+        r = s.steer(H[:6], poly)
+        assert r.hidden.shape == (6, 16) and torch.isfinite(r.hidden).all()
+        if isinstance(s, sf.FittedSteerer):
+            assert s.provenance == {"layer": 2, "model": "tiny"}
+        assert s.default_gate in ("detector", "token")
+    line = sf.LineSteerer.build(data)
+    expected = H[y == 0].double().mean(0) - H[y == 1].double().mean(0)
+    torch.testing.assert_close(line.direction, (expected / expected.norm()).float())  # toward the refusals

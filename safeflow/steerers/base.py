@@ -16,9 +16,11 @@ non-finite (NaN/inf from upstream, or violations that overflow) are left untouch
 
 from __future__ import annotations
 
+import inspect
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +49,20 @@ class SteerResult:
     rejected: torch.Tensor  #: [B] bool, result was NaN/inf in the output dtype; original row kept
     shift: torch.Tensor  #: [B] L2 norm of the change made to each row
     nonfinite: torch.Tensor  #: [B] bool, the row or its violations were NaN/inf on arrival; left untouched
+
+
+@dataclass(frozen=True)
+class SteeringData:
+    """The hidden states of one model's layer that a run offers a steerer to fit itself from
+    (:meth:`Steerer.build`): the training prompts' last-token states and the response states of
+    the refusal polytope (:mod:`safeflow.responses`)."""
+
+    harmful: torch.Tensor  #: [N₁, d] states of harmful prompts
+    harmless: torch.Tensor  #: [N₀, d] states of harmless prompts
+    responses: torch.Tensor  #: [M, d] response states
+    response_labels: torch.Tensor  #: [M] long, 1 = the answer helps with the harmful request, 0 = it refuses
+    provenance: dict[str, Any] = field(default_factory=dict)  #: the states' source (:func:`~safeflow.describe_source`)
+    preset: str | None = None  #: the model preset of the run
 
 
 def target_margin(constraints: ConstraintSet, margin: float | None, depth: float | None) -> float:
@@ -90,6 +106,19 @@ def require_covariance(constraints: ConstraintSet, setting: str, fallback: str) 
 class Steerer(Registered, ABC, kind="steerer"):
     """Moves hidden states outside a constraint set back inside. Configured by its own
     hyper-parameters; receives the constraint set at call time."""
+
+    #: The gate a comparison steers with (:func:`~safeflow.steering`'s ``gate``): ``"detector"`` —
+    #: the rows a prompt detector flags — or ``"token"`` for a steerer meant to run without a gate.
+    default_gate: ClassVar[str] = "detector"
+
+    @classmethod
+    def build(cls, data: SteeringData, **options: Any) -> Steerer:
+        """This steerer for a run (the demo, the attack protocol, the command line): ``cls(**options)``,
+        with the run's ``preset`` where the constructor takes one. A steerer with learned tensors
+        overrides this to fit itself on ``data``."""
+        if data.preset is not None and "preset" in inspect.signature(cls).parameters:
+            options.setdefault("preset", data.preset)
+        return cls(**options)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Steerer:

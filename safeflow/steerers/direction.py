@@ -27,6 +27,7 @@ import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
+from .base import SteeringData
 from .fitted import FittedSteerer
 
 
@@ -66,6 +67,10 @@ class DirectionSteerer(FittedSteerer, name="direction"):
         self.direction.copy_(r)
         self.fitted.fill_(True)
         return self
+
+    def fit_data(self, data: SteeringData) -> None:
+        """The prompt-level refusal direction: harmful minus harmless prompt states."""
+        self.fit(data.harmful, data.harmless)
 
     def select(self, violations: torch.Tensor) -> torch.Tensor:
         """Every row: an activation addition is unconditional; the gate chooses the rows."""

@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from ..layers import hidden_size
 from ..provenance import check_source
 from ..saving import save_component
-from .base import STEERER_FORMAT, Steerer
+from .base import STEERER_FORMAT, SteeringData, Steerer
 
 
 class FittedSteerer(Steerer, nn.Module):
@@ -41,6 +41,18 @@ class FittedSteerer(Steerer, nn.Module):
         self.input_dim = input_dim
         self.register_buffer("fitted", torch.tensor(False))
         self.provenance: dict[str, Any] = {}
+
+    @classmethod
+    def build(cls, data: SteeringData, **options: Any) -> FittedSteerer:
+        """Fit this steerer on a run's states (:meth:`fit_data`) and record their provenance."""
+        obj = cls(data.harmful.shape[1], **options)
+        obj.fit_data(data)
+        obj.provenance.update(data.provenance)
+        return obj
+
+    @abstractmethod
+    def fit_data(self, data: SteeringData) -> None:
+        """Fit on the states a run offers (:class:`~safeflow.steerers.base.SteeringData`)."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
-from .base import check_depth, target_margin
+from .base import SteeringData, check_depth, target_margin
 from .fitted import FittedSteerer
 
 
@@ -82,6 +82,11 @@ class LineSteerer(FittedSteerer, name="line"):
         self.scale.fill_(float(norm))
         self.fitted.fill_(True)
         return self
+
+    def fit_data(self, data: SteeringData) -> None:
+        """From the states of answers that help (unsafe) to those of refusals (safe)."""
+        y = data.response_labels
+        self.fit(data.responses[y == 1], data.responses[y == 0])
 
     def check(self, constraints: ConstraintSet) -> None:
         super().check(constraints)

@@ -28,6 +28,7 @@ import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError
+from .base import SteeringData
 from .fitted import FittedSteerer
 
 
@@ -40,6 +41,7 @@ class NullSpaceSteerer(FittedSteerer, name="alphasteer"):
     """
 
     matrix: torch.Tensor
+    default_gate = "token"  # the null-space constraint leaves benign states alone without a gate
 
     def __init__(self, input_dim: int, strength: float = 1.0) -> None:
         super().__init__(input_dim)
@@ -83,6 +85,10 @@ class NullSpaceSteerer(FittedSteerer, name="alphasteer"):
         self.matrix.copy_(P @ tilde)
         self.fitted.fill_(True)
         return self
+
+    def fit_data(self, data: SteeringData) -> None:
+        """Harmful and harmless prompt states."""
+        self.fit(data.harmful, data.harmless)
 
     def select(self, violations: torch.Tensor) -> torch.Tensor:
         """Every row: the map itself leaves benign states (nearly) alone, no gate is needed."""
