@@ -15,6 +15,7 @@ from torch import nn
 
 from . import distributed
 from .cache import HiddenStateCache, text_key, weights_digest
+from .chat import format_prompts, pad_batch
 from .distributed import World
 from .errors import ConfigError, DataError
 from .features import FeatureDataset
@@ -84,25 +85,6 @@ def _check_complete(world: World, cache: HiddenStateCache, keys: list[str], batc
 
 class _StopForward(Exception):
     """Raised from a hook once the deepest requested layer has run, to skip the rest."""
-
-
-def format_prompts(tokenizer, texts: Sequence[str], chat_template: bool | str, system_prompt: str | None) -> list[str]:
-    """Apply the tokenizer's chat template (with the generation prompt) when requested.
-
-    ``chat_template``: True (required), False (raw text) or "auto" (use it if the tokenizer has one).
-    """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat_template == "auto":
-        chat_template = has_template
-    if not chat_template:
-        return list(texts)
-    if not has_template:
-        raise ConfigError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")
-    prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [
-        tokenizer.apply_chat_template(prefix + [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-        for t in texts
-    ]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -354,10 +336,7 @@ class HFExtractor(Extractor, name="hf"):
             keys.append(text_key(json.dumps([prompt, r_ids])))
 
         def compute(batch: list[int]) -> list[torch.Tensor]:
-            width = max(len(rows[i][0]) for i in batch)
-            pad = tok.pad_token_id
-            ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in batch])
-            mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in batch])
+            ids, mask = pad_batch([rows[i][0] for i in batch], tok.pad_token_id)
             hidden = self._layer_output(ids, mask, self.layer)
             return [hidden[j, rows[i][1] : len(rows[i][0])].float().cpu() for j, i in enumerate(batch)]
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .chat import format_prompts, pad_batch
 from .constraints.base import ConstraintSet
 from .errors import ConfigError
 from .layers import block_output, find_decoder_layers, hidden_size, normalize_layer, replace_block_output
@@ -388,8 +389,6 @@ def generate_responses(
     ``steer``: keyword arguments of :func:`steering` (constraints, steerer, layer, ...), or None.
     Returns ``(texts, token_ids, log)``; token ids exclude the prompt and stop at EOS.
     """
-    from .extractors import format_prompts
-
     formatted = format_prompts(tokenizer, prompts, chat_template, system_prompt)
     prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in formatted]
     log: SteeringLog | None = None
@@ -419,10 +418,8 @@ def generate_from_ids(
     texts: list[str] = []
     tokens: list[list[int]] = []
     for start in progress_bar(range(0, len(prefixes), batch_size), desc="generate", disable=not progress):
-        batch = [list(p) for p in prefixes[start : start + batch_size]]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        ids, mask = pad_batch(prefixes[start : start + batch_size], pad, side="left", device=device)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad)
         for row in out[:, width:].tolist():

@@ -35,7 +35,8 @@ import torch
 
 from .distributed import map_batches
 from .errors import ConfigError, DataError
-from .extractors import HFExtractor, format_prompts
+from .chat import format_prompts
+from .extractors import HFExtractor
 from .generation import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
 

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from .constraints.base import ConstraintSet
 from .errors import DataError
-from .extractors import format_prompts
+from .chat import format_prompts, pad_batch
 from .layers import block_output, find_decoder_layers, normalize_layer, replace_block_output
 from .responses import REFUSALS
 from .steerers.projection import ProjectionSteerer, affine_at, project
@@ -47,10 +47,8 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
     if len(r_ids) < 1:
         raise DataError(f"the refusal {refusal!r} has no tokens")
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in formatted]
-    width = max(len(p) for p in rows) + len(r_ids)
     device = next(model.parameters()).device
-    ids = torch.tensor([p + r_ids + [tokenizer.pad_token_id] * (width - len(p) - len(r_ids)) for p in rows], device=device)
-    mask = torch.tensor([[1] * (len(p) + len(r_ids)) + [0] * (width - len(p) - len(r_ids)) for p in rows], device=device)
+    ids, mask = pad_batch([p + r_ids for p in rows], tokenizer.pad_token_id, device=device)
     starts = torch.tensor([len(p) - 1 for p in rows], device=device)  # the state producing y_1
     offsets = torch.arange(len(r_ids), device=device)
     row_idx = torch.arange(len(rows), device=device)[:, None].expand(-1, len(r_ids)).reshape(-1)

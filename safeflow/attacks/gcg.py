@@ -2,7 +2,7 @@
 
 The attack prompt is ``request + suffix``, where the suffix is ``suffix_length`` tokens chosen to
 make the model begin its answer with ``target`` (e.g. "Sure, here is"). The prompt is formatted
-exactly as safeflow formats prompts (:func:`safeflow.extractors.format_prompts`: chat template with
+exactly as safeflow formats prompts (:func:`safeflow.chat.format_prompts`: chat template with
 the generation prompt) and tokenised without special tokens, giving ``before + suffix + after``
 token ids, followed by the target ids. With ``x`` the one-hot suffix [S, V]:
 
@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError
-from ..extractors import format_prompts
+from ..chat import format_prompts
 from ..layers import block_output, find_decoder_layers, normalize_layer
 from .base import Attack, AttackPrompt, positive_int, request_seed
 
