@@ -499,7 +499,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
-    from .generation import check_steering, generate_responses
+    from .decoding import generate_responses
+    from .steering import check_steering
     from .io import json_text
     from .layers import default_model_layer
     from .models import load_model, model_config

@@ -126,7 +126,7 @@ def evaluate_steering(
       per-prompt ``records``.
     """
     from .fluency import answer_perplexity, repetition
-    from .generation import generate_responses
+    from .decoding import generate_responses
 
     judge = judge or RefusalJudge()
     groups = [("harmful", p) for p in harmful] + [("benign", p) for p in benign] + [("edgy", p) for p in edgy]

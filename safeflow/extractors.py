@@ -22,6 +22,7 @@ from .features import FeatureDataset
 from .layers import block_output, default_model_layer, find_decoder_layers, normalize_layer
 from .progress import progress_bar
 from .registry import Registered
+from .steering import steering_active
 
 Pooling = Literal["last", "mean"]
 
@@ -309,7 +310,7 @@ class HFExtractor(Extractor, name="hf"):
 
         Each prompt is formatted as for :meth:`extract` and followed by the first ``max_tokens``
         tokens r_1..r_n of its response (a text, or token ids as returned by
-        :func:`~safeflow.generation.generate_responses`). Row i of the result is [n_i, d]
+        :func:`~safeflow.decoding.generate_responses`). Row i of the result is [n_i, d]
         (float32, CPU): the state at the last prompt token (which produces r_1), then at r_1
         (which produces r_2), ... up to r_{n-1} — exactly the states steering sees at generation
         steps 0..n-1 when the model generates that response itself. Cached and collective under
@@ -344,8 +345,6 @@ class HFExtractor(Extractor, name="hf"):
         return self._fill(self._cache([self.layer], responses=True), keys, job, "extract responses")  # type: ignore[return-value]
 
     def _check_not_steering(self) -> None:
-        from .generation import steering_active
-
         if steering_active(self.model):
             raise ConfigError("HFExtractor cannot run on a model inside a `with steering(...)` block (the steering "
                               "hook would act on its forward passes); extract before or after the block")

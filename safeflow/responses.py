@@ -37,7 +37,7 @@ from .distributed import map_batches
 from .errors import ConfigError, DataError
 from .chat import format_prompts
 from .extractors import HFExtractor
-from .generation import generate_from_ids, generate_responses
+from .decoding import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
 
 #: Refusals used as the safe continuation of harmful prompts (project-written; any list works).

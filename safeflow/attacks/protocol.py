@@ -26,7 +26,7 @@ from ..data import PromptSet
 from ..errors import ConfigError, DataError
 from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
-from ..generation import generate_responses
+from ..decoding import generate_responses
 from ..io import write_text_atomic
 from ..steerers.base import Steerer
 from .base import Attack, AttackPrompt
