@@ -6,6 +6,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ from .chat import format_prompts, pad_batch
 from .distributed import World
 from .errors import ConfigError, DataError
 from .features import FeatureDataset
-from .layers import block_output, default_model_layer, find_decoder_layers, normalize_layer
+from .layers import block_output, default_model_layer, find_decoder_layers, hooked, normalize_layer
 from .progress import progress_bar
 from .registry import Registered
 from .steering import steering_active
@@ -352,21 +353,7 @@ class HFExtractor(Extractor, name="hf"):
     @torch.no_grad()
     def _layer_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
         """Block ``layer``'s full output [B, T, d] for a right-padded batch (forward stops there)."""
-        device = next(self.model.parameters()).device
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, output):
-            captured.append(block_output(output))
-            raise _StopForward
-
-        handle = self.blocks[layer].register_forward_hook(hook)
-        try:
-            self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        return self._run({"input_ids": input_ids, "attention_mask": attention_mask}, [layer], lambda hidden: hidden)[0]
 
     @torch.no_grad()
     def _forward(self, prompts: list[str], layers: list[int]) -> torch.Tensor:
@@ -378,25 +365,31 @@ class HFExtractor(Extractor, name="hf"):
                       max_length=self.max_length, add_special_tokens=False)
         finally:
             tok.padding_side, tok.truncation_side = side, trunc
+        mask = enc["attention_mask"].to(next(self.model.parameters()).device)
+        pooled = self._run(dict(enc), layers, lambda hidden: pool(hidden, mask, self.pooling).float().cpu())
+        return torch.stack(pooled, dim=1)
+
+    def _run(self, inputs: dict[str, torch.Tensor], layers: list[int],
+             read: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """``read`` of block outputs [B, T, d] at ``layers`` (in that order) for one forward pass
+        of ``inputs``, which stops after the deepest of them."""
         device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
         captured: dict[int, torch.Tensor] = {}
         deepest = max(layers)
 
-        def make_hook(index: int):
-            def hook(_module, _inputs, output):
-                captured[index] = pool(block_output(output), enc["attention_mask"], self.pooling).float().cpu()
+        def make_hook(index: int) -> Callable[[nn.Module, tuple, object], None]:
+            def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+                captured[index] = read(block_output(output))
                 if index == deepest:
                     raise _StopForward
 
             return hook
 
-        handles = [self.blocks[i].register_forward_hook(make_hook(i)) for i in sorted(set(layers))]
-        try:
-            self.model(**enc, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return torch.stack([captured[i] for i in layers], dim=1)
+        with ExitStack() as hooks:
+            for i in sorted(set(layers)):
+                hooks.enter_context(hooked(self.blocks[i], make_hook(i)))
+            try:
+                self.model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+            except _StopForward:
+                pass
+        return [captured[i] for i in layers]

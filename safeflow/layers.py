@@ -11,7 +11,8 @@ trained on is exactly what it acts on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -99,6 +100,17 @@ def hidden_size(model: nn.Module) -> int:
 def block_output(output: object) -> torch.Tensor:
     """The hidden-state tensor [B, T, d] inside a decoder block's output (tensor or tuple)."""
     return output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+
+
+@contextmanager
+def hooked(module: nn.Module, fn: Callable[[nn.Module, tuple, object], object]) -> Iterator[None]:
+    """Inside the ``with`` block, ``fn`` is a forward hook of ``module`` (``fn(module, inputs,
+    output)``; a non-None return replaces the output); it is removed on exit, also on exceptions."""
+    handle = module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def replace_block_output(output: object, hidden: torch.Tensor) -> object:

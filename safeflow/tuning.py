@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from .constraints.base import ConstraintSet
 from .errors import DataError
 from .chat import format_prompts, pad_batch
-from .layers import block_output, find_decoder_layers, normalize_layer, replace_block_output
+from .layers import block_output, find_decoder_layers, hooked, normalize_layer, replace_block_output
 from .responses import REFUSALS
 from .steerers.projection import ProjectionSteerer, affine_at, project
 
@@ -72,11 +72,8 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
         return replace_block_output(output, new)
 
     blocks = find_decoder_layers(model)
-    handle = blocks[normalize_layer(layer, len(blocks))].register_forward_hook(hook)
-    try:
+    with hooked(blocks[normalize_layer(layer, len(blocks))], hook):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        handle.remove()
     logits = logits[row_idx, pos_idx]
     logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     targets = ids[row_idx, pos_idx + 1]

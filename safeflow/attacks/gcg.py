@@ -29,6 +29,7 @@ import inspect
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,7 +40,7 @@ from torch.nn import functional as F
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError
 from ..chat import format_prompts
-from ..layers import block_output, find_decoder_layers, normalize_layer
+from ..layers import block_output, find_decoder_layers, hooked, normalize_layer
 from .base import Attack, AttackPrompt, positive_int, request_seed
 
 if TYPE_CHECKING:
@@ -187,15 +188,11 @@ class GCGAttack(Attack, name="gcg"):
         position = suffix_embeds.shape[1] + len(problem.after) - 1  # the last prompt token
         captured: list[torch.Tensor] = []
         block = self._hidden_block()
-        handle = block.register_forward_hook(lambda _m, _i, o: captured.append(block_output(o)[:, position])) \
-            if block is not None else None
-        try:
+        with hooked(block, lambda _m, _i, o: captured.append(block_output(o)[:, position])) \
+                if block is not None else nullcontext():
             logits = self.model(inputs_embeds=x, **{self._cache_kw: cache}, use_cache=True,
                                 logits_to_keep=T + 1).logits[:, :-1]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        finally:
-            if handle is not None:
-                handle.remove()
         target = problem.target.unsqueeze(0).expand(B, -1)
         ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=1)
         extra, violation = self._extra(captured[0]) if captured else (torch.zeros_like(ce), torch.zeros_like(ce))
