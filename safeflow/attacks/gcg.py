@@ -41,7 +41,8 @@ from ..constraints.base import ConstraintSet
 from ..errors import ConfigError
 from ..chat import format_prompts
 from ..layers import block_output, find_decoder_layers, hooked, normalize_layer
-from .base import Attack, AttackPrompt, positive_int, request_seed
+from .base import Attack, positive_int, request_seed
+from .cache import AttackPrompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -29,8 +29,8 @@ from ..extractors import HFExtractor
 from ..decoding import generate_responses
 from ..io import write_text_atomic
 from ..steerers.base import Steerer
-from .base import Attack, AttackPrompt
-from .cache import cache_file
+from .base import Attack, cache_file
+from .cache import AttackPrompt
 
 #: Extraction keeps this many prompt tokens (jailbreak templates run to ~1000), so detectors read
 #: the same untruncated prompt state that generation, and so the steering gate, sees.
