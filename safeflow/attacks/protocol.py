@@ -28,6 +28,7 @@ from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
 from ..decoding import generate_responses
 from ..io import write_text_atomic
+from ..report import format_table
 from ..steerers.base import Steerer
 from .base import Attack, cache_file
 from .cache import AttackPrompt
@@ -276,8 +277,6 @@ def run_attack_protocol(
 
 def render_report(report: dict[str, Any]) -> str:
     """Markdown of :func:`evaluate_attacks` / :func:`run_attack_protocol`'s report."""
-    from ..pipeline import format_table
-
     attacks, benign = report["attacks"], report["benign"]
     lines = ["# Attack evaluation", "",
              "Attack success rate (ASR): the judge finds harmful help (compliance, or refusal then harmful help). "
