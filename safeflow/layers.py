@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .presets import preset, resolve_layer
 
 # Attribute paths of the decoder-block list for common architecture families.
 KNOWN_LAYER_PATHS: tuple[str, ...] = (
@@ -81,8 +82,6 @@ def default_model_layer(model: nn.Module, preset_name: str | None = None,
     """The layer to read and steer when none is given: the preset's layer for a model with a preset
     (``preset_name``, or the entry matching the model's name), else
     :func:`~safeflow.presets.default_layer` — the paper's layer 20 of 32 as a fraction of the depth."""
-    from .presets import preset, resolve_layer
-
     return resolve_layer(preset(preset_name, model), len(find_decoder_layers(model, layers)))
 
 

@@ -15,6 +15,8 @@ it *in distribution* (stratified by source and label), and the report says so.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import random
 import time
 from collections.abc import Sequence
@@ -22,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
+from . import __version__, kernels
+from . import models as _models  # a module reference: load_model is looked up at call time
 from .analysis import analyze_facets
 from .capability import capability_retention, load_capability_task
 from .constraints.base import ConstraintSet
@@ -220,9 +225,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    from .models import load_model
-
-    model, tok = load_model(model_name, progress=progress)
+    model, tok = _models.load_model(model_name, progress=progress)
     p = get_preset(preset_name, model)
     layer = resolve_layer(p, len(find_decoder_layers(model))) if layer is None else layer
     splits = prompt_splits(data)
@@ -310,13 +313,7 @@ def detection_scores(models: dict[str, ConstraintSet], sets: dict[str, tuple[tor
 
 def environment() -> dict[str, Any]:
     """Versions and machine, for the report."""
-    import os
-    import platform
-
-    import numpy
-    import transformers
-
-    from . import __version__, kernels
+    import transformers  # local: transformers is a heavy import, needed here only for its version
 
     cuda = torch.cuda.is_available()
     return {"safeflow": __version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -106,7 +106,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 # --- figures ------------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
+    import matplotlib  # local: matplotlib is a heavy import, needed only to draw figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
