@@ -7,14 +7,15 @@ from . import kernels
 from .attacks import Attack, AttackPrompt
 from .constraints import ConstraintSet, LinearConstraint, MLPConstraint, PolytopeConstraints
 from .data import PromptSet, load_prompts, source_split, stratified_split
+from .decoding import generate_responses
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
 from .evaluation import RefusalJudge, detection_metrics, evaluate_steering
 from .extractors import Extractor, HFExtractor
 from .features import FeatureDataset
-from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .provenance import describe_source
 from .responses import ResponseStates, response_states
+from .steering import SteerEvent, SteeringLog, steering
 from .steerers import (DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
                        SteerResult, Steerer, SteeringData, project)
 

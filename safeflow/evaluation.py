@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .decoding import generate_responses
 from .errors import DataError
+from .fluency import answer_perplexity, repetition
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES, SAFE_REFUSALS, RefusalJudge
 
 __all__ = ["HARMFUL_HELP", "REFUSING", "RESPONSE_CLASSES", "SAFE_REFUSALS", "RefusalJudge", "auroc", "detection_metrics",
@@ -131,9 +133,6 @@ def evaluate_steering(
     * ``steering`` (the log's summary), ``unsteered`` (texts and token ids, for reuse) and
       per-prompt ``records``.
     """
-    from .fluency import answer_perplexity, repetition
-    from .generation import generate_responses
-
     judge = judge or RefusalJudge()
     groups = [("harmful", p) for p in harmful] + [("benign", p) for p in benign] + [("edgy", p) for p in edgy]
     prompts = [p for _, p in groups]
