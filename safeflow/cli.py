@@ -194,6 +194,15 @@ def registered(kind: str) -> Callable[[str], str]:
 
 
 @_checked
+def steerer_entry(text: str) -> str:
+    """A registered steerer, optionally with the gate it is compared with: ``name[@gate]``."""
+    from .pipeline import parse_steerer
+
+    parse_steerer(text)
+    return text
+
+
+@_checked
 def preset_name(text: str) -> str:
     """A preset name (:func:`safeflow.presets.preset`)."""
     from .presets import preset
@@ -619,7 +628,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .pipeline import prompt_splits, run_demo
+    from .pipeline import DEMO_STEERERS, prompt_splits, run_demo
     from .report import STEERING_COLUMNS, format_table, steering_rows
 
     data = None if args.data == "default" else load_prompts(args.data)
@@ -629,7 +638,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None, data=data,
                       max_new_tokens=args.max_new_tokens, num_features=args.features_width,
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
-                      refusal_rounds=args.refusal_rounds, steerers=args.steerers, first_n_tokens=args.first_n,
+                      refusal_rounds=args.refusal_rounds, steerers=args.steerers or DEMO_STEERERS, first_n_tokens=args.first_n,
                       capability_limit=args.capability_limit or 0,
                       capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
@@ -766,8 +775,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusal-rounds", type=positive_int, default=1,
                    help="rounds of the refusal polytope: each further round adds the states of its own steered answers")
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
-    p.add_argument("--steerers", nargs="+", type=registered("steerer"), default=["safeflow", "projection"],
-                   help="steerers compared side by side (registry names)")
+    p.add_argument("--steerers", nargs="+", type=steerer_entry, default=None,
+                   help="steerers compared side by side: registry names, each optionally @detector, @prompt or "
+                        "@token for its gate (default: safeflow's steerers and the peers, "
+                        "safeflow.pipeline.DEMO_STEERERS)")
     p.add_argument("--first-n", type=nonnegative_int, default=None,
                    help="steer only the first n generated tokens (default: all)")
     p.add_argument("--capability-limit", type=nonnegative_int, default=30,

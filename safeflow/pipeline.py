@@ -43,7 +43,8 @@ from .provenance import describe_source
 from .report import write_report
 from .errors import ConfigError
 from .responses import ResponseStates, response_states, steered_states
-from .steerers.base import Steerer
+from .steerers.base import Steerer, SteeringData
+from .steerers.fitted import FittedSteerer
 from .steerers.safeflow import SafeFlowSteerer
 
 log = logging.getLogger(__name__)
@@ -182,18 +183,29 @@ def layer_sweep(extractor: HFExtractor, splits: Splits, layers: list[int], kind:
     return rows
 
 
-def demo_steerer(name: str, preset_name: str | None = None) -> Steerer:
-    """A steerer for the demo by registry name, with the preset's settings (projection: the native solver)."""
-    options: dict[str, Any] = {"preset": preset_name or "default"}
-    if name == "projection":
-        options["solver"] = "native"
-    return Steerer.create(name, **options)
+#: The steerers ``safeflow demo`` compares by default: safeflow's own and the peers (see
+#: :func:`parse_steerer`; ``direction`` behind the detector is CAST, ``direction@token`` plain
+#: activation addition).
+DEMO_STEERERS = ("safeflow", "projection", "line", "direction", "direction@token", "alphasteer")
+#: Gates a steerer entry may name after ``@`` (``detector``: the run's chosen prompt detector).
+GATES = ("detector", "prompt", "token")
+
+
+def parse_steerer(entry: str) -> tuple[str, str]:
+    """``"name"`` or ``"name@gate"`` → ``(name, gate)``: a registered steerer and the gate it is
+    compared with — ``"detector"``, ``"prompt"`` or ``"token"`` (default: the steerer's
+    :attr:`~safeflow.steerers.Steerer.default_gate`). Raises :class:`ConfigError`."""
+    name, _, gate = entry.partition("@")
+    gate = gate or Steerer.implementation(name).default_gate
+    if gate not in GATES:
+        raise ConfigError(f"unknown gate {gate!r} in steerer entry {entry!r}; valid: {', '.join(GATES)}")
+    return name, gate
 
 
 def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", preset_name: str | None = None,
              layer: int | None = None, limit: int | None = 50, max_new_tokens: int = 48,
              num_features: int | None = None, refusal_prompts: int = 240, refusal_features: int = 4096,
-             refusal_rounds: int = 1, steerers: Sequence[str] = ("safeflow", "projection"),
+             refusal_rounds: int = 1, steerers: Sequence[str] = DEMO_STEERERS,
              first_n_tokens: int | None = None, capability_tasks: Sequence[str] = ("rho-gsm8k", "rho-factual"),
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
              cache_dir: str | Path | None = None, data: str | PromptSet | None = None) -> dict[str, Any]:
@@ -206,8 +218,11 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     Detection: polytope / mlp / linear on prompt states of the train split. Steering: a refusal
     polytope (``refusal_features`` wide, ``refusal_rounds`` rounds) on response states of
     ``refusal_prompts`` harmful train prompts, gated by the detector with the best OOD-validation
-    F1 (:func:`choose_gate`), steered by each of ``steerers`` (registry names) for the first
-    ``first_n_tokens`` generated tokens (None: all); ``limit`` caps the prompts per group in the
+    F1 (:func:`choose_gate`), steered by each of ``steerers`` (registry names, each with its gate:
+    :func:`parse_steerer`; every one built for the run by
+    :meth:`~safeflow.steerers.Steerer.build` — a fitted peer from the train split's prompt states
+    or the refusal polytope's response states — and saved as ``steerer_<entry>.safetensors``) for
+    the first ``first_n_tokens`` generated tokens (None: all); ``limit`` caps the prompts per group in the
     (slow, generation-based) steering evaluation. ``layer`` defaults to the preset's. ``data``:
     the default prompts (None) or a user's prompt file / :class:`~safeflow.PromptSet`, split in
     distribution (:func:`prompt_splits`).
@@ -220,6 +235,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     """
     config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir")}
     config["steerers"], config["capability_tasks"] = list(steerers), list(capability_tasks)
+    entries = {entry: parse_steerer(entry) for entry in steerers}
     config["data"] = "default" if data is None else data if isinstance(data, str) else "PromptSet"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,16 +273,26 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     refusal.save(out / "refusal_polytope.safetensors")
     timings["train_refusal"] = time.perf_counter() - t
 
+    data_for_steerers = SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=states.H,
+                                     response_labels=states.y, provenance=dict(source), preset=preset_name)
+    built: dict[str, tuple[Steerer, Any]] = {}
+    for entry, (name, gate_name) in entries.items():
+        steerer = Steerer.implementation(name).build(data_for_steerers)
+        if isinstance(steerer, FittedSteerer):
+            steerer.save(out / f"steerer_{entry}.safetensors")
+        built[entry] = (steerer, models[gate] if gate_name == "detector" else gate_name)
+
     groups = {k: v[:limit] if limit else v for k, v in splits.steering_groups().items()}
     steering: dict[str, dict[str, Any]] = {}
-    unsteered = None
-    for name in steerers:
+    unsteered, unsteered_cpu = None, None
+    for name, (steerer, steer_gate) in built.items():
         t = time.perf_counter()
-        result = evaluate_steering(model, tok, refusal, demo_steerer(name, preset_name), layer,
+        result = evaluate_steering(model, tok, refusal, steerer, layer,
                                    harmful=groups["harmful"], benign=groups["benign"], edgy=groups["edgy"],
-                                   gate=models[gate], first_n_tokens=first_n_tokens, max_new_tokens=max_new_tokens,
-                                   unsteered=unsteered, progress=progress)
-        unsteered = result.pop("unsteered")
+                                   gate=steer_gate, first_n_tokens=first_n_tokens, max_new_tokens=max_new_tokens,
+                                   unsteered=unsteered, unsteered_cpu_seconds=unsteered_cpu, progress=progress)
+        unsteered, unsteered_cpu = result.pop("unsteered"), result["cpu_seconds"]["unsteered"]
+        result["gate"] = entries[name][1]
         timings[f"steer_{name}"] = time.perf_counter() - t
         write_text_atomic(out / f"steering_records_{name}.jsonl", "\n".join(json_text(r) for r in result["records"]) + "\n")
         steering[name] = {k: v for k, v in result.items() if k != "records"}
@@ -277,11 +303,11 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     tasks = [load_capability_task(n).without(splits.train.texts).head(capability_limit)
              for n in (capability_tasks if capability_limit != 0 else ())]
     plain: dict[str, Any] = {}
-    for name in steerers:
+    for name, (steerer, steer_gate) in built.items():
         records = []
         for task in tasks:
-            r = capability_retention(model, tok, refusal, demo_steerer(name, preset_name), layer, task.prompts,
-                                     targets=task.targets, checker=task.checker, gate=models[gate],
+            r = capability_retention(model, tok, refusal, steerer, layer, task.prompts,
+                                     targets=task.targets, checker=task.checker, gate=steer_gate,
                                      first_n_tokens=first_n_tokens, max_new_tokens=capability_max_new_tokens,
                                      unsteered=plain.get(task.name), progress=progress)
             plain[task.name] = r.pop("unsteered")

@@ -58,7 +58,13 @@ class Registered:
     @classmethod
     def create(cls: type[T], name: str, **config: Any) -> T:
         """Build the implementation registered under ``name`` with ``config``."""
-        return cls.registry.get(name)(**config)
+        return cls.implementation(name)(**config)
+
+    @classmethod
+    def implementation(cls: type[T], name: str) -> type[T]:
+        """The class registered under ``name`` (:class:`ConfigError` listing the valid names)."""
+        found: type[T] = cls.registry.get(name)
+        return found
 
     @classmethod
     def available(cls) -> list[str]:

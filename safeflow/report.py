@@ -247,19 +247,20 @@ def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
              "repetition": first["fluency"]["harmful"]["unsteered"]["repetition"]}]
     for name, s in steering.items():
         log = s["steering"]
-        rows.append({"steerer": name, "harmful safe refusal": s["harmful_refusal_steered"],
+        rows.append({"steerer": name, "gate": s.get("gate", ""), "harmful safe refusal": s["harmful_refusal_steered"],
                      "harmful help": sum(s["classes"]["harmful"]["steered"][c] for c in HARMFUL_HELP),
                      "degenerate": s["classes"]["harmful"]["steered"]["degenerate"],
                      "benign unchanged": s["benign_unchanged"], "edgy false refusal": s["edgy_false_refusal_steered"],
                      "perplexity": s["fluency"]["harmful"]["steered"]["perplexity"],
                      "repetition": s["fluency"]["harmful"]["steered"]["repetition"],
                      "mean shift": log.get("mean_shift", 0.0),
-                     "ended inside": log["ended_inside"] / log["tokens_steered"] if log.get("tokens_steered") else 0.0})
+                     "ended inside": log["ended_inside"] / log["tokens_steered"] if log.get("tokens_steered") else 0.0,
+                     "token cost": s.get("token_cost")})
     return rows
 
 
-STEERING_COLUMNS = ["steerer", "harmful safe refusal", "harmful help", "degenerate", "benign unchanged",
-                    "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside"]
+STEERING_COLUMNS = ["steerer", "gate", "harmful safe refusal", "harmful help", "degenerate", "benign unchanged",
+                    "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside", "token cost"]
 
 
 def capability_rows(capability: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

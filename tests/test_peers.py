@@ -149,7 +149,7 @@ def test_every_registered_steerer_builds_from_a_runs_states():
     data = sf.SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=H, response_labels=y,
                            provenance={"layer": 2, "model": "tiny"}, preset="default")
     for name in sf.Steerer.available():
-        s = sf.Steerer.registry.get(name).build(data)
+        s = sf.Steerer.implementation(name).build(data)
         assert isinstance(s, sf.Steerer) and s.registered_name == name
         s.check(poly)
         r = s.steer(H[:6], poly)
