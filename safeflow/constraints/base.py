@@ -16,10 +16,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..checks import as_features, check_positive_int
 from ..errors import ConfigError, CorruptFileError, DataError
 from ..features import FeatureDataset
 from ..io import FLOAT_DTYPES, TensorSpec, load_tensors, read_header, save_tensors, short_repr
@@ -35,75 +35,6 @@ UNKNOWN_DEPTH = -1.0
 
 #: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
-
-
-#: Largest magnitude accepted in hidden states: squares (standardisation, covariance) stay finite
-#: in float32 below it. Real residual streams stay below about 1e5.
-MAX_ABS = 1e15
-
-
-def as_features(H: Any, input_dim: int | None = None, name: str = "H") -> torch.Tensor:
-    """Validate hidden states: a finite, non-empty real tensor [N, input_dim] with |H| <= 1e15,
-    detached from any autograd graph."""
-    try:
-        H = torch.as_tensor(H).detach()
-    except (TypeError, ValueError, RuntimeError):
-        raise DataError(f"{name} must be a numeric array or tensor [N, d], got {type(H).__name__}") from None
-    if H.ndim != 2:
-        raise DataError(f"{name} must be 2-D [N, d], got shape {tuple(H.shape)}; stack one row per prompt")
-    if H.shape[0] == 0:
-        raise DataError(f"{name} is empty; pass at least one row")
-    if input_dim is not None and H.shape[1] != input_dim:
-        raise DataError(
-            f"{name} has hidden size {H.shape[1]} but this constraint set expects {input_dim}; "
-            "extract features from the same model (and layer) the constraint set was trained on"
-        )
-    if H.is_complex():
-        raise DataError(f"{name} is complex; pass real hidden states")
-    if not H.is_floating_point():
-        H = H.float()
-    finite = torch.isfinite(H).all(1)
-    if not finite.all():
-        raise DataError(f"{name} has NaN/inf values in {int((~finite).sum())} row(s) "
-                        f"(first: {_first_rows(~finite)}); drop or re-extract those rows")
-    big = H.abs().amax(1) > MAX_ABS
-    if big.any():
-        raise DataError(f"{name} has values beyond ±{MAX_ABS:g} in {int(big.sum())} row(s) "
-                        f"(first: {_first_rows(big)}, "
-                        f"largest {float(H.abs().max()):.3g}); such states overflow float32 arithmetic: rescale them "
-                        "or check the extraction")
-    return H
-
-
-def _first_rows(mask: torch.Tensor, n: int = 5) -> list[int]:
-    return mask.nonzero().flatten()[:n].tolist()
-
-
-def as_labels(y: Any, n: int) -> torch.Tensor:
-    """Validate labels: 1-D, length n, values in {0, 1} (1 = unsafe), both classes present."""
-    arr = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"labels must be numbers 0 (safe) or 1 (unsafe), got {arr.dtype} values such as "
-                        f"{arr.ravel()[:3].tolist()}; map them to 1 = unsafe, 0 = safe (load_prompt_file maps "
-                        "'unsafe'/'safe')")
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise DataError(f"labels must be 1-D with one entry per row ({n}), got shape {tuple(arr.shape)}")
-    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
-        raise DataError("labels must be 0 (safe) or 1 (unsafe), got fractional or NaN values")
-    y = torch.as_tensor(arr.astype(np.int64))
-    bad = sorted(set(y.unique().tolist()) - {0, 1})
-    if bad:
-        raise DataError(f"labels must be 0 (safe) or 1 (unsafe); found {bad}. Map your labels to 1 = unsafe, 0 = safe")
-    if len(y.unique()) < 2:
-        raise DataError(f"labels contain only class {int(y[0])}; training needs both safe (0) and unsafe (1) rows")
-    return y
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):

@@ -24,8 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import kernels
+from ..checks import check_positive_int
 from ..errors import ConfigError
-from .base import ConstraintSet, Weights, check_positive_int
+from .base import ConstraintSet, Weights
 from .training import (FIT_OPTION_RULES, default_epochs, entropy_bits, fold_standardization, one_of, train_minibatches,
                        training_data, validate_fit_options)
 
