@@ -64,7 +64,7 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None], layo
     if t.ndim == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected)):
         return
     sizes = ", ".join("any" if e is None else str(e) for e in expected)
-    raise DataError(f"{name} has shape {tuple(t.shape)} but {layout} = ({sizes}) is expected; {fix}")
+    raise DataError(f"{name} has shape {tuple(t.shape)} but {layout} = [{sizes}] is expected; {fix}")
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device, other: str) -> None:
