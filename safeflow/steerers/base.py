@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_float, check_tensor
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..registry import Registered
@@ -98,6 +99,7 @@ class Steerer(Registered, ABC, kind="steerer"):
     def steer(self, hidden: torch.Tensor, constraints: ConstraintSet) -> SteerResult:
         """Steer rows of ``hidden`` [B, d] that violate ``constraints``; see :class:`SteerResult`."""
         self.check(constraints)
+        check_float("hidden", check_tensor("hidden", hidden))  # a tensor with values (not meta), real floats
         if hidden.ndim != 2 or hidden.shape[1] != constraints.input_dim:
             raise DataError(
                 f"hidden states of shape {tuple(hidden.shape)} do not match the constraint set's input size "
