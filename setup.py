@@ -10,7 +10,11 @@ works with any installed torch):
 
 A failed or impossible build is reported and skipped: safeflow then installs and runs on its
 eager ``"torch"`` kernel backend. ``SAFEFLOW_NO_EXT=1`` skips both; ``SAFEFLOW_REQUIRE_EXT=1``
-turns a failed build into an error (CI uses it); ``SAFEFLOW_PORTABLE=1`` drops ``-march=native``.
+turns a failed build into an error (CI uses it); ``SAFEFLOW_PORTABLE=1`` drops ``-march=native``;
+``SAFEFLOW_SANITIZE=1`` compiles and links the CPU module (only) with AddressSanitizer
+(``-fsanitize=address -fno-omit-frame-pointer``, ``-O1 -g``) for a fuzz run; import it with the
+compiler's libasan preloaded (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``,
+``ASAN_OPTIONS=detect_leaks=0``) and rebuild without the flag afterwards.
 """
 
 from __future__ import annotations
@@ -105,7 +109,14 @@ def extensions() -> list[Extension]:
     if _flag("SAFEFLOW_NO_EXT"):
         return []
     cflags = ["-O3", "-std=c++17"] + ([] if _flag("SAFEFLOW_PORTABLE") else ["-march=native"])
-    exts = [Extension("safeflow.kernels._cpu", CPU_SOURCES, extra_compile_args=list(cflags), language="c++")]
+    ldflags: list[str] = []
+    if _flag("SAFEFLOW_SANITIZE"):
+        asan = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        cflags, ldflags = [*cflags, *asan, "-O1", "-g"], asan
+    exts = [Extension("safeflow.kernels._cpu", CPU_SOURCES, extra_compile_args=list(cflags),
+                      extra_link_args=ldflags, language="c++")]
+    if _flag("SAFEFLOW_SANITIZE"):
+        return exts  # a sanitizer build is for fuzzing the CPU kernel; the CUDA module is left as it is
     if cuda_home() is not None:
         exts.append(Extension("safeflow.kernels._cuda", CUDA_BINDINGS, extra_compile_args=["-O2", "-std=c++17"],
                               libraries=["cudart_static", "rt", "pthread", "dl"], language="c++"))

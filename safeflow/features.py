@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .cache import HiddenStateCache
+from .checks import as_features, as_labels
 from .errors import ConfigError, CorruptFileError, DataError
 from .io import save_tensors
 
@@ -125,8 +126,6 @@ class FeatureDataset:
     def from_tensors(cls, H: Any, y: Any, chunk_rows: int | None = None, input_dim: int | None = None) -> FeatureDataset:
         """The rows of an in-memory H [N, d] with labels y [N], in chunks of ``chunk_rows``
         (default: one chunk — the order of ``fit(H, y)``); ``input_dim``: the d H must have."""
-        from .constraints.base import as_features, as_labels
-
         H = as_features(H, input_dim).float()
         y = as_labels(y, H.shape[0])
         step = H.shape[0] if chunk_rows is None else chunk_rows
@@ -141,7 +140,6 @@ class FeatureDataset:
         or :func:`write_chunks`), in order; a directory stands for its ``*.safetensors`` files in
         name order. Each file is one chunk, or several of ``chunk_rows`` rows each. Only headers
         and labels are read now."""
-        from .constraints.base import as_labels
 
         files = _expand(paths)
         chunks, labels, dims = [], [], set()
@@ -174,7 +172,6 @@ class FeatureDataset:
         file, ``layer`` indexing the cache's layers (0 for a one-layer extraction). Rows are
         grouped by chunk file, so the dataset's row order is not the order of ``keys``: the
         labels travel with their rows. See :meth:`~safeflow.extractors.HFExtractor.dataset`."""
-        from .constraints.base import as_labels
 
         y = as_labels(labels, len(keys))
         lost = cache.missing(keys)
@@ -217,8 +214,7 @@ class FeatureDataset:
 
     def chunks(self) -> Iterator[torch.Tensor]:
         """Every chunk's hidden states in order, one at a time, checked like ``fit``'s tensors
-        (finite, bounded: :func:`~safeflow.constraints.base.as_features`)."""
-        from .constraints.base import as_features
+        (finite, bounded: :func:`~safeflow.checks.as_features`)."""
 
         for i in range(len(self._chunks)):
             yield as_features(self.read(i), self.dim, name=f"chunk {i} ({self._chunks[i].path or 'memory'})")

@@ -27,19 +27,41 @@ from torch import nn
 from torch.nn import functional as F
 
 from .constraints.base import ConstraintSet
-from .errors import DataError
 from .chat import format_prompts, pad_batch
+from .errors import ConfigError, DataError
 from .layers import block_output, find_decoder_layers, hooked, normalize_layer, replace_block_output
+from .provenance import check_source, fingerprint
 from .responses import REFUSALS
 from .steerers.projection import ProjectionSteerer, affine_at, project
 
 
+def check_model(model: nn.Module, constraints: ConstraintSet, layer: int, *, check_provenance: bool = True) -> int:
+    """The decoder block ``layer`` names (negative counts from the end), after checking that
+    ``constraints`` fits ``model``: its hidden size must be the model's (always), and its recorded
+    provenance — model fingerprint and layer — must match (:func:`~safeflow.provenance.check_source`)
+    unless ``check_provenance`` is False. Raises :class:`ConfigError`."""
+    if not isinstance(constraints, ConstraintSet):
+        raise ConfigError(f"constraints must be a fitted ConstraintSet, got {type(constraints).__name__}")
+    block = normalize_layer(layer, len(find_decoder_layers(model)))
+    hidden = fingerprint(model).get("hidden_size")
+    if hidden is not None and hidden != constraints.input_dim:
+        raise ConfigError(f"the constraint set takes {constraints.input_dim}-d hidden states but the model's hidden "
+                          f"size is {hidden}; use a constraint set trained on this model's layer {block}")
+    if check_provenance:
+        check_source(constraints.provenance, model=model, layer=block, what="the constraint set")
+    return block
+
+
 def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer: ProjectionSteerer,
                 prompts: Sequence[str], layer: int, *, refusal: str = REFUSALS[0],
-                chat_template: bool | str = "auto") -> torch.Tensor:
+                chat_template: bool | str = "auto", check_provenance: bool = True) -> torch.Tensor:
     """Mean negative log-likelihood (a scalar tensor) of ``refusal`` after each prompt, with the
     layer-``layer`` states that produce it steered into ``constraints`` by ``steerer`` (see the
-    module doc). Differentiable in the constraint set's parameters."""
+    module doc). Differentiable in the constraint set's parameters.
+
+    Raises :class:`ConfigError` if the constraint set's hidden size is not the model's, or (unless
+    ``check_provenance=False``) if its provenance records another model or layer (:func:`check_model`)."""
+    block = check_model(model, constraints, layer, check_provenance=check_provenance)
     if not prompts:
         raise DataError("need at least one prompt")
     formatted = format_prompts(tokenizer, prompts, chat_template, None)
@@ -71,8 +93,7 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
         new = hidden.index_put((row_idx[outside], pos_idx[outside]), moved.to(hidden.dtype))
         return replace_block_output(output, new)
 
-    blocks = find_decoder_layers(model)
-    with hooked(blocks[normalize_layer(layer, len(blocks))], hook):
+    with hooked(find_decoder_layers(model)[block], hook):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     logits = logits[row_idx, pos_idx]
     logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
@@ -82,10 +103,13 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
 
 def tune_thresholds(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer: ProjectionSteerer,
                     prompts: Sequence[str], layer: int, *, refusal: str = REFUSALS[0], steps: int = 20,
-                    lr: float = 1.0, batch_size: int = 8, seed: int = 0) -> list[float]:
+                    lr: float = 1.0, batch_size: int = 8, seed: int = 0,
+                    check_provenance: bool = True) -> list[float]:
     """Adam on the thresholds ``constraints.thresholds`` (in place) to minimise :func:`refusal_nll`
     over minibatches of ``prompts``. Only ξ is trained; the model and the other parameters are
-    frozen for the duration. Returns the loss of each step."""
+    frozen for the duration. Returns the loss of each step. The constraint set is checked against
+    the model once, first (:func:`check_model`; ``check_provenance`` as there)."""
+    check_model(model, constraints, layer, check_provenance=check_provenance)
     thresholds = getattr(constraints, "thresholds", None)
     if not isinstance(thresholds, nn.Parameter):
         raise DataError(f"{type(constraints).__name__} has no thresholds to tune; use a polytope")
@@ -98,7 +122,8 @@ def tune_thresholds(model: nn.Module, tokenizer, constraints: ConstraintSet, ste
     try:
         for _ in range(steps):
             batch = rng.sample(list(prompts), min(batch_size, len(prompts)))
-            loss = refusal_nll(model, tokenizer, constraints, steerer, batch, layer, refusal=refusal)
+            loss = refusal_nll(model, tokenizer, constraints, steerer, batch, layer, refusal=refusal,
+                               check_provenance=False)  # checked once above
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -43,9 +43,10 @@ def test_bad_fit_settings_are_refused_before_training(kind, option, value):
     assert not bool(model.fitted)
 
 
-def test_refit_interrupted_during_training_is_not_left_marked_fitted(monkeypatch):
+def test_refit_interrupted_during_training_leaves_the_fitted_set_as_it_was(monkeypatch):
     H, y = separable(64, 8)
     model = fit(make("polytope"), H, y)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     assert bool(model.fitted)
     with pytest.raises(ConfigError):  # refused up front: nothing changed, still fitted
         model.fit(H, y, progress=False, average=2.0)
@@ -57,7 +58,8 @@ def test_refit_interrupted_during_training_is_not_left_marked_fitted(monkeypatch
     monkeypatch.setattr("safeflow.constraints.polytope.train_minibatches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.fit(H, y, progress=False)
-    assert not bool(model.fitted)  # parameters were reset: it must not claim to be trained
+    assert bool(model.fitted)  # fit trains a copy: the interrupted copy is dropped, the set is untouched
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_training_that_diverges_is_not_marked_fitted():

@@ -1,16 +1,23 @@
 // pybind11 bindings of the CPU kernels: every buffer is passed as an integer address of a
-// contiguous row-major array (torch's data_ptr()); the Python side checks shapes and dtypes.
+// contiguous row-major array (torch's data_ptr()); the Python side checks shapes and dtypes, and
+// every binding checks its sizes and addresses again (../common/guards.h) before a kernel runs.
 // Type codes: 0 = float32, 1 = float64, 2 = bfloat16 (weights W only, with float32 states).
 // Every call ends with (workspace address, thread count); the CPU kernels need no workspace.
 #include <pybind11/pybind11.h>
 
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
+#include "../common/guards.h"
 #include "polytope_cpu.h"
 
 namespace py = pybind11;
 using namespace safeflow;
+using safeflow_guards::check_ptr;
+using safeflow_guards::check_sizes;
+using safeflow_guards::require;
 
 namespace {
 
@@ -29,6 +36,19 @@ void dispatch(int dtype, int wdtype, Fn&& fn) {
                                 "or float32/bfloat16");
 }
 
+using Buffers = std::initializer_list<std::pair<uintptr_t, const char*>>;
+
+// Sizes (../common/guards.h), a thread count >= 1, the addresses every call needs and, when there are
+// rows (B > 0), the rows' buffers; std::invalid_argument otherwise.
+void check_call(const char* op, int64_t B, int64_t d, int64_t F, int64_t K, int threads, Buffers always,
+                Buffers rows) {
+    check_sizes(op, B, d, F, K);
+    require(threads >= 1, op, "the thread count must be >= 1, got " + std::to_string(threads));
+    for (auto [p, name] : always) check_ptr(op, p, name);
+    if (B > 0)
+        for (auto [p, name] : rows) check_ptr(op, p, name);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -41,6 +61,8 @@ PYBIND11_MODULE(_cpu, m) {
         "forward",
         [](int dtype, int wdtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t V,
            uintptr_t mask, uintptr_t feat, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+            check_call("forward", B, d, F, K, threads, {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}, {xi, "xi"}},
+                       {{H, "H"}, {V, "V"}});
             py::gil_scoped_release release;
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
@@ -56,6 +78,8 @@ PYBIND11_MODULE(_cpu, m) {
         "vjp_input",
         [](int dtype, int wdtype, uintptr_t W, uintptr_t PhiT, uintptr_t mask, uintptr_t C, uintptr_t V, uintptr_t gH,
            int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+            check_call("vjp_input", B, d, F, K, threads, {{W, "W"}, {PhiT, "PhiT"}},
+                       {{mask, "mask"}, {C, "C"}, {gH, "gH"}});
             py::gil_scoped_release release;
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
@@ -71,6 +95,8 @@ PYBIND11_MODULE(_cpu, m) {
         [](int dtype, uintptr_t H, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t mask, uintptr_t feat, uintptr_t C,
            uintptr_t gW, uintptr_t gb, uintptr_t gPhiT, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/,
            int threads) {
+            check_call("param_grads", B, d, F, K, threads, {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}},
+                       {{H, "H"}, {mask, "mask"}, {C, "C"}});
             py::gil_scoped_release release;
             dispatch(dtype, dtype, [&](auto t, auto) {
                 using T = decltype(t);
@@ -88,6 +114,8 @@ PYBIND11_MODULE(_cpu, m) {
         "jacobian",
         [](int dtype, int wdtype, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t mask, uintptr_t A,
            uintptr_t c, int64_t B, int64_t d, int64_t F, int64_t K, uintptr_t /*ws*/, int threads) {
+            check_call("jacobian", B, d, F, K, threads, {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}, {xi, "xi"}},
+                       {{mask, "mask"}, {A, "A"}, {c, "c"}});
             py::gil_scoped_release release;
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
@@ -103,6 +131,9 @@ PYBIND11_MODULE(_cpu, m) {
         [](int dtype, int wdtype, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t P,
            uintptr_t x, uintptr_t steps, int64_t M, int64_t d, int64_t F, int64_t K, double lr, double lambda_safe,
            double lambda_unsafe, double margin, int64_t max_steps, uintptr_t /*ws*/, int threads) {
+            check_call("safeflow_loop", M, d, F, K, threads, {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}, {xi, "xi"}},
+                       {{h, "h"}, {x, "x"}, {steps, "steps"}});
+            require(max_steps >= 0, "safeflow_loop", "max_steps must be >= 0, got " + std::to_string(max_steps));
             py::gil_scoped_release release;
             const LoopConfig cfg{lr, lambda_safe, lambda_unsafe, margin, max_steps};
             dispatch(dtype, wdtype, [&](auto t, auto wt) {

@@ -8,6 +8,8 @@ constraint set. Saved files are one safetensors file with a JSON header — neve
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import math
@@ -16,10 +18,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..checks import as_features, check_device, check_positive_int, check_states
 from ..errors import ConfigError, CorruptFileError, DataError
 from ..features import FeatureDataset
 from ..io import FLOAT_DTYPES, TensorSpec, load_tensors, read_header, save_tensors, short_repr
@@ -36,74 +38,27 @@ UNKNOWN_DEPTH = -1.0
 #: Facet weights [N, K] for a vector-Jacobian product, or a function of the violations V [N, K].
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
+#: Largest magnitude a constraint set's parameter may hold (checked at the end of ``fit`` and by
+#: ``load``). With states of the size real residual streams have (|h| up to about 1e5) and widths
+#: d, F up to about 1e4, violations ``Φ·ReLU(W h + b) − ξ`` then stay below 1e37, inside float32
+#: (3.4e38); larger weights make every violation inf, so everything is flagged and nothing steers.
+MAX_PARAM = 1e12
 
-#: Largest magnitude accepted in hidden states: squares (standardisation, covariance) stay finite
-#: in float32 below it. Real residual streams stay below about 1e5.
-MAX_ABS = 1e15
 
-
-def as_features(H: Any, input_dim: int | None = None, name: str = "H") -> torch.Tensor:
-    """Validate hidden states: a finite, non-empty real tensor [N, input_dim] with |H| <= 1e15,
-    detached from any autograd graph."""
+def provenance_problem(provenance: Any) -> str | None:
+    """What is wrong with a ``provenance`` value (None if nothing): it must be a dict of JSON
+    values whose ``layer``, if present, is an int (not a bool). :meth:`ConstraintSet.save` and
+    :meth:`ConstraintSet.load` apply the same rules, so a saved file always loads."""
+    if not isinstance(provenance, dict):
+        return f"provenance must be a dict, got {type(provenance).__name__}"
     try:
-        H = torch.as_tensor(H).detach()
-    except (TypeError, ValueError, RuntimeError):
-        raise DataError(f"{name} must be a numeric array or tensor [N, d], got {type(H).__name__}") from None
-    if H.ndim != 2:
-        raise DataError(f"{name} must be 2-D [N, d], got shape {tuple(H.shape)}; stack one row per prompt")
-    if H.shape[0] == 0:
-        raise DataError(f"{name} is empty; pass at least one row")
-    if input_dim is not None and H.shape[1] != input_dim:
-        raise DataError(
-            f"{name} has hidden size {H.shape[1]} but this constraint set expects {input_dim}; "
-            "extract features from the same model (and layer) the constraint set was trained on"
-        )
-    if H.is_complex():
-        raise DataError(f"{name} is complex; pass real hidden states")
-    if not H.is_floating_point():
-        H = H.float()
-    finite = torch.isfinite(H).all(1)
-    if not finite.all():
-        raise DataError(f"{name} has NaN/inf values in {int((~finite).sum())} row(s) "
-                        f"(first: {_first_rows(~finite)}); drop or re-extract those rows")
-    big = H.abs().amax(1) > MAX_ABS
-    if big.any():
-        raise DataError(f"{name} has values beyond ±{MAX_ABS:g} in {int(big.sum())} row(s) "
-                        f"(first: {_first_rows(big)}, "
-                        f"largest {float(H.abs().max()):.3g}); such states overflow float32 arithmetic: rescale them "
-                        "or check the extraction")
-    return H
-
-
-def _first_rows(mask: torch.Tensor, n: int = 5) -> list[int]:
-    return mask.nonzero().flatten()[:n].tolist()
-
-
-def as_labels(y: Any, n: int) -> torch.Tensor:
-    """Validate labels: 1-D, length n, values in {0, 1} (1 = unsafe), both classes present."""
-    arr = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"labels must be numbers 0 (safe) or 1 (unsafe), got {arr.dtype} values such as "
-                        f"{arr.ravel()[:3].tolist()}; map them to 1 = unsafe, 0 = safe (load_prompt_file maps "
-                        "'unsafe'/'safe')")
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise DataError(f"labels must be 1-D with one entry per row ({n}), got shape {tuple(arr.shape)}")
-    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
-        raise DataError("labels must be 0 (safe) or 1 (unsafe), got fractional or NaN values")
-    y = torch.as_tensor(arr.astype(np.int64))
-    bad = sorted(set(y.unique().tolist()) - {0, 1})
-    if bad:
-        raise DataError(f"labels must be 0 (safe) or 1 (unsafe); found {bad}. Map your labels to 1 = unsafe, 0 = safe")
-    if len(y.unique()) < 2:
-        raise DataError(f"labels contain only class {int(y[0])}; training needs both safe (0) and unsafe (1) rows")
-    return y
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    return value
+        json.dumps(provenance, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"provenance must hold JSON values (str, numbers, lists, dicts) only: {exc}"
+    layer = provenance.get("layer")
+    if not (layer is None or type(layer) is int):
+        return f"provenance['layer'] must be an int (the decoder block read), got {short_repr(layer)}"
+    return None
 
 
 class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
@@ -153,7 +108,9 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this object's shape (saved in the JSON header)."""
+        """Constructor arguments that rebuild this object's shape (saved in the JSON header): the
+        positional-or-keyword ones only; keyword-only arguments are runtime options (``backend``),
+        never saved, and ``load`` refuses a header that holds them."""
 
     # --- shared behaviour ----------------------------------------------------------------
     def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,12 +157,25 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         param = next(self.parameters())
         return H.to(device=param.device, dtype=param.dtype)
 
+    def _inputs(self, H: Any) -> torch.Tensor:
+        """States H [N, d] for ``violations`` and its closed forms: the set is fitted, and H is a real
+        floating-point tensor with values, ``input_dim`` wide, on the parameters' device and in their
+        dtype. NaN/inf rows pass (their violations are NaN/inf); :meth:`score` also refuses those."""
+        self.require_fitted()
+        H = check_states(H, self.input_dim)
+        param = next(self.parameters())
+        check_device("H", H, param.device, "the constraint set")
+        if H.dtype != param.dtype:
+            raise DataError(f"H is {H.dtype} but the constraint set computes in {param.dtype}; convert the states "
+                            f"with H.to({param.dtype}) (score() and predict() convert for you)")
+        return H
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write parameters and config to ``path`` (one safetensors file, JSON header), atomically."""
-        try:
-            provenance = json.loads(json.dumps(self.provenance, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"provenance must hold JSON values (str, numbers, lists, dicts) only: {exc}") from None
+        problem = provenance_problem(self.provenance)
+        if problem:
+            raise ConfigError(f"{problem}; fix .provenance before saving (a file with it could not be loaded)")
+        provenance = json.loads(json.dumps(self.provenance))
         header = {"type": self.registered_name, "format_version": FORMAT_VERSION, "config": self.config(),
                   "provenance": provenance}
         save_tensors(path, self.state_dict(), header)
@@ -224,10 +194,9 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         specs, header = read_header(path)
         impl, config = _constructor(path, header, cls)
         provenance = header.get("provenance", {})
-        layer = provenance.get("layer") if isinstance(provenance, dict) else None
-        if not isinstance(provenance, dict) or not (layer is None or type(layer) is int):
-            raise CorruptFileError(f"{path} has a malformed provenance header entry ({short_repr(provenance)}); "
-                                   "re-create it with .save()")
+        if provenance_problem(provenance):
+            raise CorruptFileError(f"{path} has a malformed provenance header entry ({short_repr(provenance)}: "
+                                   f"{provenance_problem(provenance)}); re-create it with .save()")
         old_format = header["format_version"] == 2 and "safe_depth" not in specs
         if old_format:
             specs["safe_depth"] = TensorSpec("F32", ())
@@ -254,21 +223,51 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
                                        "with .save()")
         obj = impl(**config)
         obj.load_state_dict(tensors)
+        huge = obj._beyond_max_param()
+        if huge:
+            raise CorruptFileError(f"{path}: parameters {huge} hold values beyond ±{MAX_PARAM:g}, the largest a "
+                                   "constraint set's parameter may hold (its violations overflow to inf, so everything "
+                                   "is flagged and nothing is steered); re-train it and save again")
         obj.provenance = provenance
         return obj
+
+    def _beyond_max_param(self) -> list[str]:
+        """Names of parameters holding values beyond ±:data:`MAX_PARAM`."""
+        return [n for n, p in self.named_parameters() if p.numel() and float(p.detach().abs().max()) > MAX_PARAM]
+
+    def _fit_copy(self) -> ConstraintSet:
+        """A copy of this set for ``fit`` to train (unfitted): training never touches ``self``, so a
+        failed fit leaves it exactly as it was. :meth:`_adopt` swaps the trained values in."""
+        work = copy.deepcopy(self)
+        work.fitted.fill_(False)
+        return work
+
+    @torch.no_grad()
+    def _adopt(self, work: ConstraintSet) -> None:
+        """Take the parameters, buffers, provenance and training history of the trained copy ``work``
+        (copied into this set's own tensors, so references to them stay valid)."""
+        self.load_state_dict(work.state_dict())
+        self.provenance = work.provenance
+        self.train_history = getattr(work, "train_history", [])
 
     def _record_fit(self, data: FeatureDataset, covariance: torch.Tensor, options: dict[str, Any] | None = None) -> None:
         """Mark fitted; store the covariance [d, d] of the training rows, the depth of the safe
         rows of ``data`` (one more pass over it) and ``provenance["training"]``: the fit
         ``options``, epochs, rows and final loss (from ``self.train_history``).
 
-        Raises :class:`ConfigError` if training left any parameter NaN/inf (the set is not marked fitted).
+        Raises :class:`ConfigError` if training left any parameter NaN/inf or beyond ±:data:`MAX_PARAM`
+        (the set is not marked fitted).
         """
         self.input_covariance.copy_(covariance.to(self.input_covariance))
         bad = [n for n, t in self.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise ConfigError(f"training produced NaN/inf in {bad}; lower lr or the margin, or rescale the hidden "
                               "states")
+        huge = self._beyond_max_param()
+        if huge:
+            raise ConfigError(f"training produced values beyond ±{MAX_PARAM:g} (the largest a parameter may hold: "
+                              f"beyond it violations overflow) in {huge}; lower lr or the margin, or rescale the "
+                              "hidden states")
         self.fitted.fill_(True)
         history = getattr(self, "train_history", [])
         unsafe = int((data.labels == 1).sum())
@@ -302,7 +301,11 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         return next(self.parameters()).dtype
 
     def require_fitted(self) -> None:
-        """Raise :class:`DataError` unless the constraint set has been fitted or loaded."""
+        """Raise :class:`DataError` unless the constraint set has been fitted or loaded (and has values:
+        not on the ``meta`` device)."""
+        if self.fitted.device.type == "meta":
+            raise DataError(f"this {type(self).__name__} is on the meta device (shapes without values); build it on "
+                            "a real device, or load a saved one with ConstraintSet.load(path)")
         if not bool(self.fitted):
             raise DataError(f"this {type(self).__name__} has not been fitted; call .fit(H, y) or load a saved one")
 
@@ -335,10 +338,17 @@ def _constructor(path: Any, header: dict[str, Any], cls: type) -> tuple[type[Con
 def _expected_specs(path: Any, impl: type[ConstraintSet], config: dict[str, Any],
                     num_tensors: int) -> dict[str, tuple[torch.dtype, torch.Size]]:
     """Names, dtypes and shapes of the state ``impl(**config)`` would have, built on the meta
-    device (no memory). A config list longer than the file's tensor count cannot match it."""
+    device (no memory). A config list longer than the file's tensor count cannot match it, and a
+    config may hold only the constructor's positional-or-keyword arguments (what ``config()`` saves)."""
     if any(isinstance(v, (list, dict)) and len(v) > num_tensors for v in config.values()):
         raise CorruptFileError(f"{path} has a config with more entries than the file has tensors; re-create it "
                                "with .save()")
+    saved = [k for k, p in inspect.signature(impl).parameters.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(config) - set(saved))
+    if unknown:
+        raise CorruptFileError(f"{path} has unknown constructor arguments {unknown} in its header's config (a saved "
+                               f"{impl.__name__} holds only {saved}; runtime options such as backend= are set after "
+                               "loading, not saved); re-create it with .save()")
     try:
         with torch.device("meta"):
             state = impl(**config).state_dict()

@@ -27,7 +27,9 @@ class _LogitConstraint(ConstraintSet):
         self.num_constraints = 1
 
     def violations(self, H: torch.Tensor) -> torch.Tensor:
-        return self.net(H)
+        """The logit of "unsafe" [N, 1] for H [N, d] in the set's dtype and device (:class:`DataError`
+        otherwise, and before ``fit``)."""
+        return self.net(self._inputs(H))
 
     def fit(
         self,
@@ -42,33 +44,37 @@ class _LogitConstraint(ConstraintSet):
         progress: bool = True,
     ) -> _LogitConstraint:
         """Train on H [N, d], y [N] (1 = unsafe) with balanced BCE + L2 ``weight_decay``; ``H`` may
-        be a :class:`~safeflow.features.FeatureDataset` (``y`` None)."""
+        be a :class:`~safeflow.features.FeatureDataset` (``y`` None). Transactional like
+        :meth:`PolytopeConstraints.fit`: a fit that raises leaves this set as it was."""
         options = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
         validate_fit_options(self, **options)
         data = training_data(H, y, self.input_dim)
+        work = self._fit_copy()
+        assert isinstance(work, _LogitConstraint)
         torch.manual_seed(seed)
-        for m in self.net:
+        for m in work.net:
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
-        device = next(self.parameters()).device
+        device = next(work.parameters()).device
         stats = data.moments(device)
         mean, std = stats.standardization()
         pos_weight = ((data.labels == 0).sum() / (data.labels == 1).sum()).to(device)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            logit = self.net(z).squeeze(1)
+            logit = work.net(z).squeeze(1)
             bce = F.binary_cross_entropy_with_logits(logit, labels.float(), pos_weight=pos_weight)
-            return bce + weight_decay * sum((p**2).sum() for n, p in self.net.named_parameters() if "weight" in n)
+            return bce + weight_decay * sum((p**2).sum() for n, p in work.net.named_parameters() if "weight" in n)
 
-        self.train_history = train_minibatches(
-            self.parameters(), loss_fn, data, mean, std,
+        work.train_history = train_minibatches(
+            work.parameters(), loss_fn, data, mean, std,
             epochs=epochs or default_epochs(len(data), batch_size), batch_size=batch_size, lr=lr, seed=seed,
-            progress=progress, desc=self.registered_name or "train",
+            progress=progress, desc=work.registered_name or "train",
         )
-        first = self.net[0]
+        first = work.net[0]
         assert isinstance(first, nn.Linear)
         fold_standardization(first.weight.data, first.bias.data, mean, std)
-        self._record_fit(data, stats.covariance(), options)
+        work._record_fit(data, stats.covariance(), options)
+        self._adopt(work)
         return self
 
 

@@ -24,8 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import kernels
+from ..checks import check_positive_int
 from ..errors import ConfigError
-from .base import ConstraintSet, Weights, check_positive_int
+from .base import ConstraintSet, Weights
 from .training import (FIT_OPTION_RULES, default_epochs, entropy_bits, fold_standardization, one_of, train_minibatches,
                        training_data, validate_fit_options)
 
@@ -143,7 +144,9 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         return F.relu(self.feature_map(H))
 
     def violations(self, H: torch.Tensor) -> torch.Tensor:
-        """V = f(H) Φᵀ − ξ, [N, K]."""
+        """V = f(H) Φᵀ − ξ, [N, K], for H [N, d] in the set's dtype and device (:class:`DataError`
+        otherwise, and before ``fit``); rows with NaN give NaN violations."""
+        H = self._inputs(H)
         name = kernels.resolve(self.backend, H.device, self.facets.dtype)
         if name != "torch":
             return kernels.violations(H, *self.kernel_operands(), backend=name)
@@ -156,6 +159,10 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         if self.weight_dtype is not None and W.dtype != self.weight_dtype and not torch.is_grad_enabled():
             W = kernels.derived(W, str(self.weight_dtype), lambda w: w.detach().to(self.weight_dtype))
         return W, self.feature_map.bias, self.facets, self.thresholds
+
+    def _parameters_as_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, b, Φ, ξ) as the parameters themselves (the eager backend computes in their dtype)."""
+        return self.feature_map.weight, self.feature_map.bias, self.facets, self.thresholds
 
     def _loss_terms(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Violations [N, K] and feature L1 norms ‖f(z)‖₁ [N] for the training loss. A compiled
@@ -172,31 +179,23 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
 
     def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed form: inside the activation pattern D = [W h + b > 0], ∂v/∂h = Φ D W, so the
-        product with weights c [N, K] is ``((c Φ) ⊙ D) W``. Same result as autograd, one pass."""
+        product with weights c [N, K] is ``((c Φ) ⊙ D) W``. Same result as autograd, one pass; rows
+        whose V holds a NaN get a NaN gradient (on every backend)."""
+        H = self._inputs(H)
         name = kernels.resolve(self.backend, H.device, self.facets.dtype)
-        if name != "torch":
-            with torch.no_grad():
-                return kernels.violations_vjp(H, *self.kernel_operands(), weights, backend=name)
+        operands = self.kernel_operands() if name != "torch" else self._parameters_as_operands()
         with torch.no_grad():
-            pre = self.feature_map(H)
-            V = F.relu(pre) @ self.facets.T - self.thresholds
-            c = weights(V) if callable(weights) else weights
-            grad = ((c @ self.facets) * (pre > 0)) @ self.feature_map.weight
-        return V, grad
+            return kernels.violations_vjp(H, *operands, weights, backend=name)
 
     def local_affine(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed form: with D = diag(W h + b > 0), ``A = Φ D W`` [N, K, d] and
-        ``c = ξ − Φ D b`` [N, K], so that ``v(h) = A h − c`` within the activation pattern of h."""
+        ``c = ξ − Φ D b`` [N, K], so that ``v(h) = A h − c`` within the activation pattern of h.
+        Rows whose V holds a NaN have no pattern: their A and c are NaN (on every backend)."""
+        H = self._inputs(H)
         name = kernels.resolve(self.backend, H.device, self.facets.dtype)
-        if name != "torch":
-            with torch.no_grad():
-                return kernels.local_affine(H, *self.kernel_operands(), backend=name)
+        operands = self.kernel_operands() if name != "torch" else self._parameters_as_operands()
         with torch.no_grad():
-            D = (self.feature_map(H) > 0).to(H.dtype)  # [N, F]
-            PhiD = self.facets.unsqueeze(0) * D.unsqueeze(1)  # [N, K, F]
-            A = PhiD @ self.feature_map.weight  # [N, K, d]
-            c = self.thresholds - PhiD @ self.feature_map.bias  # [N, K]
-        return A, c
+            return kernels.local_affine(H, *operands, backend=name)
 
     def fit(
         self,
@@ -224,38 +223,45 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         Hyper-parameters as in the paper (Adam, lr 1e-2, batch 128, λ_f = 1, entropy weight 1);
         ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
         Returns self (fitted; parameters act on raw, unstandardised hidden states).
+
+        Transactional: training runs on a copy whose values are swapped in only on success, so a
+        fit that raises (bad input, bad option, a diverging loss, an interrupt) leaves this set
+        exactly as it was — a fitted set stays fitted, bit for bit.
         """
         options = dict(margin=margin, unsafe_weight=unsafe_weight, feature_l1=feature_l1, facet_l1=facet_l1,
                        entropy_weight=entropy_weight, assignment=assignment, init=init, epochs=epochs,
                        batch_size=batch_size, lr=lr, schedule=schedule, average=average, seed=seed)
         validate_fit_options(self, **options)
         data = training_data(H, y, self.input_dim)
-        device = self.facets.device
+        work = self._fit_copy()
+        assert isinstance(work, PolytopeConstraints)
+        device = work.facets.device
         torch.manual_seed(seed)
-        self.reset_parameters(init)
+        work.reset_parameters(init)
         assign_rng = torch.Generator().manual_seed(seed)
         stats = data.moments(device)
         mean, std = stats.standardization()
         kappa = float(margin)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            v, f_l1 = self._loss_terms(z)
+            v, f_l1 = work._loss_terms(z)
             unsafe = labels == 1
             hinge = F.relu(kappa + v[~unsafe]).sum()
             if unsafe.any():
                 vu = v[unsafe]
                 a = assign_facets(vu.detach(), entropy_weight, assignment, assign_rng)
                 hinge = hinge + unsafe_weight * F.relu(kappa - vu.gather(1, a[:, None])).sum()
-            reg = feature_l1 * f_l1.mean() + facet_l1 * self.facets.abs().sum(1).mean()
+            reg = feature_l1 * f_l1.mean() + facet_l1 * work.facets.abs().sum(1).mean()
             return hinge / len(labels) + reg
 
-        self.train_history = train_minibatches(
-            self.parameters(), loss_fn, data, mean, std,
+        work.train_history = train_minibatches(
+            work.parameters(), loss_fn, data, mean, std,
             epochs=epochs or default_epochs(len(data), batch_size), batch_size=batch_size, lr=lr, seed=seed,
             schedule=schedule, average=average, progress=progress, desc="polytope",
         )
-        fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean, std)
-        self._record_fit(data, stats.covariance(), options)
+        fold_standardization(work.feature_map.weight.data, work.feature_map.bias.data, mean, std)
+        work._record_fit(data, stats.covariance(), options)
+        self._adopt(work)
         return self
 
     @torch.no_grad()

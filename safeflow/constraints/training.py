@@ -74,9 +74,8 @@ def validate_fit_options(model: nn.Module, **options: Any) -> None:
     """Check ``fit`` settings up front: raise :class:`ConfigError` naming the first bad one.
 
     Every option with a rule in :data:`FIT_OPTION_RULES` is checked; the model must hold float32
-    parameters (training runs in float32). Once the settings pass, the model is marked unfitted
-    until ``fit`` completes, so a failure during training (a diverging loss, an interrupt) never
-    leaves half-trained parameters marked fitted.
+    parameters (training runs in float32). Nothing is changed: ``fit`` trains a copy and swaps it
+    in on success, so a failure leaves the model as it was.
     """
     for name, value in options.items():
         rule = FIT_OPTION_RULES.get(name)
@@ -87,9 +86,6 @@ def validate_fit_options(model: nn.Module, **options: Any) -> None:
     if dtype != torch.float32:
         raise ConfigError(f"fit trains in float32 but this {type(model).__name__} is {dtype}; call .float() "
                           "before fit (and convert it again afterwards if you need another dtype)")
-    fitted = getattr(model, "fitted", None)
-    if isinstance(fitted, torch.Tensor):
-        fitted.fill_(False)
 
 
 def training_data(H: Any, y: Any, input_dim: int) -> FeatureDataset:
@@ -139,7 +135,7 @@ def train_minibatches(
     ``average``: if > 0, the parameters are replaced at the end by their mean over the last
     ``average`` fraction of optimiser steps (Polyak–Ruppert / SWA averaging), which removes most
     of the dependence of the result on the order of the last minibatches.
-    Raises ``FloatingPointError`` if the loss becomes non-finite (lower ``lr``).
+    Raises :class:`ConfigError` if the loss becomes non-finite (lower ``lr``, the margin or a loss weight).
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -162,7 +158,8 @@ def train_minibatches(
         for h, labels in data.batches(batch_size, gen, mean.device):
             loss = loss_fn((h - mean) / std, labels)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()}; lower lr (now {lr}) or the margin")
+                raise ConfigError(f"training loss became {loss.item()}; lower lr (now {lr}), the margin or the loss "
+                                  "weights (unsafe_weight, feature_l1, facet_l1)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -9,15 +9,28 @@ of W in every backward pass.
 Backends: ``"torch"`` (the eager reference, :mod:`safeflow.kernels.reference`), ``"cpu"``
 (C++, ``csrc/cpu``), ``"cuda"`` (``csrc/cuda``), ``"auto"`` (the compiled kernel of the tensors'
 device if it loaded, else ``"torch"``). :func:`available` lists what loaded here.
+
+Every function checks its operands before anything is computed (:func:`safeflow.checks.kernel_operands`:
+tensors with values on one device, real floating point, 2-D/1-D shapes whose sizes agree) and
+raises :class:`~safeflow.errors.DataError` naming the argument, its shape and the expected one; a
+shape mistake never reaches a compiled kernel. Rows whose violations hold a NaN (a NaN in the
+state, or ``inf − inf``) come back NaN from every operation on every backend: V, the input
+gradient of :func:`violations_vjp`, and A and c of :func:`local_affine`. Values are specified
+for finite parameters W, b, Φ, ξ (constraint sets guarantee them: ``fit`` and ``load`` refuse
+others); with non-finite parameters results keep their shapes, but where NaN/inf appear may differ
+between backends (checking every parameter on every call would cost as much as the kernel).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import torch
 
-from ..errors import ConfigError
+from .. import checks
+from ..errors import ConfigError, DataError
 from . import reference
 from .backends import available, check_name, resolve
 from .compiled import IMPLS, ViolationsFunction, clear_cache, derived
@@ -25,10 +38,42 @@ from .compiled import IMPLS, ViolationsFunction, clear_cache, derived
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
+def _one_dtype(H: torch.Tensor, *others: tuple[str, torch.Tensor]) -> None:
+    """The eager backend computes in H's dtype: every other operand must have it."""
+    for name, t in others:
+        if t.dtype != H.dtype:
+            raise DataError(f"{name} is {t.dtype} but the states are {H.dtype}; convert every operand to one dtype "
+                            f"(e.g. {name}.to({H.dtype}))")
+
+
+def _operands(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor, backend: str,
+              *, P: torch.Tensor | None = None, states: str = "H") -> str:
+    """Check the operands (:func:`safeflow.checks.kernel_operands`) and return the backend that runs."""
+    checks.kernel_operands(H, W, b, Phi, xi, P=P, states=states)
+    name = resolve(backend, H.device)
+    if name == "torch":
+        _one_dtype(H, ("W", W), ("b", b), ("Phi", Phi), ("xi", xi))
+    return name
+
+
+def _checked_weights(C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Weights C [B, K] for violations V [B, K]: a real tensor of V's shape on V's device, in V's dtype."""
+    checks.check_float("weights", checks.check_tensor("weights", C))
+    checks.check_device("weights", C, V.device, "H")
+    checks.check_shape("weights", C, tuple(V.shape), "[B, K]", "give one weight per row of H and facet "
+                       "(or a function V -> weights returning that shape)")
+    return C.to(V.dtype)
+
+
+def _nan_rows(V: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows whose violations hold a NaN."""
+    return V.isnan().any(1)
+
+
 def violations(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
                backend: str = "auto") -> torch.Tensor:
     """V = ReLU(H Wᵀ + b) Φᵀ − ξ [B, K], differentiable in every argument (``torch.autograd``)."""
-    name = resolve(backend, H.device)
+    name = _operands(H, W, b, Phi, xi, backend)
     if name == "torch":
         return reference.violations(H, W, b, Phi, xi)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (H, W, b, Phi, xi)):
@@ -39,29 +84,40 @@ def violations(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Ten
 def violations_vjp(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
                    weights: Weights, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """V [B, K] and ``∂(Σ_k C_k V_k)/∂H = ((C Φ) ⊙ D) W`` [B, d]; ``weights`` is C [B, K] or a
-    function ``V -> C``. Compiled backends read only the rows of W whose feature is active."""
-    name = resolve(backend, H.device)
+    function ``V -> C``. Compiled backends read only the rows of W whose feature is active.
+    Rows whose V holds a NaN get a NaN gradient on every backend."""
+    name = _operands(H, W, b, Phi, xi, backend)
+    if not callable(weights):
+        checks.check_tensor("weights", weights)
+        checks.check_shape("weights", weights, (H.shape[0], Phi.shape[0]), "[B, K]",
+                           "give one weight per row of H and facet")
+
+    def weigh(V: torch.Tensor) -> torch.Tensor:
+        return _checked_weights(weights(V) if callable(weights) else weights, V)
+
     if name == "torch":
-        return reference.violations_vjp(H, W, b, Phi, xi, weights)
+        return reference.violations_vjp(H, W, b, Phi, xi, weigh)
     impl = IMPLS[name]
     with torch.no_grad():
         V, mask = impl.forward(H, W, b, Phi, xi)
         assert mask is not None  # requested (mask=True)
-        C = weights(V) if callable(weights) else weights
-        return V, impl.vjp_input(W, Phi, mask, C.to(V.dtype), V)
+        return V, impl.vjp_input(W, Phi, mask, weigh(V), V)
 
 
 def local_affine(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K]: ``V = A h − c`` within each row's pattern."""
-    name = resolve(backend, H.device)
+    """A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K]: ``V = A h − c`` within each row's pattern.
+    Rows whose V holds a NaN get NaN in A and c on every backend (they have no activation pattern)."""
+    name = _operands(H, W, b, Phi, xi, backend)
     if name == "torch":
         return reference.local_affine(H, W, b, Phi, xi)
     impl = IMPLS[name]
     with torch.no_grad():
-        _, mask = impl.forward(H, W, b, Phi, xi)
+        V, mask = impl.forward(H, W, b, Phi, xi)
         assert mask is not None  # requested (mask=True)
-        return impl.jacobian(W, b, Phi, xi, mask)
+        A, c = impl.jacobian(W, b, Phi, xi, mask)
+        nan = _nan_rows(V)
+        return A.masked_fill(nan[:, None, None], math.nan), c.masked_fill(nan[:, None], math.nan)
 
 
 def safeflow_loop(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor, *,
@@ -75,7 +131,13 @@ def safeflow_loop(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.
     Returns the new rows [M, d] and the steps taken per row [M]. Needs a compiled backend; the
     eager loop is ``SafeFlowSteerer(backend="torch")``.
     """
-    name = resolve(backend, h.device)
+    for setting, value in (("lr", lr), ("lambda_safe", lambda_safe), ("lambda_unsafe", lambda_unsafe),
+                           ("margin", margin)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"safeflow_loop: {setting} must be a finite number, got {value!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ConfigError(f"safeflow_loop: max_steps must be an int >= 0, got {max_steps!r}")
+    name = _operands(h, W, b, Phi, xi, backend, P=P, states="h")
     if name == "torch":
         raise ConfigError("safeflow_loop needs a compiled kernel backend ('cpu' or 'cuda'); the eager loop is "
                           "SafeFlowSteerer(backend='torch')")

@@ -2,7 +2,7 @@
 
 The compiled modules see only addresses, shapes and a CPU thread count or a CUDA stream
 (``torch.cuda.current_stream().cuda_stream``); this module makes every buffer contiguous,
-checks dtypes and devices, allocates the outputs and keeps Φᵀ (and bfloat16 copies of W) cached
+checks shapes (:func:`safeflow.checks.kernel_operands`), dtypes and devices, allocates the outputs and keeps Φᵀ (and bfloat16 copies of W) cached
 per parameter version.
 """
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .. import checks
 from ..errors import DataError
 from . import backends
 
@@ -52,6 +53,13 @@ def _transposed(Phi: torch.Tensor) -> torch.Tensor:
     return derived(Phi, "T", lambda p: p.detach().t().contiguous())
 
 
+def _check_mask(mask: torch.Tensor, B: int, F: int) -> None:
+    """The activation bitmask of a forward over B rows and F features: int64 [B, ceil(F/64)]."""
+    checks.check_shape("mask", mask, (B, -(-F // 64)), "[B, ceil(F/64)]", "pass the bitmask of the same forward")
+    if mask.dtype != torch.int64:
+        raise DataError(f"mask is {mask.dtype}; pass the int64 bitmask of the same forward")
+
+
 class Compiled:
     """One compiled backend (``"cpu"`` or ``"cuda"``) called on tensors."""
 
@@ -73,13 +81,17 @@ class Compiled:
             return
         nbytes = self.mod.workspace_bytes(op, _CODES[dtype], *sizes)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
-        if self.name == "cpu":
-            threads = 1 if work < _MIN_PARALLEL_WORK else torch.get_num_threads()
-            getattr(self.mod, op)(*args, 0, threads)
-            return
-        with torch.cuda.device(device):
-            getattr(self.mod, op)(*args, ws.data_ptr() if ws is not None else 0,
-                                  torch.cuda.current_stream(device).cuda_stream)
+        try:
+            if self.name == "cpu":
+                threads = 1 if work < _MIN_PARALLEL_WORK else torch.get_num_threads()
+                getattr(self.mod, op)(*args, 0, threads)
+                return
+            with torch.cuda.device(device):
+                getattr(self.mod, op)(*args, ws.data_ptr() if ws is not None else 0,
+                                      torch.cuda.current_stream(device).cuda_stream)
+        except ValueError as exc:  # the bindings' own argument checks (std::invalid_argument)
+            raise DataError(f"kernel backend {self.name!r} refused {op}: {exc}; check the operands' shapes "
+                            "(H [B, d], W [F, d], b [F], Phi [K, F], xi [K])") from None
 
     def _check(self, H: torch.Tensor, W: torch.Tensor, *params: torch.Tensor) -> tuple[int, int]:
         """Validate dtypes and devices; returns the (state, weight) type codes."""
@@ -97,18 +109,21 @@ class Compiled:
             raise DataError(f"kernel backend {self.name!r} takes {sorted(map(str, allowed))} states, got {dtype}; "
                             "convert them with .float()")
         if W.dtype != dtype and not (W.dtype == torch.bfloat16 and dtype == torch.float32):
-            raise DataError(f"W is {W.dtype} but the states are {dtype}; W may differ only as bfloat16 storage "
-                            "with float32 states")
+            raise DataError(f"W is {W.dtype} but the states are {dtype}; convert W with W.to({dtype}) (W may differ "
+                            "only as bfloat16 storage with float32 states)")
         return _CODES[dtype], _CODES[W.dtype]
 
     def forward(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
                 mask: bool = True, feat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """V [B, K] and (if ``mask``) the activation bitmask [B, ceil(F/64)] int64; ``feat`` [B, F]
         (CPU only), if given, receives the features ReLU(H Wᵀ + b)."""
+        checks.kernel_operands(H, W, b, Phi, xi)
         codes = self._check(H, W, b, Phi, xi)
         H, W, b, xi = H.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         PhiT = _transposed(Phi)
         (B, d), (K, F) = H.shape, Phi.shape
+        if feat is not None:
+            checks.check_shape("feat", feat, (B, F), "[B, F]", "pass a features buffer of one row per state")
         V = torch.empty(B, K, dtype=H.dtype, device=H.device)
         M = torch.empty(B, -(-F // 64), dtype=torch.int64, device=H.device) if mask or self.name == "cuda" else None
         self._call("forward", H.device, (B, d, F, K), H.dtype, B * F * d, *codes, H.data_ptr(), W.data_ptr(),
@@ -120,9 +135,13 @@ class Compiled:
                   V: torch.Tensor | None = None) -> torch.Tensor:
         """((C Φ) ⊙ D) W [B, d]; rows whose V holds a NaN come back NaN."""
         codes = self._check(C, W, Phi)
+        (B, K), (F, d) = C.shape, W.shape
+        _check_mask(mask, B, F)
+        checks.check_shape("Phi", Phi, (K, F), "[K, F]", "weights C [B, K] need Phi with K rows and F = W's rows")
+        if V is not None:
+            checks.check_shape("V", V, (B, K), "[B, K]", "pass the violations of the same forward")
         C, W = C.contiguous(), W.contiguous()
         PhiT = _transposed(Phi)
-        (B, K), (F, d) = C.shape, W.shape
         gH = torch.empty(B, d, dtype=C.dtype, device=C.device)
         self._call("vjp_input", C.device, (B, d, F, K), C.dtype, B * F * d // 8, *codes, W.data_ptr(),
                    PhiT.data_ptr(), mask.data_ptr(), C.data_ptr(), V.contiguous().data_ptr() if V is not None else 0,
@@ -137,9 +156,12 @@ class Compiled:
         self._check(H, W, b, Phi, C)
         if W.dtype != H.dtype:
             raise DataError("parameter gradients need W in the states' dtype; train without bfloat16 weight storage")
+        B, d, F, K = checks.kernel_operands(H, W, b, Phi, Phi[:, 0], C=C)  # Phi[:, 0]: a [K] stand-in for xi
+        _check_mask(mask, B, F)
+        if feat is not None:
+            checks.check_shape("feat", feat, (B, F), "[B, F]", "pass the features of the same forward")
         H, W, b, C = H.contiguous(), W.contiguous(), b.contiguous(), C.contiguous()
         PhiT = _transposed(Phi)
-        (B, d), (K, F) = H.shape, Phi.shape
         new = lambda *shape: torch.empty(*shape, dtype=H.dtype, device=H.device)  # noqa: E731
         gW, gb, gPhiT = (new(F, d) if need[0] else None), (new(F) if need[1] else None), (new(F, K) if need[2] else None)
         ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
@@ -152,9 +174,11 @@ class Compiled:
                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K]."""
         codes = self._check(b, W, b, Phi, xi)
+        B, (F, d), K = mask.shape[0], W.shape, Phi.shape[0]
+        checks.kernel_operands(W[:0], W, b, Phi, xi)  # W[:0]: a [0, d] stand-in for H
+        _check_mask(mask, B, F)
         W, b, xi = W.contiguous(), b.contiguous(), xi.contiguous()
         PhiT = _transposed(Phi)
-        (K, F), d, B = Phi.shape, W.shape[1], mask.shape[0]
         A = torch.empty(B, K, d, dtype=b.dtype, device=b.device)
         c = torch.empty(B, K, dtype=b.dtype, device=b.device)
         self._call("jacobian", b.device, (B, d, F, K), b.dtype, B * K * d * 64, *codes, W.data_ptr(), b.data_ptr(),
@@ -165,6 +189,7 @@ class Compiled:
                       P: torch.Tensor | None, *, lr: float, lambda_safe: float, lambda_unsafe: float, margin: float,
                       max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The SafeFlow loop from rows h [M, d]: new rows [M, d] and steps taken [M] (long)."""
+        checks.kernel_operands(h, W, b, Phi, xi, P=P, states="h")
         codes = self._check(h, W, b, Phi, xi, *([] if P is None else [P]))
         h, W, b, xi = h.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         P = P.contiguous() if P is not None else None

@@ -2,11 +2,14 @@
 
 Shapes: H [B, d], W [F, d], b [F], Φ [K, F], ξ [K]; D = diag(H Wᵀ + b > 0) per row.
 These are the expressions :class:`~safeflow.constraints.PolytopeConstraints` has always used;
-the compiled backends are tested against them in float64.
+the compiled backends are tested against them in float64. As on the compiled backends, rows
+whose V holds a NaN get NaN input gradients and NaN A and c, and inactive features contribute
+exactly 0 (a non-finite weight C or facet entry on an inactive feature changes nothing).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,13 +28,15 @@ def violations_vjp(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch
     pre = F.linear(H, W, b)
     V = F.relu(pre) @ Phi.T - xi
     C = weights(V) if callable(weights) else weights
-    return V, ((C @ Phi) * (pre > 0)) @ W
+    G = torch.where(pre > 0, C @ Phi, 0.0) @ W  # inactive features contribute exactly 0, even for inf weights
+    return V, G.masked_fill(V.isnan().any(1, keepdim=True), math.nan)
 
 
 @torch.no_grad()
 def local_affine(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
                  xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A = Φ D W [B, K, d] and c = ξ − Φ D b [B, K], so that V = A h − c within each row's pattern."""
-    D = (F.linear(H, W, b) > 0).to(H.dtype)
-    PhiD = Phi.unsqueeze(0) * D.unsqueeze(1)
-    return PhiD @ W, xi - PhiD @ b
+    pre = F.linear(H, W, b)
+    nan = (F.relu(pre) @ Phi.T - xi).isnan().any(1)
+    PhiD = torch.where((pre > 0).unsqueeze(1), Phi.unsqueeze(0), 0.0)  # [B, K, F]: Φ on each row's active features
+    return (PhiD @ W).masked_fill(nan[:, None, None], math.nan), (xi - PhiD @ b).masked_fill(nan[:, None], math.nan)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..checks import check_float, check_tensor
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..registry import Registered
@@ -146,6 +147,7 @@ class Steerer(Registered, ABC, kind="steerer"):
     def steer(self, hidden: torch.Tensor, constraints: ConstraintSet) -> SteerResult:
         """Steer rows of ``hidden`` [B, d] that violate ``constraints``; see :class:`SteerResult`."""
         self.check(constraints)
+        check_float("hidden", check_tensor("hidden", hidden))  # a tensor with values (not meta), real floats
         if hidden.ndim != 2 or hidden.shape[1] != constraints.input_dim:
             raise DataError(
                 f"hidden states of shape {tuple(hidden.shape)} do not match the constraint set's input size "

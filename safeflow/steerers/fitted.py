@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..constraints.base import ConstraintSet, as_features
+from ..checks import as_features
+from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..layers import hidden_size
 from ..provenance import check_source
