@@ -13,9 +13,13 @@ over to models it was not tuned on:
 
 The paper's entries reproduce the reference code's training (``PolytopeConstraints.fit`` with the
 reference normalisation rescaled as above, its unsafe weights and facet counts) and its SafeFlow
-weights; they steer with plain gradients into the polytope's boundary (``steer_depth`` 0).
+weights; they steer with plain gradients into the polytope's boundary (``steer_depth`` 0), with
+SafeFlow as their steerer.
 
-The SmolLM2 entry was chosen on an out-of-distribution validation source (``rho-refusal-50``)
+The SmolLM2 entry (and the relative default) steer with line steering (``steerer="line"``, depth
+``line_depth``), which beat SafeFlow, the projection and the peers on the validation source (the
+docs' results page has the comparison). The SmolLM2 entry was chosen on an out-of-distribution
+validation source (``rho-refusal-50``)
 that is neither trained on nor used as the test set; the study behind it is in the docs
 (concepts, "Choosing the settings").
 """
@@ -48,6 +52,8 @@ class ModelPreset:
     lambda_unsafe: float  #: SafeFlow λ_unsafe
     lambda_safe: float  #: SafeFlow λ_safe
     steer_depth: float = 0.0  #: SafeFlow target depth, in units of the steering set's safe depth
+    line_depth: float = 3.0  #: line steering's target depth, in units of the steering set's safe depth
+    steerer: str = "line"  #: the default steerer (a registry name): what ``safeflow generate`` steers with
     precondition: str = "none"  #: SafeFlow preconditioner
     schedule: str = "constant"  #: learning-rate schedule of the polytope's training
     average: float = 0.0  #: fraction of final training steps whose parameters are averaged
@@ -66,7 +72,7 @@ def _reference(layer: int, margin: float, num_facets: int, unsafe_weight: float,
     """A paper preset: the reference code's λ_f = 1 and λ_Φ = 1e-4 rescaled to per-example."""
     return ModelPreset(layer=layer, margin=margin, feature_l1=1.0 / REFERENCE_BATCH, facet_l1=1e-4 / REFERENCE_BATCH,
                        unsafe_weight=unsafe_weight, num_facets=num_facets, num_features=16384, lambda_unsafe=lambda_unsafe,
-                       lambda_safe=lambda_safe)
+                       lambda_safe=lambda_safe, steerer="safeflow")
 
 
 PRESETS: dict[str, ModelPreset] = {

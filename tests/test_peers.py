@@ -109,13 +109,21 @@ def test_direction_steering_under_generate_cache_and_batch_parity_and_provenance
             pass
 
 
-# --- line steering: the constraint set decides when and how far, the direction where ----------
-def test_line_steerer_reaches_the_target_depth_along_its_direction_only():
+# --- line steering: the constraint set decides when and how far, its training means where -----
+def test_fit_records_the_class_means_and_they_survive_save_and_load(tmp_path):
     H, y, poly = fitted_polytope()
-    s = sf.LineSteerer(16, depth=1.0).fit(H[y == 1], H[y == 0])
-    u = s.direction
+    torch.testing.assert_close(poly.class_means.double(), torch.stack([H[y == 0].double().mean(0),
+                                                                        H[y == 1].double().mean(0)]), rtol=0, atol=1e-5)
+    poly.save(tmp_path / "p.safetensors")
+    torch.testing.assert_close(sf.ConstraintSet.load(tmp_path / "p.safetensors").class_means, poly.class_means)
+
+
+def test_line_steerer_reaches_the_target_depth_along_the_class_means_only():
+    H, y, poly = fitted_polytope()
+    s = sf.Steerer.create("line", depth=1.0)
     diff = H[y == 0].double().mean(0) - H[y == 1].double().mean(0)
-    torch.testing.assert_close(u, (diff / diff.norm()).float())
+    u, scale = s.direction(poly)
+    torch.testing.assert_close(u, (diff / diff.norm()).float(), rtol=0, atol=1e-5)
     rows = H[:40]
     r = s.steer(rows, poly)
     outside = poly.violations(rows).amax(1) > 0
@@ -128,20 +136,24 @@ def test_line_steerer_reaches_the_target_depth_along_its_direction_only():
     t = step @ u
     torch.testing.assert_close(step, t[:, None] * u)  # a move along u alone, forward
     assert (t > 0).all()
-    # minimal: a step 1 % shorter (beyond the bisection tolerance) is not deep enough
-    shorter = rows[outside] + 0.99 * step
+    shorter = rows[outside] + 0.99 * step  # minimal: 1 % shorter (beyond the bisection tolerance) is not deep enough
     assert (poly.violations(shorter).amax(1) > -m).all()
 
 
-def test_line_steerer_caps_the_move_and_reports_rows_that_cannot_reach_the_depth():
+def test_line_steerer_caps_the_move_and_needs_the_class_means():
     H, y, poly = fitted_polytope()
-    s = sf.LineSteerer(16, depth=1.0, max_scale=1e-3).fit(H[y == 1], H[y == 0])
+    s = sf.LineSteerer(depth=1.0, max_scale=1e-3)
     rows = H[y == 1][:5]
     r = s.steer(rows, poly)
     assert r.steered.all() and not r.inside.any()
-    torch.testing.assert_close((r.hidden - rows).norm(dim=1), torch.full((5,), 1e-3 * float(s.scale)))
+    torch.testing.assert_close((r.hidden - rows).norm(dim=1), torch.full((5,), 1e-3 * s.direction(poly)[1]))
     with pytest.raises(ConfigError, match="max_scale"):
-        sf.LineSteerer(16, max_scale=0)
+        sf.LineSteerer(max_scale=0)
+    poly.class_means.zero_()  # a file saved before format 4
+    with pytest.raises(DataError, match="record_class_means"):
+        s.steer(rows, poly)
+    poly.record_class_means(H, y)
+    assert s.steer(rows, poly).steered.all()
 
 
 def test_every_registered_steerer_builds_from_a_runs_states():
@@ -157,6 +169,3 @@ def test_every_registered_steerer_builds_from_a_runs_states():
         if isinstance(s, sf.FittedSteerer):
             assert s.provenance == {"layer": 2, "model": "tiny"}
         assert s.default_gate in ("detector", "token")
-    line = sf.LineSteerer.build(data)
-    expected = H[y == 0].double().mean(0) - H[y == 1].double().mean(0)
-    torch.testing.assert_close(line.direction, (expected / expected.norm()).float())  # toward the refusals

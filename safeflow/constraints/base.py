@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import as_features, check_device, check_positive_int, check_states
+from ..checks import as_features, as_labels, check_device, check_positive_int, check_states
 from ..errors import ConfigError, CorruptFileError, DataError
 from ..features import FeatureDataset
 from ..io import FLOAT_DTYPES, TensorSpec, load_tensors, read_header, save_tensors, short_repr
@@ -29,9 +29,10 @@ from ..registry import Registered
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
-#: Older formats that still load: version 2 lacks ``safe_depth`` (loaded as :data:`UNKNOWN_DEPTH`).
-READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+#: Older formats that still load: version 2 lacks ``safe_depth`` (loaded as :data:`UNKNOWN_DEPTH`),
+#: versions 2 and 3 lack ``class_means`` (loaded as zeros: unknown).
+READABLE_VERSIONS = (2, 3, 4)
 #: ``safe_depth`` of a constraint set that has not measured it (unfitted, or saved in format 2).
 UNKNOWN_DEPTH = -1.0
 
@@ -74,6 +75,9 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
       of ``max(0, −max_k v_k(h))`` over them — the unit in which steering depths are given, so the same
       setting means the same thing on any model, layer or constraint set (see
       :meth:`calibrate_depth`);
+    * ``class_means`` [2, d], the mean of the safe (row 0) and of the unsafe (row 1) training rows
+      (zeros: unknown), whose difference is the direction line steering moves along
+      (:class:`~safeflow.steerers.LineSteerer`; see :meth:`record_class_means`);
     * ``train_history``: the mean training loss of each epoch (a list of floats; not saved);
     * ``provenance["training"]``: the fit's settings, epochs, rows and final loss (saved).
 
@@ -87,6 +91,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     fitted: torch.Tensor
     input_covariance: torch.Tensor
     safe_depth: torch.Tensor
+    class_means: torch.Tensor
 
     def __init__(self, input_dim: int) -> None:
         nn.Module.__init__(self)
@@ -94,6 +99,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("input_covariance", torch.zeros(input_dim, input_dim))
         self.register_buffer("safe_depth", torch.tensor(UNKNOWN_DEPTH))
+        self.register_buffer("class_means", torch.zeros(2, input_dim))
         self.provenance: dict[str, Any] = {}
 
     # --- what an implementation provides -------------------------------------------------
@@ -187,7 +193,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         The config is checked against the file's own tensor names, shapes and dtypes before
         anything is built, and every parameter must be finite: a hostile or damaged file raises
         :class:`CorruptFileError` and costs no more memory than its own size. Format 2 files
-        (without ``safe_depth``) load with ``safe_depth`` = :data:`UNKNOWN_DEPTH`; files without
+        (without ``safe_depth``) load with ``safe_depth`` = :data:`UNKNOWN_DEPTH`, formats 2 and 3
+        (without ``class_means``) with zero class means (unknown); files without
         a ``provenance`` header entry (written before it existed) load with ``provenance == {}``
         (unknown: nothing is checked, steering needs an explicit layer).
         """
@@ -200,6 +207,10 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         old_format = header["format_version"] == 2 and "safe_depth" not in specs
         if old_format:
             specs["safe_depth"] = TensorSpec("F32", ())
+        no_means = header["format_version"] in (2, 3) and "class_means" not in specs
+        if no_means:
+            d = config.get("input_dim")
+            specs["class_means"] = TensorSpec("F32", (2, d if isinstance(d, int) else 0))
         expected = _expected_specs(path, impl, config, len(specs))
         if set(expected) != set(specs):
             raise CorruptFileError(f"{path} holds tensors {sorted(specs)[:8]} but its config {short_repr(config)} "
@@ -214,6 +225,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         tensors, _ = load_tensors(path)
         if old_format:
             tensors["safe_depth"] = torch.tensor(UNKNOWN_DEPTH)
+        if no_means:
+            tensors["class_means"] = torch.zeros(specs["class_means"].shape)
         for name, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CorruptFileError(f"{path}: tensor {name!r} has NaN/inf values; a constraint set with them "
@@ -275,10 +288,32 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
             "constraint": self.registered_name, "config": self.config(), "options": options or {},
             "epochs": len(history), "rows": len(data), "unsafe_rows": unsafe, "safe_rows": len(data) - unsafe,
             "final_loss": history[-1] if history and math.isfinite(history[-1]) else None}
+        self.record_class_means(data)
         depth = self.calibrate_depth(data)
         if depth == 0:
             log.warning("most safe training rows are not inside the fitted %s (median depth 0), so relative steering "
                         "depths steer only to its boundary; train longer or check the labels", type(self).__name__)
+
+    @torch.no_grad()
+    def record_class_means(self, H: Any, y: Any = None) -> torch.Tensor:
+        """Record and return ``class_means`` [2, d]: the mean of the safe (label 0) and of the unsafe
+        (label 1) rows of states H [N, d] with labels y [N], or of a
+        :class:`~safeflow.features.FeatureDataset` ``H`` (``y`` None), read chunk by chunk in float64.
+        ``fit`` calls it with the training data; call it yourself for a file saved before format 4."""
+        if isinstance(H, FeatureDataset):
+            chunks = list(H.labelled_chunks())
+        else:
+            X = as_features(H, self.input_dim)
+            chunks = [(X, as_labels(y, X.shape[0]).to(X.device))]
+        sums = torch.zeros(2, self.input_dim, dtype=torch.float64)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for X, labels in chunks:
+            for label in (0, 1):
+                rows = X[labels == label].double().cpu()
+                sums[label] += rows.sum(0)
+                counts[label] += len(rows)
+        self.class_means.copy_((sums / counts.clamp_min(1)[:, None]).to(self.class_means))
+        return self.class_means
 
     @torch.no_grad()
     def calibrate_depth(self, H_safe: Any) -> float:

@@ -1,57 +1,52 @@
-"""Line steering: the constraint set decides when and how far, a fitted direction decides where.
+"""Line steering: the constraint set decides when and how far, its own training data where.
 
 SafeFlow and the projection move a state to the nearest point inside the constraint set — in the
 L1 or a Mahalanobis geometry — and the nearest point is often one from which the model still
 turns to the harmful help a few tokens later. An activation addition (:mod:`.direction`) moves
-along the direction in which the model's own states differ between the two behaviours, which
+along the direction in which the model's states differ between the two behaviours, which
 induces the behaviour strongly, but by a fixed amount everywhere. Line steering combines them:
-for each selected row (outside the constraint set) it moves along the fitted unit direction u,
+for each selected row (outside the constraint set) it moves along the unit direction u from the
+mean of the constraint set's unsafe training rows to the mean of its safe ones
+(:attr:`~safeflow.constraints.ConstraintSet.class_means`, recorded by ``fit``) —
 
     h' = h + t* u,     t* = min { t in [0, t_max] : max_k v_k(h + t u) <= −m },
 
 the smallest step that brings the true violations to the target depth m (bracketed by doubling,
-then bisection to ``tolerance`` of the step; ``t_max`` = ``max_scale`` × the fitted mean
-difference's norm). A row that cannot reach depth m along u within ``t_max`` moves by
-``t_max`` and is reported by its true violations (``inside`` False).
-
-``fit(H_from, H_to)`` sets u to the unit difference of means, mean(H_to) − mean(H_from): for a
-refusal polytope, from the states of answers that help (unsafe) to those of refusals (safe) —
-``fit(states.H[states.y == 1], states.H[states.y == 0])`` — or the prompt-level refusal
-direction of the peers, from harmless to harmful prompts.
+then bisection to ``tolerance`` of ``t_max``; ``t_max`` = ``max_scale`` × the distance between the
+two means). For a refusal polytope (:mod:`safeflow.responses`) u points from the states of
+answers that help with harm to those of refusals. A row that cannot reach depth m along u within
+``t_max`` moves by ``t_max`` and is reported by its true violations (``inside`` False).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
-from .base import SteeringData, check_depth, target_margin
-from .fitted import FittedSteerer
+from ..presets import preset as get_preset
+from .base import Steerer, check_depth, target_margin
 
 
-class LineSteerer(FittedSteerer, name="line"):
-    """Move rows outside the constraint set along a fitted direction to depth m (see the module doc).
+class LineSteerer(Steerer, name="line"):
+    """Move rows outside the constraint set along its safe-minus-unsafe mean direction to depth m
+    (see the module doc).
 
     Args:
-        input_dim: hidden size d.
-        depth: target depth m relative to the constraint set's ``safe_depth`` (as SafeFlow's; default 1).
+        depth: target depth m relative to the constraint set's ``safe_depth`` (default: the
+            preset's ``line_depth``).
         margin: the same target as an absolute number in violation units (instead of ``depth``).
-        max_scale: longest move, in units of the fitted mean difference's norm.
+        max_scale: longest move, in units of the distance between the two class means.
         tolerance: bisection stops when the bracket is shorter than this fraction of ``t_max``.
+        preset: model preset supplying the default depth (see :mod:`safeflow.presets`).
     """
 
-    direction: torch.Tensor
-    scale: torch.Tensor
-
-    def __init__(self, input_dim: int, depth: float | None = None, *, margin: float | None = None,
-                 max_scale: float = 4.0, tolerance: float = 1e-3) -> None:
-        super().__init__(input_dim)
+    def __init__(self, depth: float | None = None, *, margin: float | None = None, max_scale: float = 4.0,
+                 tolerance: float = 1e-3, preset: str = "default") -> None:
         if depth is None and margin is None:
-            depth = 1.0
+            depth = get_preset(preset).line_depth
         check_depth(margin, depth)
         for name, value in (("max_scale", max_scale), ("tolerance", tolerance)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -59,62 +54,52 @@ class LineSteerer(FittedSteerer, name="line"):
         self.depth = None if depth is None else float(depth)
         self.margin = None if margin is None else float(margin)
         self.max_scale, self.tolerance = float(max_scale), float(tolerance)
-        self.register_buffer("direction", torch.zeros(input_dim))  # unit vector u
-        self.register_buffer("scale", torch.tensor(0.0))  # ‖mean(H_to) − mean(H_from)‖
-
-    def config(self) -> dict[str, Any]:
-        return {"input_dim": self.input_dim, "depth": self.depth, "margin": self.margin, "max_scale": self.max_scale,
-                "tolerance": self.tolerance}
 
     def __repr__(self) -> str:
         target = f"depth={self.depth}" if self.margin is None else f"margin={self.margin}"
-        return f"LineSteerer(input_dim={self.input_dim}, {target}, max_scale={self.max_scale}, fitted={bool(self.fitted)})"
-
-    @torch.no_grad()
-    def fit(self, H_from: Any, H_to: Any) -> LineSteerer:
-        """u = (mean(H_to) − mean(H_from)) / ‖·‖ from states [N₁, d] and [N₀, d] of one model's layer."""
-        diff = self._states(H_to, "H_to").mean(0) - self._states(H_from, "H_from").mean(0)
-        norm = diff.norm()
-        if not norm > 0:
-            raise DataError("the two sets of states have the same mean, so there is no direction; pass states of "
-                            "the two behaviours (e.g. complying and refusing answers)")
-        self.direction.copy_(diff / norm)
-        self.scale.fill_(float(norm))
-        self.fitted.fill_(True)
-        return self
-
-    def fit_data(self, data: SteeringData) -> None:
-        """From the states of answers that help (unsafe) to those of refusals (safe)."""
-        y = data.response_labels
-        self.fit(data.responses[y == 1], data.responses[y == 0])
+        return f"LineSteerer({target}, max_scale={self.max_scale}, tolerance={self.tolerance})"
 
     def check(self, constraints: ConstraintSet) -> None:
         super().check(constraints)
         target_margin(constraints, self.margin, self.depth)  # a relative depth needs the set's safe_depth
+        self.direction(constraints)
+
+    @staticmethod
+    def direction(constraints: ConstraintSet) -> tuple[torch.Tensor, float]:
+        """(u [d], ‖mean_safe − mean_unsafe‖): the unit direction from the constraint set's unsafe
+        training mean to its safe one, and the distance between them."""
+        diff = constraints.class_means[0] - constraints.class_means[1]
+        norm = float(diff.norm())
+        if not norm > 0:
+            raise DataError("line steering needs the means of the constraint set's safe and unsafe training rows, "
+                            "which this one lacks (saved before format 4); fit it again, or call "
+                            "constraints.record_class_means(H, y) with its training states (and save it)")
+        return diff / norm, norm
 
     @torch.no_grad()
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         m = target_margin(constraints, self.margin, self.depth)
-        u = self.direction.to(h)
-        t_max = self.max_scale * float(self.scale)
+        u, scale = self.direction(constraints)
+        u = u.to(h)
+        t_max = self.max_scale * scale
 
         def deep(t: torch.Tensor) -> torch.Tensor:  # [M] bool: all v_k(h + t u) <= −m
             return constraints.violations(h + t[:, None] * u).amax(1) <= -m
 
-        lo = torch.zeros(len(h), dtype=h.dtype, device=h.device)  # known not deep enough (h itself is outside)
+        lo = torch.zeros(len(h), dtype=h.dtype, device=h.device)  # not deep enough: h itself is outside
         hi = torch.full_like(lo, t_max)
         reached = deep(hi)
-        t = torch.full_like(lo, t_max / 64)
-        steps = torch.ones(len(h), dtype=torch.long, device=h.device)
         found = torch.zeros_like(reached)
-        while bool((t < t_max).any()):  # doubling: the first power-of-two step that is deep enough
+        steps = torch.ones(len(h), dtype=torch.long, device=h.device)
+        t = torch.full_like(lo, t_max / 64)
+        while bool((t < t_max).any()):  # doubling: the first step t_max·2^-k that is deep enough
             ok = deep(t) & ~found & reached
             hi = torch.where(ok, t, hi)
-            lo = torch.where(~found & ~ok & (t < hi), t, lo)
+            lo = torch.where(~found & ~ok, t, lo)
             found |= ok
             steps += (~found).long()
             t = t * 2
-        for _ in range(max(1, math.ceil(math.log2(1 / self.tolerance)))):  # bisection on [lo, hi]
+        for _ in range(math.ceil(math.log2(1 / self.tolerance))):  # bisection on [lo, hi]
             live = reached & (hi - lo > self.tolerance * t_max)
             if not bool(live.any()):
                 break
