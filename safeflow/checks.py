@@ -86,7 +86,7 @@ def check_states(H: Any, input_dim: int, name: str = "H") -> torch.Tensor:
 
 
 def as_features(H: Any, input_dim: int | None = None, name: str = "H") -> torch.Tensor:
-    """Validate hidden states: a finite, non-empty real tensor [N, input_dim] with |H| <= 1e15,
+    """Validate hidden states: a finite, non-empty real tensor [N, input_dim] with ``|H| <= 1e15``,
     detached from any autograd graph."""
     if isinstance(H, torch.Tensor):
         check_tensor(name, H)
