@@ -16,7 +16,7 @@ from .models import DEFAULT_MODEL, load_model
 from .provenance import describe_source
 from .responses import ResponseStates, response_states
 from .steering import SteerEvent, SteeringLog, steering
-from .steerers import (DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
+from .steerers import (ConditionalSteerer, DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
                        SteerResult, Steerer, SteeringData, project)
 
 __version__ = "0.1.0"
@@ -29,7 +29,7 @@ def available() -> dict[str, list[str]]:
 
 
 __all__ = [
-    "AssetError", "Attack", "AttackPrompt", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL",
+    "AssetError", "Attack", "AttackPrompt", "ConditionalSteerer", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL",
     "DataError", "DirectionSteerer", "Extractor", "FeatureDataset", "FittedSteerer", "HFExtractor", "LineSteerer", "LinearConstraint", "MLPConstraint",
     "NullSpaceSteerer", "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringData", "SteeringLog",

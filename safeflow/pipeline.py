@@ -183,10 +183,10 @@ def layer_sweep(extractor: HFExtractor, splits: Splits, layers: list[int], kind:
     return rows
 
 
-#: The steerers ``safeflow demo`` compares by default: safeflow's own and the peers (see
-#: :func:`parse_steerer`; ``direction`` behind the detector is CAST, ``direction@token`` plain
-#: activation addition).
-DEMO_STEERERS = ("safeflow", "projection", "line", "direction", "direction@token", "alphasteer")
+#: The steerers ``safeflow demo`` compares by default: safeflow's own (``line``, ``safeflow``,
+#: ``projection``) and the peers (``cast``, ``direction``, ``alphasteer``), each with its own
+#: default gate (:func:`parse_steerer`).
+DEMO_STEERERS = ("line", "safeflow", "projection", "cast", "direction", "alphasteer")
 #: Gates a steerer entry may name after ``@`` (``detector``: the run's chosen prompt detector).
 GATES = ("detector", "prompt", "token")
 

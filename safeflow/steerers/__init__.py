@@ -2,12 +2,12 @@
 (activation addition along a refusal direction, null-space constrained steering)."""
 
 from .base import SteerResult, Steerer, SteeringData
-from .direction import DirectionSteerer
+from .direction import ConditionalSteerer, DirectionSteerer
 from .fitted import FittedSteerer
 from .line import LineSteerer
 from .nullspace import NullSpaceSteerer
 from .projection import Projection, ProjectionSteerer, project
 from .safeflow import SafeFlowSteerer
 
-__all__ = ["DirectionSteerer", "FittedSteerer", "LineSteerer", "NullSpaceSteerer", "Projection", "ProjectionSteerer",
+__all__ = ["ConditionalSteerer", "DirectionSteerer", "FittedSteerer", "LineSteerer", "NullSpaceSteerer", "Projection", "ProjectionSteerer",
            "SafeFlowSteerer", "SteerResult", "Steerer", "SteeringData", "project"]

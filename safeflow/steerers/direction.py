@@ -5,11 +5,16 @@ al. (ActAdd) and Rimsky et al. (CAA): the difference of mean hidden states at la
 
     r = mean_i h(harmful_i) − mean_j h(harmless_j)        [d],
 
-added with a coefficient to the residual stream: ``h' = h + α r``. With a detector as the gate of
-:func:`~safeflow.steering` this is conditional activation steering (Lee et al. 2024, CAST: the
-addition only where a condition on the prompt's state fires — per row here, where IBM's
-``activation-steering`` decides from the first batch row); with ``gate="token"`` it is plain,
-unconditional activation addition.
+added with a coefficient to the residual stream: ``h' = h + α r`` — registered as
+``"direction"``, run without a gate (``gate="token"``): plain activation addition.
+
+Conditional activation steering (Lee et al. 2024, CAST; IBM's ``activation-steering``) adds a
+*behaviour* vector only where a condition on the prompt's state fires. Its behaviour vector
+contrasts the model's states while it refuses with its states while it complies — in safeflow the
+response states of the refusal polytope (:mod:`safeflow.responses`): ``r = mean(refusing) −
+mean(complying)`` — and its condition is a prompt detector, the gate of :func:`~safeflow.steering`
+(decided per row; IBM's library decides from the first batch row). Registered as ``"cast"``
+(:class:`ConditionalSteerer`).
 
 Where safeflow differs from the papers: the hidden states are the last prompt token's (the state
 that produces the first answer token; the papers choose among the post-instruction positions by
@@ -42,6 +47,7 @@ class DirectionSteerer(FittedSteerer, name="direction"):
     """
 
     direction: torch.Tensor
+    default_gate = "token"  # plain activation addition is unconditional
 
     def __init__(self, input_dim: int, alpha: float = 1.0) -> None:
         super().__init__(input_dim)
@@ -78,3 +84,15 @@ class DirectionSteerer(FittedSteerer, name="direction"):
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         return h + self.alpha * self.direction.to(h), torch.ones(h.shape[0], dtype=torch.long, device=h.device)
+
+
+class ConditionalSteerer(DirectionSteerer, name="cast"):
+    """CAST: ``h' = h + α r`` with the behaviour vector r = mean(refusing) − mean(complying) response
+    states, on the rows a prompt detector flags (see the module doc)."""
+
+    default_gate = "detector"
+
+    def fit_data(self, data: SteeringData) -> None:
+        """The behaviour vector: refusing (label 0) minus complying (label 1) response states."""
+        y = data.response_labels
+        self.fit(data.responses[y == 0], data.responses[y == 1])
