@@ -152,38 +152,53 @@ inline T nanmax(const T* v, int64_t n) {
 struct Qp {
     int64_t K = 0;
     std::vector<double> Q, r, z, w, lam, L, y, ratio;
-    std::vector<int64_t> idx;
+    std::vector<int64_t> order;  // the free set in the order of the rows of the Cholesky factor L
     std::vector<char> free, next;
+    bool valid = false;  // L factors Q over the current free set
 
-    explicit Qp(int64_t K_) : K(K_), Q(K_ * K_), r(K_), z(K_), w(K_), lam(K_), L(K_ * K_), y(K_), ratio(K_), idx(K_),
+    explicit Qp(int64_t K_) : K(K_), Q(K_ * K_), r(K_), z(K_), w(K_), lam(K_), L(K_ * K_), y(K_), ratio(K_),
                               free(K_), next(K_) {}
 
-    // z with Q_FF z_F = r_F and z = 0 off the free set; false if Q_FF is not positive definite.
-    bool solve_on() {
-        int64_t nf = 0;
-        for (int64_t k = 0; k < K; ++k)
-            if (free[k]) idx[nf++] = k;
+    // Appends row k to the Cholesky factor of Q over `order`; false if Q stops being positive definite.
+    bool append(int64_t k) {
+        const int64_t i = static_cast<int64_t>(order.size());
+        order.push_back(k);
+        double diag = Q[k * K + k];
+        for (int64_t j = 0; j < i; ++j) {
+            double s = Q[k * K + order[j]];
+            for (int64_t q = 0; q < j; ++q) s -= L[i * K + q] * L[j * K + q];
+            L[i * K + j] = s / L[j * K + j];
+            diag -= L[i * K + j] * L[i * K + j];
+        }
+        if (!(diag > 0)) return false;  // not positive definite (or NaN), as LAPACK's potrf
+        L[i * K + i] = std::sqrt(diag);
+        return true;
+    }
+
+    // z with Q_FF z_F = r_F and z = 0 off the free set F; false if Q_FF is not positive definite.
+    // The factor is extended by one row when F grew by `added` since the last call, else rebuilt.
+    bool solve_on(int64_t added = -1) {
+        valid = valid && added >= 0;
+        if (valid) {
+            valid = append(added);
+        } else {
+            order.clear();
+            valid = true;
+            for (int64_t k = 0; k < K && valid; ++k)
+                if (free[k]) valid = append(k);
+        }
+        if (!valid) return false;
+        const int64_t nf = static_cast<int64_t>(order.size());
         std::fill(z.begin(), z.end(), 0.0);
-        for (int64_t i = 0; i < nf; ++i)
-            for (int64_t j = 0; j <= i; ++j) {
-                double s = Q[idx[i] * K + idx[j]];
-                for (int64_t k = 0; k < j; ++k) s -= L[i * K + k] * L[j * K + k];
-                if (i == j) {
-                    if (!(s > 0)) return false;  // not positive definite (or NaN), as LAPACK's potrf
-                    L[i * K + i] = std::sqrt(s);
-                } else {
-                    L[i * K + j] = s / L[j * K + j];
-                }
-            }
         for (int64_t i = 0; i < nf; ++i) {
-            double s = r[idx[i]];
-            for (int64_t k = 0; k < i; ++k) s -= L[i * K + k] * y[k];
+            double s = r[order[i]];
+            for (int64_t q = 0; q < i; ++q) s -= L[i * K + q] * y[q];
             y[i] = s / L[i * K + i];
         }
         for (int64_t i = nf - 1; i >= 0; --i) {
             double s = y[i];
-            for (int64_t k = i + 1; k < nf; ++k) s -= L[k * K + i] * z[idx[k]];
-            z[idx[i]] = s / L[i * K + i];
+            for (int64_t q = i + 1; q < nf; ++q) s -= L[q * K + i] * z[order[q]];
+            z[order[i]] = s / L[i * K + i];
         }
         return true;
     }
@@ -200,6 +215,7 @@ struct Qp {
         for (int64_t k = 0; k < K; ++k) free[k] = r[k] > tol;
         bool factored = false, same = false;
         for (int64_t i = 0; i <= pdas_steps; ++i) {
+            valid = false;
             factored = solve_on();
             residual(z);
             same = true;
@@ -215,6 +231,7 @@ struct Qp {
             return true;
         }
         std::fill(lam.begin(), lam.end(), 0.0);
+        valid = false;
         bool adding = false;  // lam solves its free set: a constraint may join
         for (int64_t it = 0, max_iter = 3 * K + 20; it < max_iter; ++it) {
             residual(lam);
@@ -226,7 +243,7 @@ struct Qp {
             }
             if (adding && !(best_w > tol)) return true;  // KKT holds
             if (adding) free[best] = 1;
-            if (!solve_on()) return false;
+            if (!solve_on(adding ? best : -1)) return false;
             bool accept = true;
             double alpha = std::numeric_limits<double>::infinity();
             for (int64_t k = 0; k < K; ++k) {
@@ -242,6 +259,7 @@ struct Qp {
                 if (!accept && ((neg && ratio[k] <= alpha) || (free[k] && lam[k] <= 0))) {
                     free[k] = 0;
                     lam[k] = 0.0;
+                    valid = false;
                 }
             }
             adding = accept;
