@@ -5,8 +5,10 @@ ratio of two medians can be off by 2-5x. Here the candidates run interleaved (A 
 A B C A B C ... for three), one call each per round, at least 15 rounds after a warm-up; each round
 gives one ratio ``time(reference) / time(candidate)`` (> 1: the candidate is faster) from calls
 taken seconds apart, and the figure is the median of those ratios with its interquartile range and
-its min-max. A busy neighbour then widens the spread instead of moving the figure. Every run
-records the machine: CPU model, cores, the load average before and after, torch and its threads.
+its min-max. A busy neighbour then widens the spread instead of moving the figure. Every call is
+also timed by the CPU time of the process (``time.process_time``), which excludes the time spent
+waiting for a core; its ratios are reported beside the wall-clock ones. Every run records the
+machine: CPU model, cores, the load average before and after, torch and its threads.
 
 Run ``python benchmarks/pairs.py`` (``make bench`` does, after the pytest-benchmark suites). The
 comparisons, by group (``--only``):
@@ -72,8 +74,10 @@ class Comparison:
 
     name: str
     reference: str
-    times: dict[str, list[float]]
+    times: dict[str, list[float]]  #: wall clock
+    cpu_times: dict[str, list[float]] = field(default_factory=dict)  #: CPU time of the process
     ratios: dict[str, list[float]] = field(default_factory=dict)  #: time(reference) / time(candidate), per round
+    cpu_ratios: dict[str, list[float]] = field(default_factory=dict)  #: the same by CPU time
     load_before: float = 0.0
     load_after: float = 0.0
 
@@ -81,21 +85,26 @@ class Comparison:
         """Medians of the times and, per candidate, the median ratio with its IQR and min-max."""
         out: dict[str, Any] = {"name": self.name, "reference": self.reference, "rounds": len(self.times[self.reference]),
                                   "load_average_1min": [self.load_before, self.load_after],
-                                  "median_ms": {k: 1e3 * statistics.median(v) for k, v in self.times.items()}}
-        stats = {}
-        for k, r in self.ratios.items():
-            q1, med, q3 = _quartiles(r)
-            stats[k] = {"median": med, "iqr": [q1, q3], "min_max": [min(r), max(r)]}
-        out["ratios"] = stats
+                                  "median_ms": {k: 1e3 * statistics.median(v) for k, v in self.times.items()},
+                                  "median_cpu_ms": {k: 1e3 * statistics.median(v) for k, v in self.cpu_times.items()}}
+        for key, ratios in (("ratios", self.ratios), ("cpu_ratios", self.cpu_ratios)):
+            stats = {}
+            for k, r in ratios.items():
+                q1, med, q3 = _quartiles(r)
+                stats[k] = {"median": med, "iqr": [q1, q3], "min_max": [min(r), max(r)]}
+            out[key] = stats
         return out
 
     def lines(self) -> list[str]:
         s = self.summary()
         times = ", ".join(f"{k} {v:.3g} ms" for k, v in s["median_ms"].items())
-        rows = [f"{self.name} ({s['rounds']} rounds; load {self.load_before:.1f} -> {self.load_after:.1f}): {times}"]
-        for k, v in s["ratios"].items():
-            rows.append(f"    {self.reference} / {k}: median {v['median']:.3g}x  IQR {v['iqr'][0]:.3g}-{v['iqr'][1]:.3g}x"
-                        f"  min-max {v['min_max'][0]:.3g}-{v['min_max'][1]:.3g}x")
+        cpu = ", ".join(f"{k} {v:.3g} ms" for k, v in s["median_cpu_ms"].items())
+        rows = [f"{self.name} ({s['rounds']} rounds; load {self.load_before:.1f} -> {self.load_after:.1f}): wall {times}; "
+                f"CPU {cpu}"]
+        for clock, key in (("wall", "ratios"), ("CPU", "cpu_ratios")):
+            for k, v in s[key].items():
+                rows.append(f"    {clock:4s} {self.reference} / {k}: median {v['median']:.3g}x  IQR {v['iqr'][0]:.3g}-"
+                            f"{v['iqr'][1]:.3g}x  min-max {v['min_max'][0]:.3g}-{v['min_max'][1]:.3g}x")
         return rows
 
 
@@ -111,15 +120,18 @@ def interleave(name: str, candidates: dict[str, Callable[[], object]], reference
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
-    result = Comparison(name, reference, {k: [] for k in candidates}, load_before=os.getloadavg()[0])
+    result = Comparison(name, reference, {k: [] for k in candidates}, {k: [] for k in candidates},
+                        load_before=os.getloadavg()[0])
     for _ in range(rounds):
         for k, fn in candidates.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             result.times[k].append(time.perf_counter() - t0)
+            result.cpu_times[k].append(time.process_time() - c0)
     result.load_after = os.getloadavg()[0]
-    ref = result.times[reference]
-    result.ratios = {k: [r / t for r, t in zip(ref, v)] for k, v in result.times.items() if k != reference}
+    for times, ratios in ((result.times, result.ratios), (result.cpu_times, result.cpu_ratios)):
+        ref = times[reference]
+        ratios.update({k: [r / max(t, 1e-9) for r, t in zip(ref, v)] for k, v in times.items() if k != reference})
     return result
 
 
@@ -200,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       "F": int(poly.facets.shape[1]), "held_out_states_outside": len(H)}
         native, cvx = sf.ProjectionSteerer(solver="native"), sf.ProjectionSteerer(solver="cvxpylayers")
         eager_native = sf.ProjectionSteerer(solver="native", backend="torch")
-        for B in (1, 8):
+        for B in args.batches:
             rows = H[:B]
             if "safeflow" in args.only:
                 done(interleave(f"safeflow call b{B}", {
@@ -208,12 +220,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "eager": steer_with(sf.SafeFlowSteerer(backend="torch"), rows, poly, "torch"),
                 }, reference="eager", rounds=args.rounds))
             if "steer" in args.only:
-                done(interleave(f"projection steer call b{B}", {
-                    "native": steer_with(native, rows, poly, "auto"),
-                    "native eager rounds": steer_with(eager_native, rows, poly, "auto"),
-                    "cvxpylayers": steer_with(cvx, rows, poly, "auto"),
-                    "safeflow": steer_with(sf.SafeFlowSteerer(), rows, poly, "auto"),
-                }, reference="cvxpylayers", rounds=args.rounds))
+                steers = {"native": steer_with(native, rows, poly, "auto"),
+                          "native eager rounds": steer_with(eager_native, rows, poly, "auto"),
+                          "cvxpylayers": steer_with(cvx, rows, poly, "auto"),
+                          "safeflow": steer_with(sf.SafeFlowSteerer(), rows, poly, "auto")}
+                if args.skip_eager_rounds:
+                    del steers["native eager rounds"]
+                done(interleave(f"projection steer call b{B}", steers, reference="cvxpylayers", rounds=args.rounds))
                 done(interleave(f"projection native vs safeflow b{B}", {
                     "native": steer_with(native, rows, poly, "auto"),
                     "safeflow": steer_with(sf.SafeFlowSteerer(), rows, poly, "auto"),
@@ -248,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per comparison (>= 15)")
     p.add_argument("--only", nargs="+", default=["project", "safeflow", "steer", "tokens"],
                    choices=["project", "safeflow", "steer", "tokens"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes of the steer calls")
+    p.add_argument("--skip-eager-rounds", action="store_true", help="leave the eager native rounds out of 'steer'")
     p.add_argument("--constraints", help="a saved refusal polytope (default: fit one on the default model)")
     p.add_argument("--states", help="saved held-out states outside it, [N, d] (torch.save)")
     p.add_argument("--save", help="folder to save the fitted polytope and the states in, for --constraints/--states")

@@ -26,6 +26,11 @@ The target depth ramps up over the first ``ramp_rounds`` rounds, ``m_r = m·min(
 (a continuation: each linear model is only trusted near where it was taken). On the default
 model's refusal polytope this reaches depth m on every row with a smaller edit than SafeFlow's,
 where projecting once (or repeatedly from h*) lands 4–20× farther (see the concepts page).
+
+With the native solver on a polytope whose kernel backend is the CPU one, all rounds run in one
+compiled call (:func:`safeflow.kernels.projection_steer`, the same algorithm: the same rows
+steered, inside and rejected after the same rounds, states equal up to float rounding); the
+eager rounds below are the reference (``backend="torch"``) and serve every other constraint set.
 """
 
 from __future__ import annotations
