@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 SAFEFLOW_REQUIRE_EXT ?= 1
 export SAFEFLOW_REQUIRE_EXT
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.h csrc/*/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
@@ -37,6 +37,8 @@ bench: install
 	$(BIN)/safeflow assets fetch
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=benchmarks/latest.json
+	# the CPU ratios by the interleaved protocol (median of per-round ratios, with spread and machine)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pairs.py --json benchmarks/pairs.json
 
 clean:
 	rm -rf $(VENV) docs/_build runs .pytest_cache

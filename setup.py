@@ -29,7 +29,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
-CPU_SOURCES = ["csrc/cpu/polytope_cpu.cpp", "csrc/cpu/bindings.cpp"]
+CPU_SOURCES = ["csrc/cpu/polytope_cpu.cpp", "csrc/cpu/projection.cpp", "csrc/cpu/bindings.cpp"]
 CUDA_SOURCES = ["csrc/cuda/polytope_cuda.cu"]
 CUDA_BINDINGS = ["csrc/cuda/bindings.cpp"]
 

@@ -370,3 +370,80 @@ def test_tuning_thresholds_raises_the_refusal_likelihood(tokenizer):
     assert all(p.requires_grad for p in [*model.parameters(), *poly.parameters()])  # flags restored
     with torch.no_grad():
         assert float(refusal_nll(model, tokenizer, poly, steerer, prompts, LAYER, refusal=REFUSAL)) < losses[0]
+
+
+# --- the compiled CPU projection (safeflow.kernels.project / projection_steer) ----------------------
+COMPILED = pytest.mark.skipif("cpu" not in sf.kernels.available(), reason="the C++ kernel is not built here")
+
+
+@COMPILED
+@pytest.mark.parametrize("metric", ["euclidean", "covariance"])
+@pytest.mark.parametrize("shape", [dict(K=6, d=12), dict(K=1, d=8), dict(K=20, d=24), dict(K=6, d=12, duplicate=True)])
+def test_compiled_project_equals_the_eager_one(metric, shape):
+    h0, A, c, cov = problem(**shape)
+    M = cov if metric == "covariance" else None
+    margin = torch.rand(len(h0), 1, dtype=torch.float64)
+    fast = sf.project(h0, A, c, margin=margin, metric=M, backend="cpu")
+    ref = sf.project(h0, A, c, margin=margin, metric=M, backend="torch")
+    assert torch.equal(fast.status, ref.status)
+    # float64 throughout; the two differ only in the order of their sums
+    torch.testing.assert_close(fast.multipliers, ref.multipliers, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.hidden, ref.hidden, rtol=1e-12, atol=1e-12)
+
+
+@COMPILED
+def test_compiled_project_reports_bad_rows_as_the_eager_one():
+    h0, A, c, _ = problem(B=4, K=2, d=6, seed=6)
+    A[0, 1] = -A[0, 0]  # contradictory
+    c[0, 1] = -c[0, 0] - 1.0
+    h0[2, 0] = torch.nan
+    c[3] = (A[3] @ h0[3]).abs().max() + 10  # already deep enough: comes back bit for bit
+    fast = sf.project(h0, A, c, margin=0.0, backend="cpu")
+    ref = sf.project(h0, A, c, margin=0.0, backend="torch")
+    assert fast.status.tolist() == ref.status.tolist() == [Status.INFEASIBLE, Status.OK, Status.NONFINITE, Status.OK]
+    assert torch.equal(fast.hidden[[0, 3]], h0[[0, 3]]) and torch.isnan(fast.hidden[2, 0])
+    assert (fast.multipliers[[0, 2, 3]] == 0).all()
+
+
+@COMPILED
+@pytest.mark.parametrize("metric", ["euclidean", "covariance"])
+@pytest.mark.parametrize("case", ["margin 0.5", "margin 0.3 unsafe rows", "one round", "relative depth"])
+def test_compiled_steer_makes_the_eager_steers_decisions(metric, case):
+    """The compiled rounds against the eager ones on the problems of the tests above: the same rows
+    steered, inside and rejected after the same number of rounds; the states equal up to float32
+    rounding (the bisection judges each point by violations whose sums run in another order)."""
+    H, y, poly = fitted_polytope()
+    kw = dict(margin=0.3) if case.startswith("margin 0.3") else dict(margin=0.5)
+    if case == "one round":
+        kw["max_rounds"] = 1
+    if case == "relative depth":
+        poly.calibrate_depth(H[y == 0])
+        kw = dict(depth=0.5)
+    rows = H[y == 1][:12] if "unsafe" in case else H[:40]
+    eager = sf.ProjectionSteerer(solver="native", metric=metric, backend="torch", **kw).steer(rows, poly)
+    fast = sf.ProjectionSteerer(solver="native", metric=metric, **kw).steer(rows, poly)
+    for field in ("steered", "inside", "rejected", "nonfinite", "iterations"):
+        assert torch.equal(getattr(fast, field), getattr(eager, field)), field
+    assert fast.steered.sum() >= 10
+    torch.testing.assert_close(fast.hidden, eager.hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.violations_after, poly.violations(fast.hidden))
+
+
+@COMPILED
+def test_compiled_steer_in_float64_and_its_failures():
+    H, y, poly = fitted_polytope()
+    poly = poly.double()
+    rows = H[:40].double()
+    eager = sf.ProjectionSteerer(solver="native", metric="covariance", backend="torch", margin=0.5).steer(rows, poly)
+    fast = sf.ProjectionSteerer(solver="native", metric="covariance", margin=0.5).steer(rows, poly)
+    assert torch.equal(fast.iterations, eager.iterations) and torch.equal(fast.inside, eager.inside)
+    torch.testing.assert_close(fast.hidden, eager.hidden, rtol=1e-10, atol=1e-10)
+    # a metric that cannot reach the inside: rank 1, along a direction that none of the facets sees
+    with torch.no_grad():
+        poly.input_covariance.zero_()
+        poly.input_covariance[0, 0] = 1.0
+        poly.feature_map.weight[:, 0] = 0.0
+    outside = rows[poly.violations(rows).amax(1) > 0][:5]
+    for steerer in (sf.ProjectionSteerer(solver="native", metric="covariance", margin=0.5, backend=b) for b in ("torch", "cpu")):
+        r = steerer.steer(outside, poly)
+        assert r.rejected.all() and torch.equal(r.hidden, outside) and (r.iterations == 0).all()

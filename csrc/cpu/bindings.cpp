@@ -12,6 +12,7 @@
 
 #include "../common/guards.h"
 #include "polytope_cpu.h"
+#include "projection_cpu.h"
 
 namespace py = pybind11;
 using namespace safeflow;
@@ -145,4 +146,34 @@ PYBIND11_MODULE(_cpu, m) {
             });
         },
         "the SafeFlow loop: x [M, d] and steps [M] (P may be 0: no preconditioner)");
+
+    m.def(
+        "project",
+        [](uintptr_t h0, uintptr_t A, uintptr_t c, uintptr_t margin, uintptr_t M, uintptr_t hout, uintptr_t lam,
+           uintptr_t status, int64_t B, int64_t d, int64_t K, uintptr_t /*ws*/, int threads) {
+            py::gil_scoped_release release;
+            project(ptr<const double>(h0), ptr<const double>(A), ptr<const double>(c), ptr<const double>(margin),
+                    ptr<const double>(M), ptr<double>(hout), ptr<double>(lam), ptr<int64_t>(status), B, d, K, threads);
+        },
+        "float64 projections of h0 [B, d] onto {A h <= c - margin} in the metric M [d, d] (0: identity): "
+        "h [B, d], the dual solution [B, K] and status codes [B]");
+
+    m.def(
+        "projection_steer",
+        [](int dtype, int wdtype, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t M,
+           uintptr_t wnorm, uintptr_t out, uintptr_t rounds, uintptr_t status, int64_t n, int64_t d, int64_t F,
+           int64_t K, double margin, int64_t max_rounds, int64_t ramp_rounds, int64_t bisections, uintptr_t /*ws*/,
+           int threads) {
+            py::gil_scoped_release release;
+            const SteerConfig cfg{margin, max_rounds, ramp_rounds, bisections};
+            dispatch(dtype, wdtype, [&](auto t, auto wt) {
+                using T = decltype(t);
+                using WT = decltype(wt);
+                projection_steer<T, WT>(ptr<const T>(h), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
+                                        ptr<const T>(xi), ptr<const double>(M), ptr<const double>(wnorm), ptr<T>(out),
+                                        ptr<int64_t>(rounds), ptr<int64_t>(status), n, d, F, K, cfg, threads);
+            });
+        },
+        "the projection steerer (native solver): rows [n, d] (NaN where the first round failed), rounds [n] and "
+        "the status of each row's last projection [n] (M may be 0: Euclidean)");
 }

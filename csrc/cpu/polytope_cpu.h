@@ -10,13 +10,15 @@
 
 #include <cstdint>
 
+#include "../common.h"
+
 namespace safeflow {
 
 struct bf16 {
     uint16_t bits;
 };
 
-constexpr int64_t kTile = 64;  // features per mask word and per tile
+constexpr int64_t kTile = safeflow_common::kTileFeatures;  // features per mask word and per tile
 
 inline int64_t mask_words(int64_t F) { return (F + kTile - 1) / kTile; }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "../common.h"
 #include "polytope_cuda.h"
 
 namespace cg = cooperative_groups;
@@ -16,7 +17,7 @@ using ull = unsigned long long;
 namespace safeflow_cuda {
 namespace {
 
-constexpr int kTile = 64;                 // features per mask word
+constexpr int kTile = safeflow_common::kTileFeatures;  // features per mask word
 constexpr int kThreads = 256;             // threads per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 4;                  // rows per forward work item
@@ -496,11 +497,12 @@ struct Tag {
 
 template <typename Fn>
 bool dispatch(int dtype, int wdtype, Fn&& fn) {
-    if (dtype == 0 && wdtype == 0) return fn(Tag<float>{}, Tag<float>{}), true;
-    if (dtype == 1 && wdtype == 1) return fn(Tag<double>{}, Tag<double>{}), true;
-    if (dtype == 0 && wdtype == 2) return fn(Tag<float>{}, Tag<__nv_bfloat16>{}), true;
-    if (dtype == 2 && wdtype == 2) return fn(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{}), true;
-    if (dtype == 3 && wdtype == 3) return fn(Tag<__half>{}, Tag<__half>{}), true;
+    using namespace safeflow_common;
+    if (dtype == kFloat32 && wdtype == kFloat32) return fn(Tag<float>{}, Tag<float>{}), true;
+    if (dtype == kFloat64 && wdtype == kFloat64) return fn(Tag<double>{}, Tag<double>{}), true;
+    if (dtype == kFloat32 && wdtype == kBFloat16) return fn(Tag<float>{}, Tag<__nv_bfloat16>{}), true;
+    if (dtype == kBFloat16 && wdtype == kBFloat16) return fn(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{}), true;
+    if (dtype == kFloat16 && wdtype == kFloat16) return fn(Tag<__half>{}, Tag<__half>{}), true;
     return false;
 }
 

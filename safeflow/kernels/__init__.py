@@ -146,5 +146,41 @@ def safeflow_loop(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.
                                          lambda_unsafe=lambda_unsafe, margin=margin, max_steps=max_steps)
 
 
+def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, margin: torch.Tensor, M: torch.Tensor | None,
+            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of :func:`safeflow.steerers.projection.project` (native solver) in one compiled call.
+
+    For each row, in float64, ``λ* = argmin_{λ >= 0} ½ λᵀ (A M Aᵀ + εI) λ − λᵀ (A h₀ − c + m)`` and
+    ``h* = h₀ − M Aᵀ λ*`` (h0 [B, d], A [B, K, d], c and margin m [B, K], M [d, d] or None for the
+    identity). Returns h* [B, d] float64 (h₀ where the status is not OK), λ* [B, K] and the
+    :class:`~safeflow.steerers.dual_qp.Status` codes [B]. Not differentiable; CPU only.
+    """
+    name = resolve(backend, h0.device)
+    if name != "cpu":
+        raise ConfigError(f"the compiled projection runs on the 'cpu' kernel backend, not {name!r}; use "
+                          "safeflow.project (eager, differentiable) elsewhere")
+    with torch.no_grad():
+        return IMPLS[name].project(h0, A, c, margin, M)
+
+
+def projection_steer(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor, *,
+                     M: torch.Tensor | None, margin: float, max_rounds: int, ramp_rounds: int,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projection steerer's rounds (native solver) in one compiled call (see
+    :mod:`safeflow.steerers.projection`): from rows h [n, d] outside the polytope, the steered rows
+    [n, d] (NaN where the first round failed), the rounds used [n] and the status of each row's
+    last projection [n]. M [d, d] (float64) is the metric, None for the identity; ``margin`` the
+    target depth m in violation units. CPU only; the eager rounds are
+    ``ProjectionSteerer(solver="native", backend="torch")``.
+    """
+    name = resolve(backend, h.device)
+    if name != "cpu":
+        raise ConfigError(f"the compiled projection steer runs on the 'cpu' kernel backend, not {name!r}; the eager "
+                          "rounds are ProjectionSteerer(solver='native', backend='torch')")
+    with torch.no_grad():
+        return IMPLS[name].projection_steer(h, W, b, Phi, xi, M, margin=margin, max_rounds=max_rounds,
+                                            ramp_rounds=ramp_rounds)
+
+
 __all__ = ["Weights", "available", "check_name", "clear_cache", "derived", "local_affine", "reference", "resolve",
            "safeflow_loop", "violations", "violations_vjp"]

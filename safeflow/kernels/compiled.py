@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import checks
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import backends
 
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -202,6 +202,48 @@ class Compiled:
                    x.data_ptr(), steps.data_ptr(), M, d, F, K, float(lr), float(lambda_safe), float(lambda_unsafe),
                    float(margin), int(max_steps))
         return x, steps
+
+    def _cpu_only(self, op: str) -> None:
+        if self.name != "cpu":
+            raise ConfigError(f"{op} is compiled for the CPU only; run it on CPU tensors (backend 'cpu'), or use the "
+                              "eager path (backend 'torch')")
+
+    def project(self, h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, margin: torch.Tensor,
+                M: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float64 projections of h0 [B, d] onto ``{A h <= c − margin}`` (A [B, K, d], c and margin [B, K]) in
+        the metric M [d, d] (None: identity): h* [B, d] (h0 where status != OK), λ [B, K] and status [B] long."""
+        self._cpu_only("project")
+        h0, A, c, margin = (t.to(torch.float64).contiguous() for t in (h0, A, c, margin))
+        M = M.to(torch.float64).contiguous() if M is not None else None
+        B, K, d = A.shape
+        h = torch.empty(B, d, dtype=torch.float64)
+        lam = torch.empty(B, K, dtype=torch.float64)
+        status = torch.empty(B, dtype=torch.int64)
+        self._call("project", h0.device, (B, d, 0, K), torch.float64, B * K * K * d, h0.data_ptr(), A.data_ptr(),
+                   c.data_ptr(), margin.data_ptr(), M.data_ptr() if M is not None else 0, h.data_ptr(),
+                   lam.data_ptr(), status.data_ptr(), B, d, K)
+        return h, lam, status
+
+    def projection_steer(self, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
+                         xi: torch.Tensor, M: torch.Tensor | None, *, margin: float, max_rounds: int,
+                         ramp_rounds: int, bisections: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projection steerer's rounds from rows h [n, d]: new rows [n, d] (NaN where the first round
+        failed), rounds [n] long and the status of each row's last projection [n] long."""
+        self._cpu_only("projection_steer")
+        codes = self._check(h, W, b, Phi, xi)
+        h, W, b, xi = h.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
+        M = M.to(torch.float64).contiguous() if M is not None else None
+        PhiT = _transposed(Phi)
+        wnorm = derived(W, "row_norms", lambda w: w.detach().double().norm(dim=1))
+        (n, d), (K, F) = h.shape, Phi.shape
+        out = torch.empty_like(h)
+        rounds = torch.empty(n, dtype=torch.int64)
+        status = torch.empty(n, dtype=torch.int64)
+        self._call("projection_steer", h.device, (n, d, F, K), h.dtype, n * F * d * max_rounds, *codes, h.data_ptr(),
+                   W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), M.data_ptr() if M is not None else 0,
+                   wnorm.data_ptr(), out.data_ptr(), rounds.data_ptr(), status.data_ptr(), n, d, F, K, float(margin),
+                   int(max_rounds), int(ramp_rounds), int(bisections))
+        return out, rounds, status
 
 
 class ViolationsFunction(torch.autograd.Function):

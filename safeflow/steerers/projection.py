@@ -26,6 +26,11 @@ The target depth ramps up over the first ``ramp_rounds`` rounds, ``m_r = m·min(
 (a continuation: each linear model is only trusted near where it was taken). On the default
 model's refusal polytope this reaches depth m on every row with a smaller edit than SafeFlow's,
 where projecting once (or repeatedly from h*) lands 4–20× farther (see the concepts page).
+
+With the native solver on a polytope whose kernel backend is the CPU one, all rounds run in one
+compiled call (:func:`safeflow.kernels.projection_steer`, the same algorithm: the same rows
+steered, inside and rejected after the same rounds, states equal up to float rounding); the
+eager rounds below are the reference (``backend="torch"``) and serve every other constraint set.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..constraints.base import ConstraintSet
+from ..constraints.polytope import PolytopeConstraints
 from ..errors import ConfigError, DataError
 from ..presets import preset as get_preset
 from .base import Steerer, SteeringData, check_depth, require_covariance, target_margin
@@ -61,7 +68,7 @@ class Projection:
 
 
 def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, *, margin: float | torch.Tensor = 0.0,
-            metric: torch.Tensor | None = None, solver: str = "native") -> Projection:
+            metric: torch.Tensor | None = None, solver: str = "native", backend: str = "auto") -> Projection:
     """Project each row of h0 [B, d] onto ``{h : A_i h <= c_i − m}`` in the metric M (see module doc).
 
     Args:
@@ -70,6 +77,10 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, *, margin: float
         margin: target depth m >= 0 (a float or a tensor broadcastable to [B, K]).
         metric: M [d, d], symmetric positive (semi)definite; None for the identity.
         solver: ``"native"`` or ``"cvxpylayers"``.
+        backend: kernel backend for the native solver when nothing needs a gradient: on the CPU,
+            ``"auto"`` or ``"cpu"`` solve every row in one compiled call
+            (:func:`safeflow.kernels.project`, the same algorithm); ``"torch"`` keeps the eager
+            operations, which are also what runs whenever an input requires a gradient.
 
     Returns a :class:`Projection`; differentiable in h0, A, c, margin and metric. Rows with
     r = A h₀ − c + m <= 0 (already deep enough) come back bit-for-bit (λ* = 0). Computed in
@@ -79,6 +90,10 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, *, margin: float
     if h0.ndim != 2 or A.ndim != 3 or A.shape[::2] != h0.shape or c.shape != A.shape[:2]:
         raise DataError(f"project needs h0 [B, d], A [B, K, d], c [B, K]; got {tuple(h0.shape)}, "
                           f"{tuple(A.shape)}, {tuple(c.shape)}")
+    if solver == "native" and _compiled(backend, h0, A, c, margin, metric):
+        m = torch.as_tensor(margin, dtype=torch.float64).expand(c.shape)
+        hidden, lam, status = kernels.project(h0, A, c, m, metric, backend="cpu")
+        return Projection(hidden=hidden.to(h0.dtype), multipliers=lam, status=status)
     h, A, c = h0.double(), A.double(), c.double()
     MA = A if metric is None else A @ metric.double()  # rows of (M Aᵀ)ᵀ; M symmetric
     Q = A @ MA.mT
@@ -94,6 +109,14 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, *, margin: float
     good = (status == Status.OK)[:, None]
     return Projection(hidden=torch.where(good, h_star, h).to(h0.dtype), multipliers=torch.where(good, lam, 0.0),
                       status=status)
+
+
+def _compiled(backend: str, h0: torch.Tensor, *others: float | torch.Tensor | None) -> bool:
+    """Whether :func:`project` runs compiled: the backend resolves to ``"cpu"`` and no input needs a gradient."""
+    tensors = [t for t in (h0, *others) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.device.type == "cpu" for t in tensors) and kernels.resolve(backend, h0.device) == "cpu"
 
 
 def affine_at(constraints: ConstraintSet, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +148,11 @@ class ProjectionSteerer(Steerer, name="projection"):
         ramp_rounds: rounds over which the target depth ramps up to m.
         solver: ``"cvxpylayers"`` (default) or ``"native"`` (same result, much faster; see
             :mod:`~safeflow.steerers.dual_qp`).
+        backend: kernel backend (:mod:`safeflow.kernels`) for the native solver. On a polytope whose
+            backend (or this one) resolves to ``"cpu"``, every round runs in one compiled call
+            (:func:`safeflow.kernels.projection_steer`; the same decisions, states within float
+            rounding, see the tests); ``"torch"`` runs the eager rounds (the reference). None follows
+            the constraint set's backend. Other constraint sets always run the eager rounds.
         preset: model preset supplying the defaults (see :mod:`safeflow.presets`).
 
     ``iterations`` in the :class:`~safeflow.steerers.SteerResult` counts rounds; ``inside`` is
@@ -135,7 +163,7 @@ class ProjectionSteerer(Steerer, name="projection"):
 
     def __init__(self, metric: str | None = None, depth: float | None = None, *, margin: float | None = None,
                  max_rounds: int = 8, ramp_rounds: int = 4, solver: str = "cvxpylayers",
-                 preset: str = "default") -> None:
+                 backend: str | None = None, preset: str = "default") -> None:
         p = get_preset(preset)
         metric = ("covariance" if p.precondition == "covariance" else "euclidean") if metric is None else metric
         if depth is None and margin is None:
@@ -152,6 +180,7 @@ class ProjectionSteerer(Steerer, name="projection"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         self.metric, self.solver, self.max_rounds, self.ramp_rounds = metric, solver, max_rounds, ramp_rounds
+        self.backend = backend if backend is None else kernels.check_name(backend)
         self.depth = None if depth is None else float(depth)
         self.margin = None if margin is None else float(margin)
 
@@ -167,7 +196,7 @@ class ProjectionSteerer(Steerer, name="projection"):
     def __repr__(self) -> str:
         target = f"depth={self.depth}" if self.margin is None else f"margin={self.margin}"
         return (f"ProjectionSteerer(metric={self.metric!r}, {target}, max_rounds={self.max_rounds}, "
-                f"ramp_rounds={self.ramp_rounds}, solver={self.solver!r})")
+                f"ramp_rounds={self.ramp_rounds}, solver={self.solver!r}, backend={self.backend!r})")
 
     def check(self, constraints: ConstraintSet) -> None:
         super().check(constraints)
@@ -190,6 +219,17 @@ class ProjectionSteerer(Steerer, name="projection"):
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         M = self.metric_matrix(constraints)
         n, m = len(h), self.target(constraints)
+        backend: str = self.backend or getattr(constraints, "backend", None) or "auto"
+        if self.solver == "native" and isinstance(constraints, PolytopeConstraints):
+            if kernels.resolve(backend, h.device, h.dtype) == "cpu":
+                out, rounds, status = kernels.projection_steer(
+                    h, *constraints.kernel_operands(), M=M, margin=m, max_rounds=self.max_rounds,
+                    ramp_rounds=self.ramp_rounds, backend="cpu")
+                if (status != Status.OK).any():
+                    log.info("projection: %d row(s) not solved in their last round (status %s)",
+                             int((status != Status.OK).sum()),
+                             sorted({Status(int(s)).name for s in status[status != Status.OK]}))
+                return out, rounds
         best = torch.full((n,), torch.inf, dtype=torch.float64, device=h.device)  # M-distance of the best point
         out = h.clone()  # the nearest point found at depth m, else the latest one
         rounds = torch.zeros(n, dtype=torch.long, device=h.device)
@@ -203,7 +243,7 @@ class ProjectionSteerer(Steerer, name="projection"):
             A, c = constraints.local_affine(x[active])
             # aim a hair deeper, so that rounding h* to float32 cannot leave it short
             slack = 1e-4 * (1.0 + m + constraints.violations(h[active]).abs().amax(1, keepdim=True))
-            p = project(base, A, c, margin=depth + slack, metric=M, solver=self.solver)
+            p = project(base, A, c, margin=depth + slack, metric=M, solver=self.solver, backend=backend)
             good = p.status == Status.OK
             failed[active[~good & (rounds[active] == 0)]] = True
             if not good.all():
