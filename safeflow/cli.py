@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -202,6 +203,10 @@ def preset_name(text: str) -> str:
     return text
 
 
+#: ``errno`` values of a full disk or quota: the commands that write say what was kept.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def describe(exc: BaseException) -> str:
     """One line for a user error, naming the fix."""
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -327,6 +332,21 @@ def _spawn(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    """``safeflow extract``; a full disk says what was kept and where a retry resumes."""
+    try:
+        return _extract(args)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        kept = (f"the hidden states finished so far are kept in the cache {args.cache}: free space and rerun the "
+                "same command, it resumes from them" if args.cache else
+                "no hidden states were kept: free space and rerun, with --cache DIR so that a retry resumes from "
+                "the finished batches")
+        raise SafeflowError(f"{describe(exc)}; {args.out} was not written (a previous file there is unchanged); "
+                            f"{kept}") from None
+
+
+def _extract(args: argparse.Namespace) -> int:
     from .data import load_prompts, split_indices
     from .extractors import HFExtractor
     from .io import save_tensors
@@ -438,10 +458,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics["held_out"] = detection_metrics(test[1], model.score(test[0]))
     training["metrics"] = metrics
     model.provenance.update(source)
-    model.save(args.out)
+    try:
+        model.save(args.out)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise SafeflowError(f"{describe(exc)}; {args.out} was not written (a previous file there is unchanged); "
+                            f"{_rescue(model, args.constraint, args.out)}") from None
     print(_training_summary(args.constraint, model, source, seconds, n))
     print(f"wrote {args.constraint} constraint set to {args.out}")
     return 0
+
+
+def _rescue(model, kind: str, out: str) -> str:
+    """Save a trained set that could not be written to ``out`` into the temporary directory; say where."""
+    try:
+        rescue = Path(tempfile.gettempdir()) / f"safeflow-rescued-{os.getpid()}-{Path(out).name}"
+        model.save(rescue)
+    except OSError as exc:
+        return (f"the trained {kind} set is lost (no copy could be saved in a temporary directory either: "
+                f"{exc.strerror or exc}): free space and rerun `safeflow train`")
+    return f"the trained {kind} set was saved to {rescue} instead: move it into place once space is free"
 
 
 def _training_summary(kind: str, model, source: dict[str, Any], seconds: float, rows: int) -> str:
