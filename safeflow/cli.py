@@ -235,14 +235,14 @@ def _features_file(path: str):
     return H, y, header
 
 
-def _check_layers(model: str, layers: list[int | None]) -> None:
+def _check_layers(model: str, layers: list[int | None], trust_remote_code: bool = False) -> None:
     """Check layer arguments against ``model``'s config before its weights load (where the config
     is at hand without a download)."""
     from .layers import normalize_layer
     from .models import model_config
     from .provenance import fingerprint
 
-    config = model_config(model)
+    config = model_config(model, trust_remote_code)
     depth = fingerprint(config)["num_layers"] if config is not None else None
     for layer in layers:
         if layer is not None and depth:
@@ -302,6 +302,7 @@ def _load_model(args: argparse.Namespace, world):
         kwargs = {"device_map": args.device_map, "max_memory": world.max_memory() if world.size > 1 else None}
     else:
         kwargs = {"device": "cpu" if args.cpu else world.device()}
+    kwargs["trust_remote_code"] = args.trust_remote_code
     loaded = load_model(args.model, dtype=dtype, progress=world.is_main, **kwargs) if world.local_rank == 0 else None
     world.barrier()
     return loaded or load_model(args.model, dtype=dtype, progress=False, **kwargs)
@@ -360,7 +361,7 @@ def _extract(args: argparse.Namespace) -> int:
     if args.test_fraction:
         for i in split_indices(data, args.test_fraction, args.seed)[1]:
             part[i] = "test"
-    _check_layers(args.model, [args.layer])
+    _check_layers(args.model, [args.layer], args.trust_remote_code)
     world = _join(args)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
@@ -553,12 +554,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sets = [(constraints, f"the constraint set {args.constraints}")]
     sets += [(gate, f"the gate {args.gate}")] if isinstance(gate, ConstraintSet) else []
     layer = args.layer if args.layer is not None else recorded_layer(constraints, gate)
-    _check_layers(args.model, [layer])
-    config = model_config(args.model)
+    _check_layers(args.model, [layer], args.trust_remote_code)
+    config = model_config(args.model, args.trust_remote_code)
     if config is not None and not args.ignore_provenance:  # refuse a mismatch before the model loads
         for c, what in sets:
             check_source(c.provenance, model=config, what=what)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     layer = layer if layer is not None else default_model_layer(model, args.preset)
     steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n,
                  check_provenance=not args.ignore_provenance)
@@ -582,7 +583,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _spawn(args)
     splits = prompt_splits(args.data)
-    _check_layers(args.model, list(args.layers or []))
+    _check_layers(args.model, list(args.layers or []), args.trust_remote_code)
     world = _join(args)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache, progress=world.is_main)
@@ -611,8 +612,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .pipeline import train_constraints
     from .steerers.base import Steerer
 
-    _check_layers(args.model, [args.layer])
-    model, tok = load_model(args.model)
+    _check_layers(args.model, [args.layer], args.trust_remote_code)
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     layer = args.layer if args.layer is not None else default_model_layer(model, args.preset)
     train, test = protocol_prompts(load_prompts(args.data), args.data == "default", args.seed)
     requests = attack_requests(train, args.requests or None, args.seed)
@@ -659,12 +660,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = None if args.data == "default" else load_prompts(args.data)
     if data is not None:
         prompt_splits(data)  # a split without a class fails now, not after the model has loaded
-    _check_layers(args.model, [args.layer])
+    _check_layers(args.model, [args.layer], args.trust_remote_code)
     result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None, data=data,
                       max_new_tokens=args.max_new_tokens, num_features=args.features_width,
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
                       refusal_rounds=args.refusal_rounds, steerers=args.steerers, first_n_tokens=args.first_n,
-                      capability_limit=args.capability_limit or 0,
+                      capability_limit=args.capability_limit or 0, trust_remote_code=args.trust_remote_code,
                       capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
     print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
@@ -680,6 +681,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"not in the run directory: {piece}")
     print(f"report: {html} (and {md.name})")
     return 0
+
+
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own code (auto_map in its config); only for code you trust")
 
 
 def _scale_options(p: argparse.ArgumentParser) -> None:
@@ -704,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract hidden states of a prompt set to a safetensors file")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct",
                    help="default model name, HF id or local path")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or a CSV/JSONL with text,label[,category]")
     p.add_argument("--layer", type=int, default=None,
@@ -755,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="prompt(s)")
     p.add_argument("--file", type=text_file, help="file with one prompt per line")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
     p.add_argument("--steerer", type=registered("steerer"), default="safeflow",
                    help="'safeflow' (gradient steps) or 'projection' (nearest point)")
@@ -772,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="choose the layer by validation (out-of-distribution on the default data)")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or your CSV/JSONL (text,label[,category][,source]): split in distribution")
     p.add_argument("--layers", type=int, nargs="*", help="layers to try (default: all)")
@@ -785,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
     p.add_argument("--out", type=output_dir, default="runs/demo")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or your CSV/JSONL (text,label[,category][,source]): split in distribution "
                         "(60/20/20 train/validation/test), the report says so")
@@ -815,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", type=registered("attack"), nargs="+", default=["direct", "template", "gcg"],
                    help="registered attacks: direct, template, gcg, adaptive-gcg")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or a CSV/JSONL with text,label[,category]")
     p.add_argument("--layer", type=int, default=None,

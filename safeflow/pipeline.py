@@ -200,7 +200,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              refusal_rounds: int = 1, steerers: Sequence[str] = ("safeflow", "projection"),
              first_n_tokens: int | None = None, capability_tasks: Sequence[str] = ("rho-gsm8k", "rho-factual"),
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
-             cache_dir: str | Path | None = None, data: str | PromptSet | None = None) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, data: str | PromptSet | None = None,
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Run the whole pipeline; write to ``out_dir``: ``metrics.json`` (every table, the facet
     analysis, capability retention, configuration, versions and machine), ``scores.json``
     (per-prompt detection scores), the steering and capability records of each steerer
@@ -231,7 +232,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(model_name, progress=progress)
+    model, tok = load_model(model_name, progress=progress, trust_remote_code=trust_remote_code)
     p = get_preset(preset_name, model)
     layer = resolve_layer(p, len(find_decoder_layers(model))) if layer is None else layer
     splits = prompt_splits(data)
