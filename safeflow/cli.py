@@ -666,6 +666,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
                       refusal_rounds=args.refusal_rounds, steerers=args.steerers, first_n_tokens=args.first_n,
                       capability_limit=args.capability_limit or 0, trust_remote_code=args.trust_remote_code,
+                      overwrite=args.overwrite,
                       capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
     print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
@@ -793,6 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
     p.add_argument("--out", type=output_dir, default="runs/demo")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a previous run: delete its files first (otherwise the run is refused)")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
     _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
