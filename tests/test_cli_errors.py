@@ -57,6 +57,10 @@ ARGUMENT_ERRORS = [
     (["extract", "--data", "{tmp}/missing.csv", "--out", "{tmp}/f.safetensors"], "does not exist"),
     (["extract", "--data", "{tmp}/latin1.csv", "--out", "{tmp}/f.safetensors"], "not UTF-8"),
     (["extract", "--out", "{dir}"], "is a directory"),
+    (["extract", "--data", "{tmp}/object.jsonl", "--out", "{tmp}/f.safetensors"], "row 2: 'text' holds a dict"),
+    (["extract", "--data", "{tmp}/broken.json", "--out", "{tmp}/f.safetensors"], "not a valid JSON array"),
+    (["extract", "--data", "{dir}", "--out", "{tmp}/f.safetensors"], "is a directory"),
+    (["extract", "--model", "{file}/model", "--out", "{tmp}/f.safetensors"], "does not exist"),
     (["extract", "--batch-size", "0"], "--batch-size"),
     (["generate", "hi", "--model", "{dir}", "--constraints", "{P}"], "not a model directory"),
     (["generate", "hi", "--constraints", "{P}", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -78,6 +82,8 @@ ARGUMENT_ERRORS = [
 def test_argument_errors_are_one_line_before_any_model_is_loaded(argv, expected, files, capsys, monkeypatch):
     (files["tmp"] / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (files["tmp"] / "latin1.csv").write_bytes("text,label\ncaf\xe9,0\n".encode("latin-1"))
+    (files["tmp"] / "object.jsonl").write_text('{"text": "hi", "label": 0}\n{"text": {"a": 1}, "label": 1}\n')
+    (files["tmp"] / "broken.json").write_text('[{"text": "hi", "label": 0},')
     monkeypatch.setattr("safeflow.models.load_model", lambda *a, **k: pytest.fail("model loaded before arguments were checked"))
     line = one_line_error(capsys, [a.format(**files) for a in argv])
     assert expected in line
