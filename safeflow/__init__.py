@@ -7,15 +7,17 @@ from . import kernels
 from .attacks import Attack, AttackPrompt
 from .constraints import ConstraintSet, LinearConstraint, MLPConstraint, PolytopeConstraints
 from .data import PromptSet, load_prompts, source_split, stratified_split
+from .decoding import generate_responses
 from .errors import AssetError, ConfigError, CorruptFileError, DataError, SafeflowError
 from .evaluation import RefusalJudge, detection_metrics, evaluate_steering
 from .extractors import Extractor, HFExtractor
 from .features import FeatureDataset
-from .generation import SteerEvent, SteeringLog, generate_responses, steering
 from .models import DEFAULT_MODEL, load_model
 from .provenance import describe_source
 from .responses import ResponseStates, response_states
-from .steerers import Projection, ProjectionSteerer, SafeFlowSteerer, SteerResult, Steerer, project
+from .steering import SteerEvent, SteeringLog, steering
+from .steerers import (DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
+                       SteerResult, Steerer, SteeringData, project)
 
 __version__ = "0.1.0"
 
@@ -28,9 +30,9 @@ def available() -> dict[str, list[str]]:
 
 __all__ = [
     "AssetError", "Attack", "AttackPrompt", "ConfigError", "ConstraintSet", "CorruptFileError", "DEFAULT_MODEL",
-    "DataError", "Extractor", "FeatureDataset", "HFExtractor", "LinearConstraint", "MLPConstraint",
-    "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
-    "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringLog",
+    "DataError", "DirectionSteerer", "Extractor", "FeatureDataset", "FittedSteerer", "HFExtractor", "LineSteerer", "LinearConstraint", "MLPConstraint",
+    "NullSpaceSteerer", "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
+    "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringData", "SteeringLog",
     "available", "describe_source", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
     "load_prompts", "project", "response_states", "source_split", "steering", "stratified_split",
 ]

@@ -119,7 +119,7 @@ def facet_normal_cosine(constraints: ConstraintSet) -> np.ndarray | None:
 def match_facets(mi: np.ndarray, categories: list[str]) -> list[tuple[int, str, float]]:
     """One-to-one facets ↔ categories maximising the summed MI [K, C] (Hungarian); sorted by facet.
     Pairs without information (MI <= :data:`MIN_MI`, e.g. a facet that never fires) are left out."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # local: scipy is a heavy import, needed only here
 
     rows, cols = linear_sum_assignment(mi, maximize=True)
     return sorted((int(k), categories[c], float(mi[k, c])) for k, c in zip(rows, cols) if mi[k, c] > MIN_MI)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .assets import fetch_package, manifest
 from .errors import ConfigError, DataError
+from .evaluation import evaluate_steering
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _TRUEFALSE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
@@ -138,8 +139,6 @@ def capability_retention(model, tokenizer, constraints, steerer, layer: int, pro
     ``accuracy_steered`` (None without targets); ``perplexity_unsteered`` / ``_steered`` — median
     answer perplexity under the unsteered model; ``unsteered`` (for reuse) and per-prompt ``records``.
     """
-    from .evaluation import evaluate_steering
-
     if not prompts:
         raise DataError("no task prompts; pass at least one benign prompt")
     if targets is not None and len(targets) != len(prompts):

@@ -537,7 +537,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
-    from .generation import check_steering, generate_responses
+    from .decoding import generate_responses
+    from .steering import check_steering
     from .io import json_text
     from .layers import default_model_layer
     from .models import load_model, model_config
@@ -578,7 +579,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
-    from .pipeline import format_table, layer_sweep, prompt_splits
+    from .pipeline import layer_sweep, prompt_splits
+    from .report import format_table
 
     if args.processes > 1:
         return _spawn(args)
@@ -655,7 +657,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .pipeline import STEERING_COLUMNS, format_table, prompt_splits, run_demo, steering_rows
+    from .pipeline import prompt_splits, run_demo
+    from .report import STEERING_COLUMNS, format_table, steering_rows
 
     data = None if args.data == "default" else load_prompts(args.data)
     if data is not None:

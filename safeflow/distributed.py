@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import distributed as dist
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -96,13 +98,11 @@ def init() -> World:
     :func:`launch`): gloo on CPU, nccl on GPU (one GPU per process), through accelerate's
     ``PartialState``. Without such an environment (``WORLD_SIZE`` unset or 1) nothing is initialised."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        from accelerate import PartialState
+        from accelerate import PartialState  # local: accelerate is heavy and needed only with several processes
 
         cpu = use_cpu()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if not cpu and local > torch.cuda.device_count():
-            from .errors import ConfigError
-
             raise ConfigError(f"{local} processes on this machine but {torch.cuda.device_count()} GPU(s); nccl needs "
                               "one GPU per process: start at most that many, or run on the CPU (--cpu)")
         PartialState(cpu=cpu)
@@ -153,8 +153,6 @@ def launch(fn: Callable[..., int | None], nprocs: int, *args: Any, cpu: bool = F
     ``fn`` must be importable (a module-level function).
     """
     if nprocs < 1:
-        from .errors import ConfigError
-
         raise ConfigError(f"the number of processes must be >= 1, got {nprocs}")
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .decoding import generate_responses
 from .errors import DataError
+from .fluency import answer_perplexity, repetition
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES, SAFE_REFUSALS, RefusalJudge
 
 __all__ = ["HARMFUL_HELP", "REFUSING", "RESPONSE_CLASSES", "SAFE_REFUSALS", "RefusalJudge", "auroc", "detection_metrics",
@@ -98,6 +101,7 @@ def evaluate_steering(
     batch_size: int = 8,
     judge: RefusalJudge | None = None,
     unsteered: tuple[list[str], list[list[int]]] | None = None,
+    unsteered_cpu_seconds: float | None = None,
     progress: bool = False,
     check_provenance: bool = True,
 ) -> dict[str, Any]:
@@ -108,7 +112,7 @@ def evaluate_steering(
 
     ``unsteered``: the unsteered ``(texts, token_ids)`` of ``harmful + benign + edgy`` from an
     earlier call (``result["unsteered"]``), to compare several steerers without generating the
-    baseline again.
+    baseline again; ``unsteered_cpu_seconds``: that call's ``result["cpu_seconds"]["unsteered"]``.
 
     ``gate`` and ``first_n_tokens`` are passed to :func:`safeflow.steering`; ``judge`` classifies
     every answer with its prompt (:class:`~safeflow.judge.RefusalJudge`).
@@ -122,12 +126,13 @@ def evaluate_steering(
     * ``classes`` — ``{group: {"unsteered"|"steered": {class: share}}}``;
     * ``fluency`` — ``{group: {"unsteered"|"steered": {"perplexity", "repetition"}}}``: the median
       perplexity of the answers under the unsteered model and their mean token-3-gram repetition;
+    * ``cpu_seconds`` — ``{"unsteered", "steered"}``: the process CPU time of each generation (None
+      for a reused baseline without its time) and ``tokens`` — the tokens each generated;
+      ``token_cost`` — steered CPU seconds per token ÷ unsteered ones (CPU time, so other processes
+      on the machine do not count; None without the baseline's time);
     * ``steering`` (the log's summary), ``unsteered`` (texts and token ids, for reuse) and
       per-prompt ``records``.
     """
-    from .fluency import answer_perplexity, repetition
-    from .generation import generate_responses
-
     judge = judge or RefusalJudge()
     groups = [("harmful", p) for p in harmful] + [("benign", p) for p in benign] + [("edgy", p) for p in edgy]
     prompts = [p for _, p in groups]
@@ -135,10 +140,19 @@ def evaluate_steering(
     if unsteered is not None and len(unsteered[0]) != len(prompts):
         raise DataError(f"unsteered holds {len(unsteered[0])} answers for {len(prompts)} prompts; pass the "
                         "'unsteered' of a call with the same harmful, benign and edgy prompts")
-    plain, plain_ids = unsteered if unsteered is not None else generate_responses(model, tokenizer, prompts, **kw)[:2]
+    cpu_plain = unsteered_cpu_seconds
+    if unsteered is None:
+        start = time.process_time()
+        plain, plain_ids = generate_responses(model, tokenizer, prompts, **kw)[:2]
+        cpu_plain = time.process_time() - start
+    else:
+        plain, plain_ids = unsteered
     steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens,
                  check_provenance=check_provenance)
+    start = time.process_time()
     steered, steered_ids, log = generate_responses(model, tokenizer, prompts, steer=steer, **kw)
+    cpu_steered = time.process_time() - start
+    tokens_plain, tokens_steered = sum(map(len, plain_ids)), sum(map(len, steered_ids))
     steered_tokens: dict[int, int] = {}
     for e in log.steered() if log else []:
         steered_tokens[e.call * batch_size + e.row] = steered_tokens.get(e.call * batch_size + e.row, 0) + 1
@@ -181,6 +195,10 @@ def evaluate_steering(
         "classes": {g: {w: by_class(g, w) for w in ("unsteered", "steered")} for g in present},
         "fluency": {g: {w: fluency(g, w) for w in ("unsteered", "steered")} for g in present},
         "counts": {"harmful": len(harmful), "benign": len(benign), "edgy": len(edgy)},
+        "cpu_seconds": {"unsteered": cpu_plain, "steered": cpu_steered},
+        "tokens": {"unsteered": tokens_plain, "steered": tokens_steered},
+        "token_cost": (cpu_steered / max(tokens_steered, 1)) / (cpu_plain / max(tokens_plain, 1))
+        if cpu_plain else None,
         "steering": log.summary() if log else {},
         "unsteered": (plain, plain_ids),
         "records": records,

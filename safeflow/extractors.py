@@ -6,6 +6,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,12 +16,14 @@ from torch import nn
 
 from . import distributed
 from .cache import HiddenStateCache, text_key, weights_digest
+from .chat import format_prompts, pad_batch
 from .distributed import World
 from .errors import ConfigError, DataError
 from .features import FeatureDataset
-from .layers import block_output, default_model_layer, find_decoder_layers, normalize_layer
+from .layers import block_output, default_model_layer, find_decoder_layers, hooked, normalize_layer
 from .progress import progress_bar
 from .registry import Registered
+from .steering import steering_active
 
 Pooling = Literal["last", "mean"]
 
@@ -84,25 +87,6 @@ def _check_complete(world: World, cache: HiddenStateCache, keys: list[str], batc
 
 class _StopForward(Exception):
     """Raised from a hook once the deepest requested layer has run, to skip the rest."""
-
-
-def format_prompts(tokenizer, texts: Sequence[str], chat_template: bool | str, system_prompt: str | None) -> list[str]:
-    """Apply the tokenizer's chat template (with the generation prompt) when requested.
-
-    ``chat_template``: True (required), False (raw text) or "auto" (use it if the tokenizer has one).
-    """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat_template == "auto":
-        chat_template = has_template
-    if not chat_template:
-        return list(texts)
-    if not has_template:
-        raise ConfigError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")
-    prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [
-        tokenizer.apply_chat_template(prefix + [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-        for t in texts
-    ]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -327,7 +311,7 @@ class HFExtractor(Extractor, name="hf"):
 
         Each prompt is formatted as for :meth:`extract` and followed by the first ``max_tokens``
         tokens r_1..r_n of its response (a text, or token ids as returned by
-        :func:`~safeflow.generation.generate_responses`). Row i of the result is [n_i, d]
+        :func:`~safeflow.decoding.generate_responses`). Row i of the result is [n_i, d]
         (float32, CPU): the state at the last prompt token (which produces r_1), then at r_1
         (which produces r_2), ... up to r_{n-1} — exactly the states steering sees at generation
         steps 0..n-1 when the model generates that response itself. Cached and collective under
@@ -354,10 +338,7 @@ class HFExtractor(Extractor, name="hf"):
             keys.append(text_key(json.dumps([prompt, r_ids])))
 
         def compute(batch: list[int]) -> list[torch.Tensor]:
-            width = max(len(rows[i][0]) for i in batch)
-            pad = tok.pad_token_id
-            ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in batch])
-            mask = torch.tensor([[1] * len(rows[i][0]) + [0] * (width - len(rows[i][0])) for i in batch])
+            ids, mask = pad_batch([rows[i][0] for i in batch], tok.pad_token_id)
             hidden = self._layer_output(ids, mask, self.layer)
             return [hidden[j, rows[i][1] : len(rows[i][0])].float().cpu() for j, i in enumerate(batch)]
 
@@ -365,8 +346,6 @@ class HFExtractor(Extractor, name="hf"):
         return self._fill(self._cache([self.layer], responses=True), keys, job, "extract responses")  # type: ignore[return-value]
 
     def _check_not_steering(self) -> None:
-        from .generation import steering_active
-
         if steering_active(self.model):
             raise ConfigError("HFExtractor cannot run on a model inside a `with steering(...)` block (the steering "
                               "hook would act on its forward passes); extract before or after the block")
@@ -374,21 +353,7 @@ class HFExtractor(Extractor, name="hf"):
     @torch.no_grad()
     def _layer_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
         """Block ``layer``'s full output [B, T, d] for a right-padded batch (forward stops there)."""
-        device = next(self.model.parameters()).device
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, _inputs, output):
-            captured.append(block_output(output))
-            raise _StopForward
-
-        handle = self.blocks[layer].register_forward_hook(hook)
-        try:
-            self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        return self._run({"input_ids": input_ids, "attention_mask": attention_mask}, [layer], lambda hidden: hidden)[0]
 
     @torch.no_grad()
     def _forward(self, prompts: list[str], layers: list[int]) -> torch.Tensor:
@@ -400,25 +365,31 @@ class HFExtractor(Extractor, name="hf"):
                       max_length=self.max_length, add_special_tokens=False)
         finally:
             tok.padding_side, tok.truncation_side = side, trunc
+        mask = enc["attention_mask"].to(next(self.model.parameters()).device)
+        pooled = self._run(dict(enc), layers, lambda hidden: pool(hidden, mask, self.pooling).float().cpu())
+        return torch.stack(pooled, dim=1)
+
+    def _run(self, inputs: dict[str, torch.Tensor], layers: list[int],
+             read: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """``read`` of block outputs [B, T, d] at ``layers`` (in that order) for one forward pass
+        of ``inputs``, which stops after the deepest of them."""
         device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
         captured: dict[int, torch.Tensor] = {}
         deepest = max(layers)
 
-        def make_hook(index: int):
-            def hook(_module, _inputs, output):
-                captured[index] = pool(block_output(output), enc["attention_mask"], self.pooling).float().cpu()
+        def make_hook(index: int) -> Callable[[nn.Module, tuple, object], None]:
+            def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+                captured[index] = read(block_output(output))
                 if index == deepest:
                     raise _StopForward
 
             return hook
 
-        handles = [self.blocks[i].register_forward_hook(make_hook(i)) for i in sorted(set(layers))]
-        try:
-            self.model(**enc, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return torch.stack([captured[i] for i in layers], dim=1)
+        with ExitStack() as hooks:
+            for i in sorted(set(layers)):
+                hooks.enter_context(hooked(self.blocks[i], make_hook(i)))
+            try:
+                self.model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+            except _StopForward:
+                pass
+        return [captured[i] for i in layers]

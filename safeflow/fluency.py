@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .extractors import format_prompts
+from .chat import format_prompts, pad_batch
 
 
 def repetition(tokens: Sequence[int], n: int = 3) -> float:
@@ -45,9 +45,7 @@ def answer_perplexity(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         seqs = [rows[i][0] + rows[i][1] for i in batch]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
         logprobs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
         for j, i in enumerate(batch):
             p, a = rows[i]

@@ -11,12 +11,14 @@ trained on is exactly what it acts on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .presets import preset, resolve_layer
 
 # Attribute paths of the decoder-block list for common architecture families.
 KNOWN_LAYER_PATHS: tuple[str, ...] = (
@@ -80,8 +82,6 @@ def default_model_layer(model: nn.Module, preset_name: str | None = None,
     """The layer to read and steer when none is given: the preset's layer for a model with a preset
     (``preset_name``, or the entry matching the model's name), else
     :func:`~safeflow.presets.default_layer` — the paper's layer 20 of 32 as a fraction of the depth."""
-    from .presets import preset, resolve_layer
-
     return resolve_layer(preset(preset_name, model), len(find_decoder_layers(model, layers)))
 
 
@@ -99,6 +99,17 @@ def hidden_size(model: nn.Module) -> int:
 def block_output(output: object) -> torch.Tensor:
     """The hidden-state tensor [B, T, d] inside a decoder block's output (tensor or tuple)."""
     return output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+
+
+@contextmanager
+def hooked(module: nn.Module, fn: Callable[[nn.Module, tuple, object], object]) -> Iterator[None]:
+    """Inside the ``with`` block, ``fn`` is a forward hook of ``module`` (``fn(module, inputs,
+    output)``; a non-None return replaces the output); it is removed on exit, also on exceptions."""
+    handle = module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def replace_block_output(output: object, hidden: torch.Tensor) -> object:

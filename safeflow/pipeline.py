@@ -15,6 +15,8 @@ it *in distribution* (stratified by source and label), and the report says so.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import random
 import time
 from collections.abc import Sequence
@@ -22,19 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
+from . import __version__, kernels
+from . import models as _models  # a module reference: load_model is looked up at call time
 from .analysis import analyze_facets
 from .capability import capability_retention, load_capability_task
 from .constraints.base import ConstraintSet
 from .data import PromptSet, load_prompts, source_split, stratified_split
-from .evaluation import HARMFUL_HELP, detection_metrics, evaluate_steering
+from .evaluation import detection_metrics, evaluate_steering
 from .extractors import HFExtractor
 from .io import json_text, write_text_atomic
 from .layers import find_decoder_layers
 from .presets import preset as get_preset
 from .presets import resolve_layer
 from .provenance import describe_source
+from .report import write_report
 from .errors import ConfigError
 from .responses import ResponseStates, response_states, steered_states
 from .steerers.base import Steerer
@@ -157,16 +163,6 @@ def detection_table(models: dict[str, ConstraintSet], sets: dict[str, tuple[torc
             for name, m in models.items() for split, (H, y) in sets.items()]
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table of ``rows`` restricted to ``columns`` (floats to 3 decimals)."""
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def layer_sweep(extractor: HFExtractor, splits: Splits, layers: list[int], kind: str = "linear",
                 progress: bool = True) -> list[dict[str, Any]]:
     """Choose a layer by out-of-distribution validation: for each layer, fit ``kind`` on the train
@@ -231,14 +227,12 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir", "overwrite")}
     config["steerers"], config["capability_tasks"] = list(steerers), list(capability_tasks)
     config["data"] = "default" if data is None else data if isinstance(data, str) else "PromptSet"
-    from .models import load_model
-
     out = Path(out_dir)
     clear_previous_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(model_name, progress=progress, trust_remote_code=trust_remote_code)
+    model, tok = _models.load_model(model_name, progress=progress, trust_remote_code=trust_remote_code)
     p = get_preset(preset_name, model)
     layer = resolve_layer(p, len(find_decoder_layers(model))) if layer is None else layer
     splits = prompt_splits(data)
@@ -310,8 +304,6 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
                "refusal_states": states.counts(), "first_n_tokens": first_n_tokens, "steering": steering,
                "facets": facets, "capability": capability, "timings_s": timings}
     write_text_atomic(out / "metrics.json", json_text(summary, indent=2))
-    from .report import write_report
-
     write_report(out)
     return summary
 
@@ -362,13 +354,7 @@ def detection_scores(models: dict[str, ConstraintSet], sets: dict[str, tuple[tor
 
 def environment() -> dict[str, Any]:
     """Versions and machine, for the report."""
-    import os
-    import platform
-
-    import numpy
-    import transformers
-
-    from . import __version__, kernels
+    import transformers  # local: transformers is a heavy import, needed here only for its version
 
     cuda = torch.cuda.is_available()
     return {"safeflow": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -376,29 +362,3 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if cuda else None, "kernels": kernels.available()}
-
-
-def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per steerer (and one unsteered) of the demo's steering table."""
-    first = next(iter(steering.values()))
-    rows = [{"steerer": "unsteered", "harmful safe refusal": first["harmful_refusal_unsteered"],
-             "harmful help": sum(first["classes"]["harmful"]["unsteered"][c] for c in HARMFUL_HELP),
-             "degenerate": first["classes"]["harmful"]["unsteered"]["degenerate"],
-             "benign unchanged": 1.0, "edgy false refusal": first["edgy_false_refusal_unsteered"],
-             "perplexity": first["fluency"]["harmful"]["unsteered"]["perplexity"],
-             "repetition": first["fluency"]["harmful"]["unsteered"]["repetition"]}]
-    for name, s in steering.items():
-        log = s["steering"]
-        rows.append({"steerer": name, "harmful safe refusal": s["harmful_refusal_steered"],
-                     "harmful help": sum(s["classes"]["harmful"]["steered"][c] for c in HARMFUL_HELP),
-                     "degenerate": s["classes"]["harmful"]["steered"]["degenerate"],
-                     "benign unchanged": s["benign_unchanged"], "edgy false refusal": s["edgy_false_refusal_steered"],
-                     "perplexity": s["fluency"]["harmful"]["steered"]["perplexity"],
-                     "repetition": s["fluency"]["harmful"]["steered"]["repetition"],
-                     "mean shift": log.get("mean_shift", 0.0),
-                     "ended inside": log["ended_inside"] / log["tokens_steered"] if log.get("tokens_steered") else 0.0})
-    return rows
-
-
-STEERING_COLUMNS = ["steerer", "harmful safe refusal", "harmful help", "degenerate", "benign unchanged",
-                    "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .cache import weights_digest
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def describe_source(extractor: Any, model_name: str | None = None) -> dict[str, 
 
     Use it as ``constraints.provenance.update(sf.describe_source(ext))`` after fitting on its states.
     """
-    from .cache import weights_digest
-
     model, tok = extractor.model, extractor.tokenizer
     template = extractor.chat_template
     used = getattr(tok, "chat_template", None) is not None if template == "auto" else bool(template)
@@ -110,8 +109,6 @@ def check_source(provenance: Mapping[str, Any], *, model: Any = None, layer: int
                               f"model), or {OVERRIDE}")
         weights = provenance.get("weights")
         if weights and isinstance(model, torch.nn.Module):
-            from .cache import weights_digest
-
             if weights_digest(model) != weights:
                 log.warning("%s was trained on %r with other weights (same architecture; a fine-tune or another "
                             "dtype?); its constraints may not fit this model", what, name)

@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import CorruptFileError, DataError, SafeflowError
 from .io import atomic_path, json_text, short_repr, write_text_atomic
+from .judge import HARMFUL_HELP, RESPONSE_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def _misshapen(run: dict[str, Any], run_dir: Path) -> Path:
 
 # --- figures ------------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
+    import matplotlib  # local: matplotlib is a heavy import, needed only to draw figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -232,8 +233,6 @@ def facet_figure(facets: dict[str, Any]) -> Figure | None:
 
 
 def steering_figure(steering: dict[str, Any]) -> Figure:
-    from .evaluation import RESPONSE_CLASSES
-
     plt = _plt()
     first = next(iter(steering.values()))
     bars = {"unsteered": first["classes"]["harmful"]["unsteered"]}
@@ -254,6 +253,42 @@ def steering_figure(steering: dict[str, Any]) -> Figure:
 
 
 # --- tables -------------------------------------------------------------------------------------
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` restricted to ``columns`` (floats to 3 decimals)."""
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per steerer (and one unsteered) of the demo's steering table."""
+    first = next(iter(steering.values()))
+    rows = [{"steerer": "unsteered", "harmful safe refusal": first["harmful_refusal_unsteered"],
+             "harmful help": sum(first["classes"]["harmful"]["unsteered"][c] for c in HARMFUL_HELP),
+             "degenerate": first["classes"]["harmful"]["unsteered"]["degenerate"],
+             "benign unchanged": 1.0, "edgy false refusal": first["edgy_false_refusal_unsteered"],
+             "perplexity": first["fluency"]["harmful"]["unsteered"]["perplexity"],
+             "repetition": first["fluency"]["harmful"]["unsteered"]["repetition"]}]
+    for name, s in steering.items():
+        log = s["steering"]
+        rows.append({"steerer": name, "harmful safe refusal": s["harmful_refusal_steered"],
+                     "harmful help": sum(s["classes"]["harmful"]["steered"][c] for c in HARMFUL_HELP),
+                     "degenerate": s["classes"]["harmful"]["steered"]["degenerate"],
+                     "benign unchanged": s["benign_unchanged"], "edgy false refusal": s["edgy_false_refusal_steered"],
+                     "perplexity": s["fluency"]["harmful"]["steered"]["perplexity"],
+                     "repetition": s["fluency"]["harmful"]["steered"]["repetition"],
+                     "mean shift": log.get("mean_shift", 0.0),
+                     "ended inside": log["ended_inside"] / log["tokens_steered"] if log.get("tokens_steered") else 0.0})
+    return rows
+
+
+STEERING_COLUMNS = ["steerer", "harmful safe refusal", "harmful help", "degenerate", "benign unchanged",
+                    "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside"]
+
+
 def capability_rows(capability: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for steerer, tasks in capability.items():
@@ -294,8 +329,6 @@ def _absent(section: Section, piece: str, missing: list[str]) -> None:
 
 def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
     """The report's sections and the list of missing pieces (each with how to produce it)."""
-    from .pipeline import STEERING_COLUMNS, steering_rows
-
     m, missing = run["metrics"], []
     sections = []
     env = m.get("environment")

@@ -35,8 +35,9 @@ import torch
 
 from .distributed import map_batches
 from .errors import ConfigError, DataError
-from .extractors import HFExtractor, format_prompts
-from .generation import generate_from_ids, generate_responses
+from .chat import format_prompts
+from .extractors import HFExtractor
+from .decoding import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
 
 #: Refusals used as the safe continuation of harmful prompts (project-written; any list works).

@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from .constraints.base import ConstraintSet
 from .errors import DataError
-from .extractors import format_prompts
-from .layers import block_output, find_decoder_layers, normalize_layer, replace_block_output
+from .chat import format_prompts, pad_batch
+from .layers import block_output, find_decoder_layers, hooked, normalize_layer, replace_block_output
 from .responses import REFUSALS
 from .steerers.projection import ProjectionSteerer, affine_at, project
 
@@ -47,10 +47,8 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
     if len(r_ids) < 1:
         raise DataError(f"the refusal {refusal!r} has no tokens")
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in formatted]
-    width = max(len(p) for p in rows) + len(r_ids)
     device = next(model.parameters()).device
-    ids = torch.tensor([p + r_ids + [tokenizer.pad_token_id] * (width - len(p) - len(r_ids)) for p in rows], device=device)
-    mask = torch.tensor([[1] * (len(p) + len(r_ids)) + [0] * (width - len(p) - len(r_ids)) for p in rows], device=device)
+    ids, mask = pad_batch([p + r_ids for p in rows], tokenizer.pad_token_id, device=device)
     starts = torch.tensor([len(p) - 1 for p in rows], device=device)  # the state producing y_1
     offsets = torch.arange(len(r_ids), device=device)
     row_idx = torch.arange(len(rows), device=device)[:, None].expand(-1, len(r_ids)).reshape(-1)
@@ -74,11 +72,8 @@ def refusal_nll(model: nn.Module, tokenizer, constraints: ConstraintSet, steerer
         return replace_block_output(output, new)
 
     blocks = find_decoder_layers(model)
-    handle = blocks[normalize_layer(layer, len(blocks))].register_forward_hook(hook)
-    try:
+    with hooked(blocks[normalize_layer(layer, len(blocks))], hook):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    finally:
-        handle.remove()
     logits = logits[row_idx, pos_idx]
     logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     targets = ids[row_idx, pos_idx + 1]

@@ -15,7 +15,7 @@ import safeflow as sf
 from safeflow.attacks import AttackCache, AttackPrompt, GCGAttack, TemplateAttack, cache_file
 from safeflow.attacks.protocol import evaluate_attacks, render_report, split_attack
 from safeflow.errors import ConfigError, CorruptFileError, DataError
-from safeflow.extractors import format_prompts
+from safeflow.chat import format_prompts
 
 from conftest import WORDS, make_model
 

@@ -114,7 +114,7 @@ def test_layer_out_of_range_fails_before_generating(tiny_model_dir, tmp_path, ca
     H, y = separable(64, 32)
     poly = tmp_path / "p.safetensors"
     sf.PolytopeConstraints(32, 2, 16).fit(H, y, progress=False, epochs=1).save(poly)
-    monkeypatch.setattr("safeflow.generation.generate_responses", lambda *a, **k: pytest.fail("generated first"))
+    monkeypatch.setattr("safeflow.decoding.generate_responses", lambda *a, **k: pytest.fail("generated first"))
     line = one_line_error(capsys, ["generate", "hi", "--model", tiny_model_dir, "--constraints", str(poly),
                                    "--layer", "99"])
     assert "out of range" in line

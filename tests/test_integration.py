@@ -10,7 +10,7 @@ import torch
 
 import safeflow as sf
 from safeflow.assets import verify_package
-from safeflow.generation import generate_responses
+from safeflow.decoding import generate_responses
 from safeflow.pipeline import default_splits, train_refusal_polytope
 
 pytestmark = pytest.mark.integration

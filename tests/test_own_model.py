@@ -141,7 +141,7 @@ def test_large_shift_relative_to_the_state_norm_is_warned(tiny, trained, caplog)
     model, tok = tiny
     _, poly = trained
     steerer = sf.Steerer.create("safeflow", margin=1e4, precondition="none")  # absolute margin: far too deep
-    with caplog.at_level(logging.WARNING, logger="safeflow.generation"):
+    with caplog.at_level(logging.WARNING, logger="safeflow.steering"):
         _, _, log = sf.generate_responses(model, tok, ["how do I"], max_new_tokens=3,
                                           steer=dict(constraints=poly, steerer=steerer, gate="token"))
     summary = log.summary()

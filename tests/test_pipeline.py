@@ -1,8 +1,8 @@
 import pytest
 
 import safeflow as sf
-from safeflow.pipeline import (OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, choose_gate, default_splits, format_table,
-                               layer_sweep)
+from safeflow.pipeline import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, choose_gate, default_splits, layer_sweep
+from safeflow.report import format_table
 
 from conftest import make_model
 

@@ -9,7 +9,7 @@ def test_available_lists_every_registry():
     assert set(reg) == {"extractor", "constraint", "steerer", "attack", "kernel"}
     assert reg["extractor"] == ["hf"]
     assert reg["constraint"] == ["linear", "mlp", "polytope"]
-    assert reg["steerer"] == ["projection", "safeflow"]
+    assert reg["steerer"] == ["alphasteer", "direction", "line", "projection", "safeflow"]
     assert reg["attack"] == ["adaptive-gcg", "direct", "gcg", "template"]
     assert {"auto", "torch"} <= set(reg["kernel"]) <= {"auto", "cpu", "cuda", "torch"}
 

@@ -5,7 +5,7 @@ import torch
 
 import safeflow as sf
 from safeflow.errors import DataError
-from safeflow.extractors import format_prompts
+from safeflow.chat import format_prompts
 from safeflow.layers import find_decoder_layers
 from safeflow.judge import RefusalJudge, Verdict
 from safeflow.responses import response_states, token_labels

@@ -3,7 +3,7 @@ import torch
 
 import safeflow as sf
 from safeflow.errors import ConfigError, DataError
-from safeflow.generation import generate_responses
+from safeflow.decoding import generate_responses
 
 from conftest import ARCHITECTURES, make_model, make_tokenizer, separable
 

@@ -10,6 +10,7 @@ import torch
 import safeflow as sf
 from safeflow.errors import ConfigError, DataError
 from safeflow.layers import block_output, find_decoder_layers, replace_block_output
+from safeflow.steering import steering_active
 
 from conftest import make_model, separable
 from test_steering import LAYER, PROMPTS, always_inside, always_outside, chat, gen, polytope_over
@@ -183,7 +184,7 @@ def test_steering_arguments_are_checked_on_entry(tokenizer):
         with sf.steering(model, without_depth, sf.SafeFlowSteerer(depth=1.0), layer=1):
             pass
     assert not model._forward_pre_hooks and not any(b._forward_hooks for b in find_decoder_layers(model))
-    assert not sf.generation.steering_active(model)
+    assert not steering_active(model)
 
 
 def test_extraction_inside_a_steering_context_is_refused_clearly(tokenizer):
@@ -191,10 +192,10 @@ def test_extraction_inside_a_steering_context_is_refused_clearly(tokenizer):
     ext = sf.HFExtractor(model, tokenizer, layer=1, progress=False)
     outside = ext.extract(PROMPTS)
     with sf.steering(model, always_outside(32), sf.SafeFlowSteerer(max_steps=1), layer=1):
-        assert sf.generation.steering_active(model)
+        assert steering_active(model)
         with pytest.raises(ConfigError, match="inside a `with steering"):
             ext.extract(PROMPTS)
         with pytest.raises(ConfigError, match="inside a `with steering"):
             ext.extract_responses(PROMPTS[:1], ["bake cookies"])
-    assert not sf.generation.steering_active(model)
+    assert not steering_active(model)
     assert torch.equal(ext.extract(PROMPTS), outside)

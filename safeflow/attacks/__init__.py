@@ -1,7 +1,7 @@
 """Jailbreak attacks, a resumable prompt cache and the attack-evaluation protocol."""
 
-from .base import Attack, AttackPrompt
-from .cache import AttackCache, cache_file
+from .base import Attack, cache_file
+from .cache import AttackCache, AttackPrompt
 from .direct import DirectAttack
 from .gcg import AdaptiveGCGAttack, GCGAttack
 from .templates import TemplateAttack, load_templates

@@ -11,40 +11,13 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from ..registry import Registered
-
-
-@dataclass
-class AttackPrompt:
-    """One attack string.
-
-    ``group`` is the split key of the 80/20 protocol: prompts that share a group always land on
-    the same side (the template's name for ``"template"``, the request for the others).
-    """
-
-    attack: str  #: registered name of the attack that produced it
-    request: str  #: the harmful request being attacked
-    prompt: str  #: the user message to send (formatted through the chat template downstream)
-    group: str  #: split key
-    info: dict[str, Any] = field(default_factory=dict)  #: attack-specific details (loss, steps, seconds, ...)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, row: Any) -> AttackPrompt:
-        """Rebuild from :meth:`to_json`'s dict; ``DataError`` if a field is missing or mistyped."""
-        names = ("attack", "request", "prompt", "group")
-        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in names) \
-                or not isinstance(row.get("info", {}), dict):
-            raise DataError(f"not an attack prompt record: {str(row)[:120]!r}")
-        return cls(row["attack"], row["request"], row["prompt"], row["group"], dict(row.get("info", {})))
+from .cache import AttackCache, AttackPrompt, config_digest
 
 
 def request_seed(seed: int, request: str) -> int:
@@ -76,8 +49,6 @@ class Attack(Registered, ABC, kind="attack"):
         ``save_every_s`` seconds and when the run ends or is interrupted), so an interrupted run
         resumes without redoing finished requests.
         """
-        from .cache import AttackCache
-
         requests = list(dict.fromkeys(requests))
         if not requests:
             raise DataError("no requests to attack; pass at least one harmful request")
@@ -103,6 +74,11 @@ class Attack(Registered, ABC, kind="attack"):
             if store is not None:
                 store.save()
         return [p for r in requests for p in done[r]]
+
+
+def cache_file(directory: str | Path, attack: Attack) -> Path:
+    """``directory/<name>-<config digest>.jsonl``: one file per attack configuration."""
+    return Path(directory) / f"{attack.registered_name}-{config_digest(attack.config())}.jsonl"
 
 
 def positive_int(name: str, value: Any) -> int:

@@ -4,7 +4,7 @@ Line 1 is a header ``{"safeflow_attack_cache": 1, "config": {...}, "entries": n}
 line is ``{"request": ..., "prompts": [AttackPrompt, ...]}`` for one finished request. The whole
 file is rewritten atomically (temporary file + rename), so a file on disk is always complete; the
 header's entry count catches a file cut short by hand. A file written under another
-configuration is refused; :func:`cache_file` keeps configurations apart by naming files after a
+configuration is refused; :func:`~safeflow.attacks.cache_file` keeps configurations apart by naming files after a
 digest of their configuration.
 """
 
@@ -13,15 +13,42 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, CorruptFileError, DataError
 from ..io import write_text_atomic
-from .base import Attack, AttackPrompt
 
 HEADER_KEY = "safeflow_attack_cache"
 FORMAT_VERSION = 1
+
+
+@dataclass
+class AttackPrompt:
+    """One attack string.
+
+    ``group`` is the split key of the 80/20 protocol: prompts that share a group always land on
+    the same side (the template's name for ``"template"``, the request for the others).
+    """
+
+    attack: str  #: registered name of the attack that produced it
+    request: str  #: the harmful request being attacked
+    prompt: str  #: the user message to send (formatted through the chat template downstream)
+    group: str  #: split key
+    info: dict[str, Any] = field(default_factory=dict)  #: attack-specific details (loss, steps, seconds, ...)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, row: Any) -> AttackPrompt:
+        """Rebuild from :meth:`to_json`'s dict; ``DataError`` if a field is missing or mistyped."""
+        names = ("attack", "request", "prompt", "group")
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in names) \
+                or not isinstance(row.get("info", {}), dict):
+            raise DataError(f"not an attack prompt record: {str(row)[:120]!r}")
+        return cls(row["attack"], row["request"], row["prompt"], row["group"], dict(row.get("info", {})))
 
 
 def _canonical(config: dict[str, Any]) -> dict[str, Any]:
@@ -34,11 +61,6 @@ def _canonical(config: dict[str, Any]) -> dict[str, Any]:
 def config_digest(config: dict[str, Any]) -> str:
     """First 12 hex digits of the sha256 of the canonical JSON of ``config``."""
     return hashlib.sha256(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_file(directory: str | Path, attack: Attack) -> Path:
-    """``directory/<name>-<config digest>.jsonl``: one file per attack configuration."""
-    return Path(directory) / f"{attack.registered_name}-{config_digest(attack.config())}.jsonl"
 
 
 class AttackCache:

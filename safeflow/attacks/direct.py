@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Attack, AttackPrompt
+from .base import Attack
+from .cache import AttackPrompt
 
 
 class DirectAttack(Attack, name="direct"):

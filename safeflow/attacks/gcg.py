@@ -2,7 +2,7 @@
 
 The attack prompt is ``request + suffix``, where the suffix is ``suffix_length`` tokens chosen to
 make the model begin its answer with ``target`` (e.g. "Sure, here is"). The prompt is formatted
-exactly as safeflow formats prompts (:func:`safeflow.extractors.format_prompts`: chat template with
+exactly as safeflow formats prompts (:func:`safeflow.chat.format_prompts`: chat template with
 the generation prompt) and tokenised without special tokens, giving ``before + suffix + after``
 token ids, followed by the target ids. With ``x`` the one-hot suffix [S, V]:
 
@@ -29,6 +29,7 @@ import inspect
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,9 +39,10 @@ from torch.nn import functional as F
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError
-from ..extractors import format_prompts
-from ..layers import block_output, find_decoder_layers, normalize_layer
-from .base import Attack, AttackPrompt, positive_int, request_seed
+from ..chat import format_prompts
+from ..layers import block_output, find_decoder_layers, hooked, normalize_layer
+from .base import Attack, positive_int, request_seed
+from .cache import AttackPrompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -187,15 +189,11 @@ class GCGAttack(Attack, name="gcg"):
         position = suffix_embeds.shape[1] + len(problem.after) - 1  # the last prompt token
         captured: list[torch.Tensor] = []
         block = self._hidden_block()
-        handle = block.register_forward_hook(lambda _m, _i, o: captured.append(block_output(o)[:, position])) \
-            if block is not None else None
-        try:
+        with hooked(block, lambda _m, _i, o: captured.append(block_output(o)[:, position])) \
+                if block is not None else nullcontext():
             logits = self.model(inputs_embeds=x, **{self._cache_kw: cache}, use_cache=True,
                                 logits_to_keep=T + 1).logits[:, :-1]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        finally:
-            if handle is not None:
-                handle.remove()
         target = problem.target.unsqueeze(0).expand(B, -1)
         ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=1)
         extra, violation = self._extra(captured[0]) if captured else (torch.zeros_like(ce), torch.zeros_like(ce))

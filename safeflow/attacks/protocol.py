@@ -22,15 +22,17 @@ from typing import Any
 import torch
 
 from ..constraints.base import ConstraintSet
-from ..data import PromptSet
+from ..data import PromptSet, stratified_split
 from ..errors import ConfigError, DataError
 from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
-from ..generation import generate_responses
+from ..decoding import generate_responses
 from ..io import write_text_atomic
+from ..pipeline import default_splits, train_constraints, train_refusal_polytope
+from ..report import format_table
 from ..steerers.base import Steerer
-from .base import Attack, AttackPrompt
-from .cache import cache_file
+from .base import Attack, cache_file
+from .cache import AttackPrompt
 
 #: Extraction keeps this many prompt tokens (jailbreak templates run to ~1000), so detectors read
 #: the same untruncated prompt state that generation, and so the steering gate, sees.
@@ -58,9 +60,6 @@ def protocol_prompts(data: PromptSet, default: bool, seed: int = 0) -> tuple[Pro
     and its out-of-distribution test split (:func:`safeflow.pipeline.default_splits`); for user data a
     70/30 split stratified by source and label. Attack requests come from ``train``, benign prompts
     from ``test``."""
-    from ..data import stratified_split
-    from ..pipeline import default_splits
-
     if default:
         splits = default_splits(data, seed)
         return splits.train, splits.test_ood
@@ -244,8 +243,6 @@ def run_attack_protocol(
        4. :func:`evaluate_attacks` on the test side and ``benign``, steering into the refusal
        polytope gated by detector ``gate`` (or ``"prompt"`` / ``"token"``).
     """
-    from ..pipeline import train_constraints, train_refusal_polytope
-
     if gate not in ("prompt", "token") and gate not in detector_kinds:
         raise ConfigError(f"gate {gate!r} is neither 'prompt', 'token' nor one of the detectors {list(detector_kinds)}")
     prompts = {name: attack.generate(requests, cache=cache_file(cache_dir, attack) if cache_dir else None,
@@ -276,8 +273,6 @@ def run_attack_protocol(
 
 def render_report(report: dict[str, Any]) -> str:
     """Markdown of :func:`evaluate_attacks` / :func:`run_attack_protocol`'s report."""
-    from ..pipeline import format_table
-
     attacks, benign = report["attacks"], report["benign"]
     lines = ["# Attack evaluation", "",
              "Attack success rate (ASR): the judge finds harmful help (compliance, or refusal then harmful help). "

@@ -25,7 +25,8 @@ import yaml
 
 from ..assets import fetch_package, manifest
 from ..errors import ConfigError
-from .base import Attack, AttackPrompt, positive_int, request_seed
+from .base import Attack, positive_int, request_seed
+from .cache import AttackPrompt
 
 #: The request's slot in a template: ``{{ prompt }}`` (spaces optional), as in PyRIT's templates.
 PLACEHOLDER = re.compile(r"\{\{\s*prompt\s*\}\}")

@@ -310,6 +310,10 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
 def _constructor(path: Any, header: dict[str, Any], cls: type) -> tuple[type[ConstraintSet], dict[str, Any]]:
     """The implementation class and config named by a saved header, checked."""
     kind, config = header.get("type"), header.get("config")
+    component = header.get("component", "constraint set")
+    if component != "constraint set":
+        raise CorruptFileError(f"{path} holds a saved {short_repr(component)} ({short_repr(kind)}), not a constraint set; "
+                               "load it with Steerer.load(path)" if component == "steerer" else "pass a constraint set")
     if kind is None or "format_version" not in header:
         raise CorruptFileError(f"{path} is not a saved constraint set (its safeflow header has keys "
                                f"{short_repr(sorted(header))}); pass a file written by ConstraintSet.save() or "

@@ -1,7 +1,10 @@
 """The ``Steerer`` interface: move hidden states that violate constraints back inside.
 
-``steer(hidden [B, d], constraints) -> SteerResult``. Rows already inside (all violations <= 0)
-are returned untouched; only rows outside are handed to the implementation's ``_move``. The
+``steer(hidden [B, d], constraints) -> SteerResult``. Which rows move is the steerer's
+:meth:`Steerer.select`: by default the rows outside the constraint set (some violation > 0) —
+rows already inside are returned untouched; an *unconditional* steerer (an activation addition,
+:mod:`safeflow.steerers.peers`) selects every finite row and leaves the choice of rows to the
+gate of :func:`~safeflow.steering`. Only selected rows are handed to the implementation's ``_move``. The
 optimisation runs in the constraint set's dtype (float32 or float64; float16/bfloat16 constraint
 sets are refused — convert them with ``.float()``) whatever the hidden states' dtype. The result
 is cast back to the hidden states' dtype *before* it is judged: rows whose written value is not
@@ -13,15 +16,22 @@ non-finite (NaN/inf from upstream, or violations that overflow) are left untouch
 
 from __future__ import annotations
 
+import inspect
+import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
 from ..registry import Registered
+from ..saving import load_component
 
+#: Format version of saved (fitted) steerers.
+STEERER_FORMAT = 1
 #: Dtypes a constraint set may compute steering in.
 STEER_DTYPES = (torch.float32, torch.float64)
 
@@ -31,7 +41,7 @@ class SteerResult:
     """Outcome of one ``steer`` call for a batch of B rows and K constraints."""
 
     hidden: torch.Tensor  #: [B, d] new hidden states, input dtype and device
-    steered: torch.Tensor  #: [B] bool, row was outside and has been moved
+    steered: torch.Tensor  #: [B] bool, row was selected (by default: outside) and has been moved
     violations_before: torch.Tensor  #: [B, K] in the constraint set's dtype
     violations_after: torch.Tensor  #: [B, K] of the value written back (``hidden``), constraint set's dtype
     iterations: torch.Tensor  #: [B] long, optimisation steps used (0 for rows left alone)
@@ -39,6 +49,20 @@ class SteerResult:
     rejected: torch.Tensor  #: [B] bool, result was NaN/inf in the output dtype; original row kept
     shift: torch.Tensor  #: [B] L2 norm of the change made to each row
     nonfinite: torch.Tensor  #: [B] bool, the row or its violations were NaN/inf on arrival; left untouched
+
+
+@dataclass(frozen=True)
+class SteeringData:
+    """The hidden states of one model's layer that a run offers a steerer to fit itself from
+    (:meth:`Steerer.build`): the training prompts' last-token states and the response states of
+    the refusal polytope (:mod:`safeflow.responses`)."""
+
+    harmful: torch.Tensor  #: [N₁, d] states of harmful prompts
+    harmless: torch.Tensor  #: [N₀, d] states of harmless prompts
+    responses: torch.Tensor  #: [M, d] response states
+    response_labels: torch.Tensor  #: [M] long, 1 = the answer helps with the harmful request, 0 = it refuses
+    provenance: dict[str, Any] = field(default_factory=dict)  #: the states' source (:func:`~safeflow.describe_source`)
+    preset: str | None = None  #: the model preset of the run
 
 
 def target_margin(constraints: ConstraintSet, margin: float | None, depth: float | None) -> float:
@@ -83,6 +107,25 @@ class Steerer(Registered, ABC, kind="steerer"):
     """Moves hidden states outside a constraint set back inside. Configured by its own
     hyper-parameters; receives the constraint set at call time."""
 
+    #: The gate a comparison steers with (:func:`~safeflow.steering`'s ``gate``): ``"detector"`` —
+    #: the rows a prompt detector flags — or ``"token"`` for a steerer meant to run without a gate.
+    default_gate: ClassVar[str] = "detector"
+
+    @classmethod
+    def build(cls, data: SteeringData, **options: Any) -> Steerer:
+        """This steerer for a run (the demo, the attack protocol, the command line): ``cls(**options)``,
+        with the run's ``preset`` where the constructor takes one. A steerer with learned tensors
+        overrides this to fit itself on ``data``."""
+        if data.preset is not None and "preset" in inspect.signature(cls).parameters:
+            options.setdefault("preset", data.preset)
+        return cls(**options)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Steerer:
+        """Read a fitted steerer (:class:`~safeflow.steerers.FittedSteerer`) saved with its ``save``;
+        never executes code from the file (:mod:`safeflow.saving`)."""
+        return load_component(path, Steerer.registry, cls, component="steerer", readable_versions=(STEERER_FORMAT,))
+
     def check(self, constraints: ConstraintSet) -> None:
         """Raise now (:class:`ConfigError` / :class:`DataError`) what :meth:`steer` would raise with
         ``constraints``; :func:`~safeflow.steering` calls it before generation starts."""
@@ -94,6 +137,11 @@ class Steerer(Registered, ABC, kind="steerer"):
             raise ConfigError(f"this constraint set is {constraints.dtype}; steering optimises in float32 or float64 "
                               "(small steps vanish in half precision): call .float() on the constraint set (the model "
                               "may stay in half precision)")
+
+    def check_model(self, model: nn.Module, layer: int, check_provenance: bool = True) -> None:
+        """Raise now if this steerer cannot steer ``model``'s layer ``layer`` (:func:`~safeflow.steering`
+        calls it). A steerer without learned tensors fits any model; a fitted one checks its
+        hidden size and recorded provenance."""
 
     def steer(self, hidden: torch.Tensor, constraints: ConstraintSet) -> SteerResult:
         """Steer rows of ``hidden`` [B, d] that violate ``constraints``; see :class:`SteerResult`."""
@@ -108,34 +156,40 @@ class Steerer(Registered, ABC, kind="steerer"):
         with torch.no_grad():
             before = constraints.violations(h)
         nonfinite = ~(torch.isfinite(h).all(dim=1) & torch.isfinite(before).all(dim=1))
-        outside = (before.max(dim=1).values > 0) & ~nonfinite
+        chosen = self.select(before) & ~nonfinite
         B = h.shape[0]
         iterations = torch.zeros(B, dtype=torch.long, device=h.device)
         rejected = torch.zeros(B, dtype=torch.bool, device=h.device)
         after, new = before, h
-        if outside.any():
-            moved, steps = self._move(h[outside], constraints)
+        if chosen.any():
+            moved, steps = self._move(h[chosen], constraints)
             written = moved.detach().to(hidden.dtype).to(h.dtype)  # what the model will actually see
             bad = ~torch.isfinite(written).all(dim=1)
-            written[bad] = h[outside][bad]
+            written[bad] = h[chosen][bad]
             new = h.clone()
-            new[outside] = written
-            iterations[outside] = steps
-            rejected[outside] = bad
+            new[chosen] = written
+            iterations[chosen] = steps
+            rejected[chosen] = bad
             with torch.no_grad():
                 after = before.clone()
-                after[outside] = constraints.violations(written)
-        steered = outside & ~rejected
+                after[chosen] = constraints.violations(written)
+        steered = chosen & ~rejected
         return SteerResult(
-            hidden=new.to(device=hidden.device, dtype=hidden.dtype) if outside.any() else hidden,
+            hidden=new.to(device=hidden.device, dtype=hidden.dtype) if chosen.any() else hidden,
             steered=steered, violations_before=before, violations_after=after, iterations=iterations,
             inside=after.max(dim=1).values <= 0, rejected=rejected,
             shift=torch.where(nonfinite, 0.0, (new - h).norm(dim=1)), nonfinite=nonfinite,
         )
 
+    def select(self, violations: torch.Tensor) -> torch.Tensor:
+        """Rows [B] (bool) to move, from their violations [B, K]: by default the rows outside the
+        constraint set (any ``v_k > 0``). Override for a steerer that moves other rows — an
+        unconditional one returns all rows. Non-finite rows are never moved, whatever this says."""
+        return violations.max(dim=1).values > 0
+
     @abstractmethod
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move rows h [M, d] (in the constraint set's dtype, all outside) toward the inside.
+        """Move rows h [M, d] (in the constraint set's dtype; the rows :meth:`select` chose).
 
         Returns the new rows [M, d] (may contain NaN/inf; the caller rejects those rows) and the
         number of steps used per row [M].

@@ -1,0 +1,73 @@
+"""Batched greedy decoding: responses to prompts (through the chat template, left-padded
+batches), optionally inside a :func:`~safeflow.steering.steering` context."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from .chat import format_prompts, pad_batch
+from .progress import progress_bar
+from .steering import SteeringLog, steering
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    chat_template: bool | str = "auto",
+    system_prompt: str | None = None,
+    steer: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[list[str], list[list[int]], SteeringLog | None]:
+    """Greedy responses to ``prompts`` (through the chat template), optionally steered.
+
+    ``steer``: keyword arguments of :func:`steering` (constraints, steerer, layer, ...), or None.
+    Returns ``(texts, token_ids, log)``; token ids exclude the prompt and stop at EOS.
+    """
+    formatted = format_prompts(tokenizer, prompts, chat_template, system_prompt)
+    prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in formatted]
+    log: SteeringLog | None = None
+    with steering(model, **steer) if steer else nullcontext() as log:
+        texts, tokens = generate_from_ids(model, tokenizer, prefixes, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, progress=progress)
+    return texts, tokens, log
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: Any,
+    tokenizer,
+    prefixes: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy continuations of token-id ``prefixes`` (left-padded batches), e.g. a formatted
+    prompt followed by the start of an answer. Returns ``(texts, token_ids)`` of the new tokens,
+    stopping at EOS."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    tokens: list[list[int]] = []
+    for start in progress_bar(range(0, len(prefixes), batch_size), desc="generate", disable=not progress):
+        ids, mask = pad_batch(prefixes[start : start + batch_size], pad, side="left", device=device)
+        width = ids.shape[1]
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+            tokens.append(row[:cut])
+            texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts, tokens
