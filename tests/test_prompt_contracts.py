@@ -13,7 +13,7 @@ import safeflow as sf
 from conftest import make_model, make_tokenizer
 from test_steering import always_inside
 
-LIST = r"must be a list of prompts, got a single str 'why'; pass a list, e.g. \[text\]"
+LIST = r"must be a list of \w+, got a single str 'why'; pass a list, e.g. \[text\]"
 
 
 @pytest.fixture(scope="module")
