@@ -273,15 +273,17 @@ class HFExtractor(Extractor, name="hf"):
         mine = [b for b, owner in zip(batches, owners) if owner == world.rank]
         computed: dict[str, torch.Tensor] = {}
         bar = progress_bar(total=sum(map(len, mine)), desc=desc, unit="row", disable=not self.progress or not world.is_main)
-        for batch in mine:
-            rows = job.compute(batch)
-            batch_keys = [keys[i] for i in batch]
-            if cache is not None:
-                cache.add(batch_keys, rows)
-            else:
-                computed.update(zip(batch_keys, rows))
-            bar.update(len(batch))
-        bar.close()
+        try:  # the bar is closed before an error propagates, so it is not redrawn after the error's message
+            for batch in mine:
+                rows = job.compute(batch)
+                batch_keys = [keys[i] for i in batch]
+                if cache is not None:
+                    cache.add(batch_keys, rows)
+                else:
+                    computed.update(zip(batch_keys, rows))
+                bar.update(len(batch))
+        finally:
+            bar.close()
         if cache is None:
             return [computed[k] for k in keys]
         if world.size > 1:

@@ -190,3 +190,25 @@ def test_eval_writes_strict_json_with_null_for_undefined_auroc(files, capsys):
     rows = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert rows["all"]["auroc"] is None and rows["sources"]["a"]["auroc"] is None and rows["all"]["n"] == 16
     assert rows["split"] == "all"
+
+
+def test_prompt_beyond_the_position_limit_or_without_tokens_is_one_line(tmp_path, capsys):
+    from tokenizers import Regex, normalizers
+
+    from conftest import make_tokenizer, save_model_dir
+
+    gpt2 = save_model_dir(tmp_path / "gpt2", "gpt2", make_tokenizer(), layers=2)  # 128 positions
+    H, y = separable(64, 32)
+    poly = tmp_path / "p.safetensors"
+    sf.PolytopeConstraints(32, 2, 16).fit(H, y, progress=False, epochs=1).save(poly)
+    line = one_line_error(capsys, ["generate", "bake cookies " * 50, "--model", gpt2, "--constraints", str(poly),
+                                   "--layer", "1", "--max-new-tokens", "64"])
+    assert "with max_new_tokens 64 that exceeds the model's 128 positions" in line
+    tok = make_tokenizer(chat_template=False)
+    tok.backend_tokenizer.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
+    dropping = save_model_dir(tmp_path / "dropping", "llama", tok, layers=2)
+    data = tmp_path / "p.csv"
+    data.write_text("text,label\nbake cookies,0\nsteal car,1\n")
+    line = one_line_error(capsys, ["extract", "--model", dropping, "--data", str(data), "--layer", "1",
+                                   "--out", str(tmp_path / "f.safetensors")])
+    assert "has no tokens" in line
