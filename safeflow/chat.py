@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .io import short_repr
+
+
+def as_prompts(prompts: object, what: str = "prompts") -> list[str]:
+    """``prompts`` as a list of strings, for every entry that takes prompts. A single ``str`` (which
+    would otherwise be read as one prompt per character) or anything else that is not a sequence of
+    strings is a :class:`DataError` naming ``what`` and the fix."""
+    if isinstance(prompts, (str, bytes)):
+        raise DataError(f"{what} must be a list of prompts, got a single {type(prompts).__name__} "
+                        f"{short_repr(prompts, 60)}; pass a list, e.g. [text]")
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Iterable):
+        raise DataError(f"{what} must be a list of prompts (strings), got {type(prompts).__name__}")
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if not isinstance(p, str):
+            raise DataError(f"{what}[{i}] is a {type(p).__name__} ({short_repr(p, 60)}), not a string; pass a list "
+                            "of prompt texts")
+    return out
+
+
+def positive_int(value: object, name: str) -> int:
+    """``value`` if it is an ``int`` >= 1 (not a bool), else a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def format_prompts(tokenizer, texts: Sequence[str], chat_template: bool | str, system_prompt: str | None) -> list[str]:

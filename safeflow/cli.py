@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -211,6 +212,10 @@ def preset_name(text: str) -> str:
     return text
 
 
+#: ``errno`` values of a full disk or quota: the commands that write say what was kept.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def describe(exc: BaseException) -> str:
     """One line for a user error, naming the fix."""
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -239,14 +244,14 @@ def _features_file(path: str):
     return H, y, header
 
 
-def _check_layers(model: str, layers: list[int | None]) -> None:
+def _check_layers(model: str, layers: list[int | None], trust_remote_code: bool = False) -> None:
     """Check layer arguments against ``model``'s config before its weights load (where the config
     is at hand without a download)."""
     from .layers import normalize_layer
     from .models import model_config
     from .provenance import fingerprint
 
-    config = model_config(model)
+    config = model_config(model, trust_remote_code)
     depth = fingerprint(config)["num_layers"] if config is not None else None
     for layer in layers:
         if layer is not None and depth:
@@ -306,6 +311,7 @@ def _load_model(args: argparse.Namespace, world):
         kwargs = {"device_map": args.device_map, "max_memory": world.max_memory() if world.size > 1 else None}
     else:
         kwargs = {"device": "cpu" if args.cpu else world.device()}
+    kwargs["trust_remote_code"] = args.trust_remote_code
     loaded = load_model(args.model, dtype=dtype, progress=world.is_main, **kwargs) if world.local_rank == 0 else None
     world.barrier()
     return loaded or load_model(args.model, dtype=dtype, progress=False, **kwargs)
@@ -336,6 +342,21 @@ def _spawn(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    """``safeflow extract``; a full disk says what was kept and where a retry resumes."""
+    try:
+        return _extract(args)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        kept = (f"the hidden states finished so far are kept in the cache {args.cache}: free space and rerun the "
+                "same command, it resumes from them" if args.cache else
+                "no hidden states were kept: free space and rerun, with --cache DIR so that a retry resumes from "
+                "the finished batches")
+        raise SafeflowError(f"{describe(exc)}; {args.out} was not written (a previous file there is unchanged); "
+                            f"{kept}") from None
+
+
+def _extract(args: argparse.Namespace) -> int:
     from .data import load_prompts, split_indices
     from .extractors import HFExtractor
     from .io import save_tensors
@@ -349,7 +370,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.test_fraction:
         for i in split_indices(data, args.test_fraction, args.seed)[1]:
             part[i] = "test"
-    _check_layers(args.model, [args.layer])
+    _check_layers(args.model, [args.layer], args.trust_remote_code)
     world = _join(args)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
@@ -447,10 +468,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics["held_out"] = detection_metrics(test[1], model.score(test[0]))
     training["metrics"] = metrics
     model.provenance.update(source)
-    model.save(args.out)
+    try:
+        model.save(args.out)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise SafeflowError(f"{describe(exc)}; {args.out} was not written (a previous file there is unchanged); "
+                            f"{_rescue(model, args.constraint, args.out)}") from None
     print(_training_summary(args.constraint, model, source, seconds, n))
     print(f"wrote {args.constraint} constraint set to {args.out}")
     return 0
+
+
+def _rescue(model, kind: str, out: str) -> str:
+    """Save a trained set that could not be written to ``out`` into the temporary directory; say where."""
+    try:
+        rescue = Path(tempfile.gettempdir()) / f"safeflow-rescued-{os.getpid()}-{Path(out).name}"
+        model.save(rescue)
+    except OSError as exc:
+        return (f"the trained {kind} set is lost (no copy could be saved in a temporary directory either: "
+                f"{exc.strerror or exc}): free space and rerun `safeflow train`")
+    return f"the trained {kind} set was saved to {rescue} instead: move it into place once space is free"
 
 
 def _training_summary(kind: str, model, source: dict[str, Any], seconds: float, rows: int) -> str:
@@ -526,12 +564,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sets = [(constraints, f"the constraint set {args.constraints}")]
     sets += [(gate, f"the gate {args.gate}")] if isinstance(gate, ConstraintSet) else []
     layer = args.layer if args.layer is not None else recorded_layer(constraints, gate)
-    _check_layers(args.model, [layer])
-    config = model_config(args.model)
+    _check_layers(args.model, [layer], args.trust_remote_code)
+    config = model_config(args.model, args.trust_remote_code)
     if config is not None and not args.ignore_provenance:  # refuse a mismatch before the model loads
         for c, what in sets:
             check_source(c.provenance, model=config, what=what)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     layer = layer if layer is not None else default_model_layer(model, args.preset)
     steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n,
                  check_provenance=not args.ignore_provenance)
@@ -556,7 +594,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _spawn(args)
     splits = prompt_splits(args.data)
-    _check_layers(args.model, list(args.layers or []))
+    _check_layers(args.model, list(args.layers or []), args.trust_remote_code)
     world = _join(args)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache, progress=world.is_main)
@@ -585,8 +623,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .pipeline import train_constraints
     from .steerers.base import Steerer
 
-    _check_layers(args.model, [args.layer])
-    model, tok = load_model(args.model)
+    _check_layers(args.model, [args.layer], args.trust_remote_code)
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     layer = args.layer if args.layer is not None else default_model_layer(model, args.preset)
     train, test = protocol_prompts(load_prompts(args.data), args.data == "default", args.seed)
     requests = attack_requests(train, args.requests or None, args.seed)
@@ -634,12 +672,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = None if args.data == "default" else load_prompts(args.data)
     if data is not None:
         prompt_splits(data)  # a split without a class fails now, not after the model has loaded
-    _check_layers(args.model, [args.layer])
+    _check_layers(args.model, [args.layer], args.trust_remote_code)
     result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None, data=data,
                       max_new_tokens=args.max_new_tokens, num_features=args.features_width,
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
                       refusal_rounds=args.refusal_rounds, steerers=args.steerers or DEMO_STEERERS, first_n_tokens=args.first_n,
-                      capability_limit=args.capability_limit or 0,
+                      capability_limit=args.capability_limit or 0, trust_remote_code=args.trust_remote_code,
+                      overwrite=args.overwrite,
                       capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache)
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
     print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
@@ -655,6 +694,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"not in the run directory: {piece}")
     print(f"report: {html} (and {md.name})")
     return 0
+
+
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own code (auto_map in its config); only for code you trust")
 
 
 def _scale_options(p: argparse.ArgumentParser) -> None:
@@ -679,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract hidden states of a prompt set to a safetensors file")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct",
                    help="default model name, HF id or local path")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or a CSV/JSONL with text,label[,category]")
     p.add_argument("--layer", type=int, default=None,
@@ -730,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="prompt(s)")
     p.add_argument("--file", type=text_file, help="file with one prompt per line")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
     p.add_argument("--steerer", type=registered("steerer"), default="safeflow",
                    help="'safeflow' (gradient steps) or 'projection' (nearest point)")
@@ -747,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="choose the layer by validation (out-of-distribution on the default data)")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or your CSV/JSONL (text,label[,category][,source]): split in distribution")
     p.add_argument("--layers", type=int, nargs="*", help="layers to try (default: all)")
@@ -759,7 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="assets → extract → train → detect → steer → report")
     p.add_argument("--out", type=output_dir, default="runs/demo")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a previous run: delete its files first (otherwise the run is refused)")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or your CSV/JSONL (text,label[,category][,source]): split in distribution "
                         "(60/20/20 train/validation/test), the report says so")
@@ -792,6 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", type=registered("attack"), nargs="+", default=["direct", "template", "gcg"],
                    help="registered attacks: direct, template, gcg, adaptive-gcg")
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
+    _trust_option(p)
     p.add_argument("--data", type=data_source, default="default",
                    help="'default' or a CSV/JSONL with text,label[,category]")
     p.add_argument("--layer", type=int, default=None,

@@ -8,16 +8,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .assets import fetch_package, manifest
 from .errors import ConfigError, DataError
+from .io import short_repr
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,19 +142,32 @@ def load_prompts(name_or_path: str = "default", sources: Sequence[str] | None = 
 
 
 def load_prompt_file(path: str | Path) -> PromptSet:
-    """Read a user CSV (header row) or JSONL file with ``text``, ``label`` and optional
-    ``category`` and ``source`` fields. Labels: 1/0, "unsafe"/"safe", "harmful"/"benign" or
-    "true"/"false" (:data:`LABEL_SPELLINGS`). Rows without a source get the file's name (stem)."""
+    """Read a user CSV (header row; a UTF-8 byte-order mark is allowed), JSONL file, or ``.json``
+    file holding an array of objects, with ``text``, ``label`` and optional ``category`` and
+    ``source`` fields. ``text`` must be a string. Labels: 1/0, "unsafe"/"safe", "harmful"/"benign"
+    or "true"/"false" (:data:`LABEL_SPELLINGS`). Rows without a source get the file's name (stem).
+
+    Repeated texts are kept, with a logged warning (:func:`duplicate_summary`); every split keeps
+    the copies of one text on one side."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory; pass a CSV or JSONL file with text,label columns", str(path))
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist; pass a CSV or JSONL with text,label columns")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8-sig")  # -sig: drops the byte-order mark spreadsheets write
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    if path.suffix.lower() == ".csv":
-        records = list(csv.DictReader(io.StringIO(content, newline="")))
-    elif path.suffix.lower() in (".jsonl", ".json"):
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records: list[Any] = list(csv.DictReader(io.StringIO(content, newline="")))
+    elif suffix == ".json" and content.lstrip().startswith("["):
+        try:
+            records = json.loads(content)
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path} is not a valid JSON array ({str(exc)[:100]}); write an array of objects with "
+                            "text and label, or one JSON object per line (.jsonl)") from None
+    elif suffix in (".jsonl", ".json"):
         records = []
         for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
@@ -159,20 +177,48 @@ def load_prompt_file(path: str | Path) -> PromptSet:
                     raise DataError(f"{path}:{n} is not valid JSON ({str(exc)[:100]}); write one JSON object "
                                     "per line") from None
     else:
-        raise DataError(f"{path} must end in .csv or .jsonl")
+        raise DataError(f"{path} must end in .csv, .jsonl or .json")
     if not records:
         raise DataError(f"{path} has no rows; add rows with text,label columns")
     texts, labels, cats, srcs = [], [], [], []
     for n, r in enumerate(records, 1):
         if not isinstance(r, dict) or "text" not in r or "label" not in r:
             raise DataError(f"{path} row {n} lacks a 'text' or 'label' field; every row needs text and label (1 = unsafe)")
-        texts.append(str(r["text"]).strip())
+        if not isinstance(r["text"], str):
+            raise DataError(f"{path} row {n}: 'text' holds a {type(r['text']).__name__} "
+                            f"({short_repr(r['text'], 60)}), not a string; write the prompt as a JSON string")
+        texts.append(r["text"].strip())
         labels.append(_parse_label(r["label"], f"{path} row {n}"))
         cats.append(str(r.get("category") or ""))
         srcs.append(str(r.get("source") or path.stem))
     if not all(texts):
         raise DataError(f"{path} has empty texts; remove those rows")
-    return PromptSet(texts, labels, cats, srcs)
+    data = PromptSet(texts, labels, cats, srcs)
+    problem = duplicate_summary(data)
+    if problem:
+        log.warning("%s: %s", path, problem)
+    return data
+
+
+def duplicate_summary(data: PromptSet, examples: int = 3) -> str | None:
+    """Describe repeated texts in ``data`` (how many, a few examples; those labelled both safe and
+    unsafe separately), or None if every text occurs once."""
+    by_text: dict[str, set[int]] = {}
+    counts: dict[str, int] = {}
+    for text, label in zip(data.texts, data.labels):
+        by_text.setdefault(text, set()).add(label)
+        counts[text] = counts.get(text, 0) + 1
+    repeated = [t for t, c in counts.items() if c > 1]
+    if not repeated:
+        return None
+    conflicting = [t for t in repeated if len(by_text[t]) > 1]
+    parts = [f"{len(repeated)} text(s) occur more than once ({sum(counts[t] - 1 for t in repeated)} extra row(s), "
+             f"e.g. {', '.join(short_repr(t, 60) for t in repeated[:examples])})"]
+    if conflicting:
+        parts.append(f"{len(conflicting)} of them labelled both unsafe and safe "
+                     f"(e.g. {', '.join(short_repr(t, 60) for t in conflicting[:examples])})")
+    return "; ".join(parts) + ("; splits keep the copies of a text on one side; remove the duplicates"
+                               + (" and fix the conflicting labels" if conflicting else ""))
 
 
 #: Label spellings accepted in prompt files (case-insensitive), and what they mean (1 = unsafe).
@@ -192,7 +238,8 @@ def _parse_label(value: object, where: str) -> int:
 
 def stratified_split(data: PromptSet, test_fraction: float = 0.3, seed: int = 0) -> tuple[PromptSet, PromptSet]:
     """In-distribution split, stratified by (source, label): ``(train, test)``; each (source,
-    label) group puts ``round(test_fraction × size)`` random rows into ``test``.
+    label) group puts about ``round(test_fraction × size)`` random rows into ``test``. The copies of
+    a repeated text stay together, in the group of their first occurrence.
 
     Raises :class:`DataError` if a class (safe or unsafe) present in ``data`` ends up missing from
     either part (too few rows of it for this fraction)."""
@@ -200,21 +247,39 @@ def stratified_split(data: PromptSet, test_fraction: float = 0.3, seed: int = 0)
     return data.subset(train_idx), data.subset(test_idx)
 
 
+def _copies(data: PromptSet) -> list[list[int]]:
+    """The row indices of each distinct text, in order of first occurrence."""
+    by_text: dict[str, list[int]] = {}
+    for i, text in enumerate(data.texts):
+        by_text.setdefault(text, []).append(i)
+    return list(by_text.values())
+
+
 def split_indices(data: PromptSet, test_fraction: float = 0.3, seed: int = 0) -> tuple[list[int], list[int]]:
-    """The row indices (sorted) of :func:`stratified_split`'s ``(train, test)``."""
+    """The row indices (sorted) of :func:`stratified_split`'s ``(train, test)``.
+
+    Each (source, label) group's distinct texts are shuffled; a text goes to ``test`` with all its
+    copies while they fit into the group's ``round(test_fraction × size)`` test rows. Without
+    repeated texts that is exactly ``round(test_fraction × size)`` rows per group."""
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = random.Random(seed)
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, key in enumerate(zip(data.sources, data.labels)):
-        groups.setdefault(key, []).append(i)
-    train, test = [], []
+    groups: dict[tuple[str, int], list[list[int]]] = {}
+    for rows in _copies(data):
+        groups.setdefault((data.sources[rows[0]], data.labels[rows[0]]), []).append(rows)
+    train: list[int] = []
+    test: list[int] = []
     for key in sorted(groups):
-        idx = groups[key]
-        rng.shuffle(idx)
-        k = round(len(idx) * test_fraction)
-        test += idx[:k]
-        train += idx[k:]
+        texts = groups[key]
+        rng.shuffle(texts)
+        k = round(sum(map(len, texts)) * test_fraction)
+        taken = 0
+        for rows in texts:
+            if taken + len(rows) <= k:
+                test += rows
+                taken += len(rows)
+            else:
+                train += rows
     for part, rows in (("train", train), ("test", test)):
         for label, name in ((1, "unsafe"), (0, "safe")):
             total = sum(1 for lbl in data.labels if lbl == label)
@@ -225,9 +290,19 @@ def split_indices(data: PromptSet, test_fraction: float = 0.3, seed: int = 0) ->
 
 
 def source_split(data: PromptSet, test_sources: Iterable[str]) -> tuple[PromptSet, PromptSet]:
-    """Out-of-distribution split: ``test`` holds only ``test_sources``, ``train`` everything else."""
+    """Out-of-distribution split: ``test`` holds only ``test_sources``, ``train`` everything else
+    except the rows whose text also occurs in ``test`` (dropped, with a logged warning), so no
+    prompt is on both sides."""
     held = set(test_sources)
     missing = held - set(data.sources)
     if missing:
         raise ConfigError(f"test source(s) {sorted(missing)} not in the data; available: {sorted(set(data.sources))}")
-    return data.where(sources=set(data.sources) - held), data.where(sources=held)
+    test = data.where(sources=held)
+    seen = set(test.texts)
+    rest = [i for i in range(len(data)) if data.sources[i] not in held]
+    train = [i for i in rest if data.texts[i] not in seen]
+    if len(train) < len(rest):
+        dropped = [data.texts[i] for i in rest if data.texts[i] in seen]
+        log.warning("%d training row(s) repeat a text of the test source(s) %s (e.g. %s); left out of train so no "
+                    "prompt is on both sides", len(dropped), sorted(held), short_repr(dropped[0], 60))
+    return data.subset(train), test

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .chat import format_prompts, pad_batch
+from .chat import as_prompts, format_prompts, pad_batch, positive_int
+from .errors import ConfigError, DataError
+from .io import short_repr
+from .layers import position_limit
 from .progress import progress_bar
 from .steering import SteeringLog, steering
 
@@ -32,9 +35,19 @@ def generate_responses(
 
     ``steer``: keyword arguments of :func:`steering` (constraints, steerer, layer, ...), or None.
     Returns ``(texts, token_ids, log)``; token ids exclude the prompt and stop at EOS.
+
+    ``prompts`` must be a list (a single ``str`` is a :class:`DataError`); a prompt with no tokens
+    (empty without a chat template, or dropped whole by the tokenizer) is a :class:`DataError`, and
+    one whose tokens plus ``max_new_tokens`` exceed the model's positions a :class:`ConfigError`.
     """
+    prompts = as_prompts(prompts)
     formatted = format_prompts(tokenizer, prompts, chat_template, system_prompt)
     prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in formatted]
+    for i, prefix in enumerate(prefixes):
+        if not prefix:
+            raise DataError(f"prompt {i} ({short_repr(prompts[i], 60)}) has no tokens"
+                            + ("" if formatted[i] != prompts[i] else " (an empty text, or one the tokenizer drops "
+                               "entirely, with no chat template around it)") + "; remove it or give it some text")
     log: SteeringLog | None = None
     with steering(model, **steer) if steer else nullcontext() as log:
         texts, tokens = generate_from_ids(model, tokenizer, prefixes, max_new_tokens=max_new_tokens,
@@ -54,7 +67,18 @@ def generate_from_ids(
 ) -> tuple[list[str], list[list[int]]]:
     """Greedy continuations of token-id ``prefixes`` (left-padded batches), e.g. a formatted
     prompt followed by the start of an answer. Returns ``(texts, token_ids)`` of the new tokens,
-    stopping at EOS."""
+    stopping at EOS. Checks ``batch_size`` and ``max_new_tokens`` (integers >= 1), that every
+    prefix has a token, and that no prefix plus ``max_new_tokens`` exceeds the model's position
+    limit (:func:`~safeflow.layers.position_limit`), before anything runs."""
+    positive_int(batch_size, "batch_size")
+    positive_int(max_new_tokens, "max_new_tokens")
+    limit = position_limit(model)
+    for i, prefix in enumerate(prefixes):
+        if not len(prefix):
+            raise DataError(f"prompt {i} has no tokens; remove it or give it some text")
+        if limit is not None and len(prefix) + max_new_tokens > limit:
+            raise ConfigError(f"prompt {i} has {len(prefix)} tokens; with max_new_tokens {max_new_tokens} that exceeds "
+                              f"the model's {limit} positions; shorten the prompt or lower max_new_tokens")
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     pad = tokenizer.pad_token_id

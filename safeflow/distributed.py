@@ -6,8 +6,9 @@ safeflow runs on ``torch.distributed`` as set up by Hugging Face accelerate: und
 shortcut behind ``--processes N``: it spawns N processes with that environment and waits for them.
 
 Work is dealt out in whole batches (:func:`assign`), so every row is computed in exactly the
-batch a single process would have used, and the result is identical to a single-process run on
-the same device type.
+batch a single process would have used, with the same padding: the result equals a
+single-process run on the same device type up to kernels whose rounding depends on the thread
+count (none on the CPU measured in ``docs/scale.rst``: bit-identical there).
 """
 
 from __future__ import annotations

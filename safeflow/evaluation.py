@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .chat import as_prompts
 from .decoding import generate_responses
 from .errors import DataError
 from .fluency import answer_perplexity, repetition
@@ -133,6 +134,7 @@ def evaluate_steering(
     * ``steering`` (the log's summary), ``unsteered`` (texts and token ids, for reuse) and
       per-prompt ``records``.
     """
+    harmful, benign, edgy = as_prompts(harmful, "harmful"), as_prompts(benign, "benign"), as_prompts(edgy, "edgy")
     judge = judge or RefusalJudge()
     groups = [("harmful", p) for p in harmful] + [("benign", p) for p in benign] + [("edgy", p) for p in edgy]
     prompts = [p for _, p in groups]

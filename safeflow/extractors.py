@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -16,14 +17,17 @@ from torch import nn
 
 from . import distributed
 from .cache import HiddenStateCache, text_key, weights_digest
-from .chat import format_prompts, pad_batch
+from .chat import as_prompts, format_prompts, pad_batch, positive_int
 from .distributed import World
 from .errors import ConfigError, DataError
 from .features import FeatureDataset
-from .layers import block_output, default_model_layer, find_decoder_layers, hooked, normalize_layer
+from .io import short_repr
+from .layers import block_output, default_model_layer, find_decoder_layers, hooked, normalize_layer, position_limit
 from .progress import progress_bar
 from .registry import Registered
 from .steering import steering_active
+
+log = logging.getLogger(__name__)
 
 Pooling = Literal["last", "mean"]
 
@@ -119,7 +123,8 @@ class HFExtractor(Extractor, name="hf"):
         pooling: ``"last"`` (last real token; what steering acts on) or ``"mean"``.
         chat_template: True, False or "auto" (use the template if the tokenizer has one).
         system_prompt: optional system message when a chat template is used.
-        batch_size, max_length: batching and truncation (truncation keeps the *end* of the prompt).
+        batch_size, max_length: batching and truncation (truncation keeps the *end* of the prompt,
+            with a logged warning); ``max_length`` is capped at the model's position limit.
         cache_dir: if set, rows are cached there in safetensors and reused across runs.
         progress: show a progress bar.
         layers: override decoder-layer discovery (attribute path or module list).
@@ -145,8 +150,13 @@ class HFExtractor(Extractor, name="hf"):
     ) -> None:
         if pooling not in ("last", "mean"):
             raise ConfigError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        positive_int(batch_size, "batch_size")
+        positive_int(max_length, "max_length")
+        limit = position_limit(model)
+        if limit is not None and max_length > limit:
+            log.warning("max_length %d is capped at the model's %d positions; longer prompts keep their last %d tokens",
+                        max_length, limit, limit)
+            max_length = limit
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = find_decoder_layers(model, layers)
@@ -211,7 +221,7 @@ class HFExtractor(Extractor, name="hf"):
         return FeatureDataset.from_cache(cache, [text_key(t) for t in self._check_texts(texts)], labels)
 
     def _check_texts(self, texts: Sequence[str]) -> list[str]:
-        texts = list(texts)
+        texts = as_prompts(texts, "texts")
         if not texts:
             raise DataError("no texts to extract; pass at least one prompt")
         if not all(isinstance(t, str) and t.strip() for t in texts):
@@ -263,15 +273,17 @@ class HFExtractor(Extractor, name="hf"):
         mine = [b for b, owner in zip(batches, owners) if owner == world.rank]
         computed: dict[str, torch.Tensor] = {}
         bar = progress_bar(total=sum(map(len, mine)), desc=desc, unit="row", disable=not self.progress or not world.is_main)
-        for batch in mine:
-            rows = job.compute(batch)
-            batch_keys = [keys[i] for i in batch]
-            if cache is not None:
-                cache.add(batch_keys, rows)
-            else:
-                computed.update(zip(batch_keys, rows))
-            bar.update(len(batch))
-        bar.close()
+        try:  # the bar is closed before an error propagates, so it is not redrawn after the error's message
+            for batch in mine:
+                rows = job.compute(batch)
+                batch_keys = [keys[i] for i in batch]
+                if cache is not None:
+                    cache.add(batch_keys, rows)
+                else:
+                    computed.update(zip(batch_keys, rows))
+                bar.update(len(batch))
+        finally:
+            bar.close()
         if cache is None:
             return [computed[k] for k in keys]
         if world.size > 1:
@@ -318,7 +330,15 @@ class HFExtractor(Extractor, name="hf"):
         a process group like :meth:`extract_layers`.
         """
         self._check_not_steering()
-        prompts, responses = list(prompts), list(responses)
+        prompts = as_prompts(prompts)
+        if isinstance(responses, (str, bytes)):
+            raise DataError(f"responses must be a list of responses, got a single {type(responses).__name__} "
+                            f"{short_repr(responses, 60)}; pass a list, e.g. [text]")
+        responses = list(responses)
+        for i, r in enumerate(responses):
+            if not isinstance(r, str) and not (isinstance(r, Sequence) and all(type(t) is int for t in r)):
+                raise DataError(f"responses[{i}] is a {type(r).__name__} ({short_repr(r, 60)}); pass a text or a list "
+                                "of token ids per response")
         if len(prompts) != len(responses) or not prompts:
             raise DataError(f"need one response per prompt and at least one pair; got {len(prompts)} prompts "
                             f"and {len(responses)} responses")
@@ -328,12 +348,19 @@ class HFExtractor(Extractor, name="hf"):
         formatted = format_prompts(tok, prompts, self.chat_template, self.system_prompt)
         rows: list[tuple[list[int], int]] = []
         keys = []
+        limit = position_limit(self.model)
         for prompt, text, response in zip(prompts, formatted, responses):
-            p_ids = tok(text, add_special_tokens=False)["input_ids"][-self.max_length:]
             r_ids = list(tok(response, add_special_tokens=False)["input_ids"] if isinstance(response, str) else response)
             r_ids = r_ids[:max_tokens]
             if not r_ids:
                 raise DataError(f"empty response for prompt {text[:60]!r}; drop rows without a response")
+            keep = self.max_length if limit is None else min(self.max_length, limit - len(r_ids) + 1)
+            if keep < 1:
+                raise ConfigError(f"max_tokens {max_tokens} leaves no room for the prompt within the model's {limit} "
+                                  "positions; lower max_tokens")
+            p_ids = tok(text, add_special_tokens=False)["input_ids"][-keep:]
+            if not p_ids:
+                raise DataError(f"prompt {short_repr(prompt, 60)} has no tokens; remove it or give it some text")
             rows.append((p_ids + r_ids[:-1], len(p_ids) - 1))
             keys.append(text_key(json.dumps([prompt, r_ids])))
 
@@ -357,16 +384,19 @@ class HFExtractor(Extractor, name="hf"):
 
     @torch.no_grad()
     def _forward(self, prompts: list[str], layers: list[int]) -> torch.Tensor:
-        tok = self.tokenizer
-        side, trunc = tok.padding_side, tok.truncation_side
-        tok.padding_side, tok.truncation_side = "right", "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=self.max_length, add_special_tokens=False)
-        finally:
-            tok.padding_side, tok.truncation_side = side, trunc
-        mask = enc["attention_mask"].to(next(self.model.parameters()).device)
-        pooled = self._run(dict(enc), layers, lambda hidden: pool(hidden, mask, self.pooling).float().cpu())
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        for p, row in zip(prompts, ids):
+            if not row:
+                raise DataError(f"prompt {short_repr(p, 60)} has no tokens (the tokenizer drops all of it); remove it "
+                                "or give it some text")
+        long = sum(len(row) > self.max_length for row in ids)
+        if long:
+            log.warning("%d prompt(s) longer than %d tokens were cut to their last %d tokens (max_length)", long,
+                        self.max_length, self.max_length)
+        input_ids, attention_mask = pad_batch([row[-self.max_length:] for row in ids], self.tokenizer.pad_token_id)
+        mask = attention_mask.to(next(self.model.parameters()).device)
+        pooled = self._run({"input_ids": input_ids, "attention_mask": attention_mask}, layers,
+                           lambda hidden: pool(hidden, mask, self.pooling).float().cpu())
         return torch.stack(pooled, dim=1)
 
     def _run(self, inputs: dict[str, torch.Tensor], layers: list[int],

@@ -7,10 +7,12 @@ hostile file can make us allocate no more than its own size.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -71,11 +73,23 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
+def _check_parent(target: Path) -> None:
+    """Raise ``NotADirectoryError`` naming the file if a part of ``target``'s parent path is a file."""
+    base = target.parent.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file, not a directory, so {target} cannot be created "
+                                 "inside it; choose another path", str(base))
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it over ``path`` atomically.
 
     If the body raises, the temporary file is removed and any previous ``path`` is untouched.
+    An ``OSError`` about the temporary file or naming no file (a full disk, say) is raised again
+    naming ``path``.
     A new file gets the mode ``0o666`` minus the umask (like ``open``); an overwritten file keeps
     its mode. Temporary files are named ``.<name>.<pid>.<random>.tmp``; stale ones of killed
     processes are removed first.
@@ -83,17 +97,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(21, "is a directory; pass a file path inside it", str(target))
+    _check_parent(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     tmp = target.parent / f"{_temp_prefix(target)}{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 minus the umask (writers such as safetensors may change it)
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 minus the umask (writers such as safetensors may change it)
         yield tmp
         os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno is not None and exc.filename in (None, str(tmp), tmp):
+            raise OSError(exc.errno, exc.strerror, str(target)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -122,7 +141,13 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
     """Write ``tensors`` and a JSON-serialisable ``header`` to one safetensors file, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+        try:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+        except SafetensorError as exc:  # an I/O error inside the writer: raise it as the OSError it is
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
 
 
 def short_repr(value: Any, limit: int = 120) -> str:

@@ -117,3 +117,14 @@ def replace_block_output(output: object, hidden: torch.Tensor) -> object:
     if isinstance(output, torch.Tensor):
         return hidden
     return (hidden, *output[1:])  # type: ignore[index]
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most token positions ``model`` takes (its config's ``max_position_embeddings``,
+    ``n_positions`` or ``n_ctx``), or None if the config states none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

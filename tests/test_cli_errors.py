@@ -57,6 +57,10 @@ ARGUMENT_ERRORS = [
     (["extract", "--data", "{tmp}/missing.csv", "--out", "{tmp}/f.safetensors"], "does not exist"),
     (["extract", "--data", "{tmp}/latin1.csv", "--out", "{tmp}/f.safetensors"], "not UTF-8"),
     (["extract", "--out", "{dir}"], "is a directory"),
+    (["extract", "--data", "{tmp}/object.jsonl", "--out", "{tmp}/f.safetensors"], "row 2: 'text' holds a dict"),
+    (["extract", "--data", "{tmp}/broken.json", "--out", "{tmp}/f.safetensors"], "not a valid JSON array"),
+    (["extract", "--data", "{dir}", "--out", "{tmp}/f.safetensors"], "is a directory"),
+    (["extract", "--model", "{file}/model", "--out", "{tmp}/f.safetensors"], "does not exist"),
     (["extract", "--batch-size", "0"], "--batch-size"),
     (["generate", "hi", "--model", "{dir}", "--constraints", "{P}"], "not a model directory"),
     (["generate", "hi", "--constraints", "{P}", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -78,6 +82,8 @@ ARGUMENT_ERRORS = [
 def test_argument_errors_are_one_line_before_any_model_is_loaded(argv, expected, files, capsys, monkeypatch):
     (files["tmp"] / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (files["tmp"] / "latin1.csv").write_bytes("text,label\ncaf\xe9,0\n".encode("latin-1"))
+    (files["tmp"] / "object.jsonl").write_text('{"text": "hi", "label": 0}\n{"text": {"a": 1}, "label": 1}\n')
+    (files["tmp"] / "broken.json").write_text('[{"text": "hi", "label": 0},')
     monkeypatch.setattr("safeflow.models.load_model", lambda *a, **k: pytest.fail("model loaded before arguments were checked"))
     line = one_line_error(capsys, [a.format(**files) for a in argv])
     assert expected in line
@@ -184,3 +190,25 @@ def test_eval_writes_strict_json_with_null_for_undefined_auroc(files, capsys):
     rows = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert rows["all"]["auroc"] is None and rows["sources"]["a"]["auroc"] is None and rows["all"]["n"] == 16
     assert rows["split"] == "all"
+
+
+def test_prompt_beyond_the_position_limit_or_without_tokens_is_one_line(tmp_path, capsys):
+    from tokenizers import Regex, normalizers
+
+    from conftest import make_tokenizer, save_model_dir
+
+    gpt2 = save_model_dir(tmp_path / "gpt2", "gpt2", make_tokenizer(), layers=2)  # 128 positions
+    H, y = separable(64, 32)
+    poly = tmp_path / "p.safetensors"
+    sf.PolytopeConstraints(32, 2, 16).fit(H, y, progress=False, epochs=1).save(poly)
+    line = one_line_error(capsys, ["generate", "bake cookies " * 50, "--model", gpt2, "--constraints", str(poly),
+                                   "--layer", "1", "--max-new-tokens", "64"])
+    assert "with max_new_tokens 64 that exceeds the model's 128 positions" in line
+    tok = make_tokenizer(chat_template=False)
+    tok.backend_tokenizer.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
+    dropping = save_model_dir(tmp_path / "dropping", "llama", tok, layers=2)
+    data = tmp_path / "p.csv"
+    data.write_text("text,label\nbake cookies,0\nsteal car,1\n")
+    line = one_line_error(capsys, ["extract", "--model", dropping, "--data", str(data), "--layer", "1",
+                                   "--out", str(tmp_path / "f.safetensors")])
+    assert "has no tokens" in line

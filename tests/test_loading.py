@@ -319,3 +319,14 @@ def test_format_2_files_load_without_safe_depth_and_are_still_checked(tmp_path):
     rewrite(path, header=h)
     with pytest.raises(CorruptFileError, match="needs"):
         sf.ConstraintSet.load(path)
+
+
+def test_save_under_a_path_whose_parent_is_a_file_names_the_file(tmp_path):
+    H, y = separable(32, 8)
+    poly = sf.PolytopeConstraints(8, 2, 16).fit(H, y, progress=False, epochs=1)
+    plain = tmp_path / "notes.txt"
+    plain.write_text("x")
+    for target in (plain / "poly.safetensors", plain / "deeper" / "poly.safetensors"):
+        with pytest.raises(NotADirectoryError, match="is a file, not a directory") as info:
+            poly.save(target)
+        assert info.value.filename == str(plain)

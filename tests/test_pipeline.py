@@ -13,7 +13,8 @@ SAFE = ["bake cookies please", "write poem about the sea", "plan trip paris", "c
 
 
 def prompt_set(source: str) -> sf.PromptSet:
-    return sf.PromptSet(HARM + SAFE, [1] * len(HARM) + [0] * len(SAFE), sources=[source] * 12)
+    """The prompts of HARM and SAFE, each ending in ``source`` (no text is in two sources)."""
+    return sf.PromptSet([f"{t} {source}" for t in HARM + SAFE], [1] * len(HARM) + [0] * len(SAFE), sources=[source] * 12)
 
 
 def test_default_splits_keep_ood_sources_out_of_training():
@@ -89,3 +90,48 @@ def test_cli_refusal_polytope_round_trip(tmp_path, tokenizer, capsys):
                  "--gate", str(tmp_path / "prompts-poly.safetensors"), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "--- unsteered:" in out and '"checks"' in out
+
+
+def previous_run(out):
+    """A folder holding a previous demo run's files, one of `safeflow attack` and one of the user's."""
+    (out / "figures").mkdir(parents=True)
+    for name in ("metrics.json", "scores.json", "polytope.safetensors", "steering_records_oldsteerer.jsonl",
+                 "capability_records_oldsteerer.jsonl", "report.md", "figures/roc.png", "attack_report.json",
+                 "notes.txt"):
+        (out / name).write_text("old")
+    return out
+
+
+def test_demo_into_a_previous_run_is_refused_naming_overwrite(tmp_path, capsys, monkeypatch):
+    from safeflow.cli import main
+
+    out = previous_run(tmp_path / "run")
+    before = sorted(p.name for p in out.rglob("*"))
+    monkeypatch.setattr("safeflow.models.load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a previous run (capability_records_oldsteerer.jsonl" in err
+    assert "pass --overwrite" in err
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing touched
+
+
+def test_overwrite_deletes_exactly_the_previous_runs_files_before_loading(tmp_path, caplog, monkeypatch):
+    from safeflow.pipeline import run_demo, run_files
+
+    out = previous_run(tmp_path / "run")
+    assert len(run_files(out)) == 7
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        assert not run_files(out)  # cleared before anything else happens
+        raise Loaded
+
+    monkeypatch.setattr("safeflow.models.load_model", load_model)
+    with caplog.at_level("WARNING", logger="safeflow.pipeline"), pytest.raises(Loaded):
+        run_demo(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["attack_report.json", "figures", "notes.txt"]
+    assert "deleted the previous run's 7 file(s)" in caplog.text
+    assert "figures/roc.png" in caplog.text and "steering_records_oldsteerer.jsonl" in caplog.text
+    assert "kept attack_report.json" in caplog.text

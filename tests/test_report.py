@@ -156,3 +156,27 @@ def test_roc_curve_matches_direct_thresholds():
     thresholds = sorted(set(s.tolist()), reverse=True)
     assert fpr.tolist() == [0.0] + [((s >= t) & (y == 0)).sum() / 3 for t in thresholds]
     assert tpr.tolist() == [0.0] + [((s >= t) & (y == 1)).sum() / 3 for t in thresholds]
+
+
+@pytest.mark.parametrize("damage", [
+    {"detection": 5}, {"detection": [["a"]]}, {"steering": {"safeflow": "x"}}, {"data": {"train": 3}},
+    {"facets": {"num_rows": 1}},
+])
+def test_metrics_of_the_wrong_shape_are_one_line(run_dir, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, **damage}))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{run / 'metrics.json'} does not have the shape `safeflow demo` writes" in err
+    assert not (run / "report.html").exists()
+
+
+def test_scores_of_the_wrong_shape_name_scores_json(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "scores.json").write_text(json.dumps({"test_id": [1, 2, 3]}))
+    assert main(["report", str(run)]) == 2
+    assert f"{run / 'scores.json'} does not have the shape" in capsys.readouterr().err
