@@ -128,12 +128,18 @@ def halve_by_family(data: PromptSet) -> tuple[PromptSet, PromptSet]:
     return data.subset(sorted(first)), data.subset(sorted(second))
 
 
-def default_splits(data: PromptSet, seed: int = 0) -> Splits:
+def default_splits(data: PromptSet, seed: int = 0, widen: bool = False) -> Splits:
     """Splits of the default prompts: :data:`OOD_TEST_SOURCES` and the per-family
     :data:`FAMILY_OOD_TEST_SOURCES` form ``test_ood``; :data:`OOD_VALIDATION_SOURCES` and
     :data:`FAMILY_OOD_VALIDATION_SOURCES` ``val_ood``; each :data:`HALVED_OOD_SOURCES` source is
     halved between them (:func:`halve_by_family`); the rest is split 70/30 into ``train`` and
-    ``test_id``. Family sources absent from ``data`` are skipped."""
+    ``test_id``. Family sources absent from ``data`` are skipped.
+
+    ``widen``: keep the :data:`WIDENING_SOURCES` (Do-Not-Answer areas) in ``train`` and
+    ``test_id``; by default they are left out, because training on them raised the false-positive
+    rate and lowered F1 on most families' OOD sources (docs: results, "Detection per harm family")."""
+    if not widen:
+        data = data.where(sources=set(data.sources) - set(WIDENING_SOURCES))
     present = set(data.sources)
     test_sources = OOD_TEST_SOURCES + tuple(s for s in FAMILY_OOD_TEST_SOURCES if s in present)
     val_sources = OOD_VALIDATION_SOURCES + tuple(s for s in FAMILY_OOD_VALIDATION_SOURCES if s in present)

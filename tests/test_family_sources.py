@@ -115,8 +115,10 @@ def test_family_ood_sources_stay_out_of_training():
     assert set(WEAK_FAMILIES) <= set(FAMILY_OOD_SOURCES)
     data = synthetic(("advbench", "safeflow-everyday", *WIDENING_SOURCES, *OOD_VALIDATION_SOURCES, *OOD_TEST_SOURCES,
                       *held))
+    narrow = default_splits(data)
+    assert not set(WIDENING_SOURCES) & (set(narrow.train.sources) | set(narrow.test_id.sources))  # opt-in
     for seed in (0, 1):
-        splits = default_splits(data, seed)
+        splits = default_splits(data, seed, widen=True)
         trained = set(splits.train.sources) | set(splits.test_id.sources)
         assert not trained & (held | set(OOD_VALIDATION_SOURCES) | set(OOD_TEST_SOURCES))
         assert set(WIDENING_SOURCES) <= set(splits.train.sources)
