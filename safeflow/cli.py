@@ -204,6 +204,14 @@ def steerer_entry(text: str) -> str:
 
 
 @_checked
+def steerer_source(text: str) -> str:
+    """A registered steerer name or an existing saved steerer file."""
+    if Path(text).expanduser().is_file():
+        return str(Path(text).expanduser())
+    return registered("steerer")(text)
+
+
+@_checked
 def preset_name(text: str) -> str:
     """A preset name (:func:`safeflow.presets.preset`)."""
     from .presets import preset
@@ -544,6 +552,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_steerer(name_or_file: str | None, preset_name: str):
+    """The steerer of ``safeflow generate``: a saved fitted steerer file, or a registered steerer
+    without learned tensors built with the preset's settings (None: the preset's own steerer)."""
+    import inspect
+
+    from .presets import preset
+    from .steerers.base import Steerer
+    from .steerers.fitted import FittedSteerer
+
+    if name_or_file is not None and Path(name_or_file).is_file():
+        return Steerer.load(name_or_file)
+    name = name_or_file or preset(preset_name).steerer
+    cls = Steerer.implementation(name)
+    if issubclass(cls, FittedSteerer):
+        raise UsageError(f"the {name!r} steerer learns tensors from hidden states: pass a saved one with --steerer "
+                         f"FILE (`safeflow demo` writes steerer_{name}.safetensors into its run folder)")
+    return cls(**({"preset": preset_name} if "preset" in inspect.signature(cls).parameters else {}))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .decoding import generate_responses
@@ -551,8 +578,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .io import json_text
     from .layers import default_model_layer
     from .models import load_model, model_config
+    from .presets import match_preset
     from .provenance import check_source, recorded_layer
-    from .steerers.base import Steerer
 
     prompts = list(args.prompt) + (Path(args.file).read_text("utf-8").splitlines() if args.file else [])
     prompts = [p for p in prompts if p.strip()]
@@ -560,7 +587,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SafeflowError("no prompt given; pass PROMPT or --file FILE (one prompt per line)")
     constraints = ConstraintSet.load(args.constraints)
     gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
-    steerer = Steerer.create(args.steerer, **({"preset": args.preset} if args.preset else {}))
+    steerer = _generate_steerer(args.steerer, args.preset or match_preset(str(args.model)) or "default")
     sets = [(constraints, f"the constraint set {args.constraints}")]
     sets += [(gate, f"the gate {args.gate}")] if isinstance(gate, ConstraintSet) else []
     layer = args.layer if args.layer is not None else recorded_layer(constraints, gate)
@@ -777,8 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=model_name, default="smollm2-135m-instruct")
     _trust_option(p)
     p.add_argument("--constraints", type=input_file, default="runs/polytope.safetensors")
-    p.add_argument("--steerer", type=registered("steerer"), default="safeflow",
-                   help="'safeflow' (gradient steps) or 'projection' (nearest point)")
+    p.add_argument("--steerer", type=steerer_source, default=None,
+                   help="a registered steerer ('line': along the polytope's own refusal direction; 'safeflow': "
+                        "gradient steps; 'projection': nearest point) or a saved fitted steerer file (a peer "
+                        "written by `safeflow demo`); default: the preset's steerer (line for the default model)")
     p.add_argument("--gate", type=gate_source, default="prompt",
                    help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
     p.add_argument("--layer", type=int, default=None,
