@@ -111,6 +111,9 @@ class Steerer(Registered, ABC, kind="steerer"):
     #: The gate a comparison steers with (:func:`~safeflow.steering`'s ``gate``): ``"detector"`` —
     #: the rows a prompt detector flags — or ``"token"`` for a steerer meant to run without a gate.
     default_gate: ClassVar[str] = "detector"
+    #: True for a steerer that moves every row it is given (an activation addition), whatever the
+    #: constraint set says: :meth:`select` then chooses all rows and the gate alone decides.
+    unconditional: ClassVar[bool] = False
 
     @classmethod
     def build(cls, data: SteeringData, **options: Any) -> Steerer:
@@ -184,9 +187,11 @@ class Steerer(Registered, ABC, kind="steerer"):
         )
 
     def select(self, violations: torch.Tensor) -> torch.Tensor:
-        """Rows [B] (bool) to move, from their violations [B, K]: by default the rows outside the
-        constraint set (any ``v_k > 0``). Override for a steerer that moves other rows — an
-        unconditional one returns all rows. Non-finite rows are never moved, whatever this says."""
+        """Rows [B] (bool) to move, from their violations [B, K]: the rows outside the constraint set
+        (any ``v_k > 0``), or every row for an :attr:`unconditional` steerer. Override for another
+        rule. Non-finite rows are never moved, whatever this says."""
+        if self.unconditional:
+            return torch.ones(violations.shape[0], dtype=torch.bool, device=violations.device)
         return violations.max(dim=1).values > 0
 
     @abstractmethod

@@ -48,6 +48,7 @@ class DirectionSteerer(FittedSteerer, name="direction"):
 
     direction: torch.Tensor
     default_gate = "token"  # plain activation addition is unconditional
+    unconditional = True  # moves every row the gate passes
 
     def __init__(self, input_dim: int, alpha: float = 1.0) -> None:
         super().__init__(input_dim)
@@ -77,10 +78,6 @@ class DirectionSteerer(FittedSteerer, name="direction"):
     def fit_data(self, data: SteeringData) -> None:
         """The prompt-level refusal direction: harmful minus harmless prompt states."""
         self.fit(data.harmful, data.harmless)
-
-    def select(self, violations: torch.Tensor) -> torch.Tensor:
-        """Every row: an activation addition is unconditional; the gate chooses the rows."""
-        return torch.ones(violations.shape[0], dtype=torch.bool, device=violations.device)
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         return h + self.alpha * self.direction.to(h), torch.ones(h.shape[0], dtype=torch.long, device=h.device)

@@ -42,6 +42,7 @@ class NullSpaceSteerer(FittedSteerer, name="alphasteer"):
 
     matrix: torch.Tensor
     default_gate = "token"  # the null-space constraint leaves benign states alone without a gate
+    unconditional = True  # moves every row
 
     def __init__(self, input_dim: int, strength: float = 1.0) -> None:
         super().__init__(input_dim)
@@ -89,10 +90,6 @@ class NullSpaceSteerer(FittedSteerer, name="alphasteer"):
     def fit_data(self, data: SteeringData) -> None:
         """Harmful and harmless prompt states."""
         self.fit(data.harmful, data.harmless)
-
-    def select(self, violations: torch.Tensor) -> torch.Tensor:
-        """Every row: the map itself leaves benign states (nearly) alone, no gate is needed."""
-        return torch.ones(violations.shape[0], dtype=torch.bool, device=violations.device)
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         return h + self.strength * (h @ self.matrix.to(h)), torch.ones(h.shape[0], dtype=torch.long, device=h.device)
