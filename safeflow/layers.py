@@ -119,10 +119,19 @@ def replace_block_output(output: object, hidden: torch.Tensor) -> object:
     return (hidden, *output[1:])  # type: ignore[index]
 
 
+#: Config attributes of rotary position encodings: such a model has no position table to overflow.
+ROTARY_ATTRS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base")
+
+
 def position_limit(model: nn.Module) -> int | None:
-    """The most token positions ``model`` takes (its config's ``max_position_embeddings``,
-    ``n_positions`` or ``n_ctx``), or None if the config states none."""
+    """The most token positions ``model`` can take: its config's ``max_position_embeddings``,
+    ``n_positions`` or ``n_ctx`` for a model with a learned table of absolute positions (GPT-2,
+    OPT, ...), where one more position fails inside the model; None for a rotary model (Llama,
+    Qwen, Mistral, ...), which runs past its training length, and where the config states none."""
     config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    if any(getattr(config, name, None) is not None for name in ROTARY_ATTRS):
+        return None
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -184,8 +184,8 @@ def docs_env(tmp_path, monkeypatch, model_dirs):
     def load_model(name_or_path=sf.DEFAULT_MODEL, *args, **kwargs):
         return real_load(default if name_or_path == sf.DEFAULT_MODEL else name_or_path, *args, **kwargs)
 
-    def model_config(name_or_path):
-        return real_config(default if name_or_path == sf.DEFAULT_MODEL else name_or_path)
+    def model_config(name_or_path, trust_remote_code=False):
+        return real_config(default if name_or_path == sf.DEFAULT_MODEL else name_or_path, trust_remote_code)
 
     def load_prompts(name_or_path="default", sources=None):
         return stand_in_prompts() if name_or_path == "default" else real_prompts(name_or_path, sources)
