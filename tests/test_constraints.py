@@ -181,6 +181,7 @@ def test_local_affine_reproduces_violations_and_jacobian(kind):
     """v(h) = A h − c at h itself, and A is the float64 autograd Jacobian (the polytope's closed form too)."""
     torch.manual_seed(0)
     model = sf.ConstraintSet.create(kind, input_dim=6, **KINDS[kind]).double()
+    model.fitted.fill_(True)  # random parameters stand in for trained ones (violations refuse an unfitted set)
     H = torch.randn(5, 6, dtype=torch.float64)
     A, c = model.local_affine(H)
     assert A.shape == (5, model.num_constraints, 6) and c.shape == (5, model.num_constraints)
