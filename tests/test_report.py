@@ -93,7 +93,7 @@ def test_report_writes_every_promised_file(run_dir, tmp_path, capsys):
         assert f"(figures/{name}.png)" in md
     detection = table_rows(md, "| model | split |")
     assert len(detection) == 9 and {r.split("|")[1].strip() for r in detection} == {"polytope", "mlp", "linear"}
-    steering = table_rows(md, "| steerer | harmful safe refusal |")
+    steering = table_rows(md, "| steerer | gate | harmful safe refusal |")
     assert [r.split("|")[1].strip() for r in steering] == ["unsteered", "safeflow", "projection"]
     capability = table_rows(md, "| steerer | task |")
     assert [r.split("|")[1].strip() for r in capability] == ["safeflow", "projection"]
