@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 import safeflow as sf
+from safeflow.io import load_tensors, save_tensors
 
 LAYER = 20
 NEW_TOKENS = 16
@@ -157,7 +158,7 @@ def refusal_setup(args: argparse.Namespace) -> tuple[Any, torch.Tensor, Any]:
     """The refusal polytope, held-out harmful prompt states outside it, and (model, tokenizer, texts) or None."""
     need_model = "tokens" in args.only
     if args.constraints and args.states and not need_model:
-        return sf.ConstraintSet.load(args.constraints), torch.load(args.states), None
+        return sf.ConstraintSet.load(args.constraints), load_tensors(args.states)[0]["H"], None
     torch.manual_seed(0)
     model, tok = sf.load_model(progress=False)
     prompts = sf.load_prompts("default")
@@ -175,7 +176,7 @@ def refusal_setup(args: argparse.Namespace) -> tuple[Any, torch.Tensor, Any]:
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         poly.save(Path(args.save) / "refusal.safetensors")
-        torch.save(H, Path(args.save) / "heldout_outside.pt")
+        save_tensors(Path(args.save) / "heldout_outside.safetensors", {"H": H}, {})
     return poly, H, (model, tok, texts)
 
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes of the steer calls")
     p.add_argument("--skip-eager-rounds", action="store_true", help="leave the eager native rounds out of 'steer'")
     p.add_argument("--constraints", help="a saved refusal polytope (default: fit one on the default model)")
-    p.add_argument("--states", help="saved held-out states outside it, [N, d] (torch.save)")
+    p.add_argument("--states", help="saved held-out states outside it (a safetensors file with H [N, d], as --save writes)")
     p.add_argument("--save", help="folder to save the fitted polytope and the states in, for --constraints/--states")
     p.add_argument("--json", help="write the figures and the machine to this file")
     args = p.parse_args(argv)
