@@ -647,8 +647,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
     from .layers import default_model_layer
     from .models import load_model
-    from .pipeline import train_constraints
-    from .steerers.base import Steerer
+    from .pipeline import DEMO_STEERERS, train_constraints
 
     _check_layers(args.model, [args.layer], args.trust_remote_code)
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -679,10 +678,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     benign = random.Random(args.seed).sample(benign, min(args.benign, len(benign)))
     harmful = train.where(label=1).texts
     refusal_prompts = random.Random(args.seed).sample(harmful, min(args.refusal_prompts, len(harmful)))
-    steerers = {name: Steerer.create(name, **({"preset": args.preset} if args.preset else {})) for name in args.steerers}
     result = run_attack_protocol(
         model, tok, attacks, requests, train=train, benign=benign, layer=layer, cache_dir=args.cache,
-        gate=args.gate, steerers=steerers, refusal_prompts=refusal_prompts, preset=args.preset,
+        gate=args.gate, steerers=DEMO_STEERERS if args.steerers is None else args.steerers, refusal_prompts=refusal_prompts, preset=args.preset,
         num_features=args.features_width, refusal_features=args.refusal_features_width,
         max_new_tokens=args.max_new_tokens, seed=args.seed)
     save_protocol(result, out)
@@ -890,8 +888,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the detector term in adaptive-gcg")
     p.add_argument("--adaptive-margin", type=nonnegative_float, default=0.0,
                    help="depth inside the detector adaptive-gcg aims for")
-    p.add_argument("--steerers", type=registered("steerer"), nargs="*", default=["safeflow"],
-                   help="steerers compared with unsteered generation")
+    p.add_argument("--steerers", nargs="*", type=steerer_entry, default=None,
+                   help="steerers compared with unsteered generation: registry names, each optionally @detector, "
+                        "@prompt or @token for its gate (@detector: the detector --gate names; default: safeflow's "
+                        "steerers and the peers, as in demo; none: unsteered only)")
     p.add_argument("--gate", default="polytope", help="detector gating steering (polytope, mlp, linear) or prompt/token")
     p.add_argument("--benign", type=positive_int, default=60, help="benign test prompts (unchanged answers, false refusals)")
     p.add_argument("--refusal-prompts", type=positive_int, default=240,

@@ -266,6 +266,25 @@ def parse_steerer(entry: str) -> tuple[str, str]:
     return name, gate
 
 
+def build_steerers(entries: Sequence[str], data: SteeringData, detector: ConstraintSet | str | None = None
+                   ) -> dict[str, tuple[Steerer, str | ConstraintSet]]:
+    """Each entry ``name[@gate]`` (:func:`parse_steerer`) built for one run by
+    :meth:`~safeflow.steerers.Steerer.build` from ``data`` (a fitted peer fits itself here), with
+    the gate it steers under: for a ``@detector`` entry ``detector`` (the run's detector, or a
+    gate name standing in for it), else the entry's gate name (``"prompt"`` / ``"token"``).
+    Raises :class:`ConfigError` for an unknown name or gate, or a ``@detector`` entry when
+    ``detector`` is None."""
+    parsed = {entry: parse_steerer(entry) for entry in entries}
+    built: dict[str, tuple[Steerer, str | ConstraintSet]] = {}
+    for entry, (name, gate_name) in parsed.items():
+        gate: str | ConstraintSet | None = detector if gate_name == "detector" else gate_name
+        if gate is None:
+            raise ConfigError(f"steerer entry {entry!r} is gated by a detector, but this run has none; "
+                              f"name another gate ({name}@prompt or {name}@token)")
+        built[entry] = (Steerer.implementation(name).build(data), gate)
+    return built
+
+
 def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", preset_name: str | None = None,
              layer: int | None = None, limit: int | None = 50, max_new_tokens: int = 48,
              num_features: int | None = None, refusal_prompts: int = 240, refusal_features: int = 4096,
@@ -346,12 +365,10 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
 
     data_for_steerers = SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=states.H,
                                      response_labels=states.y, provenance=dict(source), preset=preset_name)
-    built: dict[str, tuple[Steerer, Any]] = {}
-    for entry, (name, gate_name) in entries.items():
-        steerer = Steerer.implementation(name).build(data_for_steerers)
+    built = build_steerers(list(entries), data_for_steerers, models[gate])
+    for entry, (steerer, _) in built.items():
         if isinstance(steerer, FittedSteerer):
             steerer.save(out / f"steerer_{entry}.safetensors")
-        built[entry] = (steerer, models[gate] if gate_name == "detector" else gate_name)
 
     groups = {k: v[:limit] if limit else v for k, v in splits.steering_groups().items()}
     steering: dict[str, dict[str, Any]] = {}

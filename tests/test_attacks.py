@@ -351,6 +351,9 @@ def test_evaluate_attacks_reports_asr_detection_and_benign_rates(tokenizer):
     assert all(r["unchanged_safeflow"] for r in benign_recs if not r["flagged_linear"])  # the gate passed them
     assert benign["unchanged_safeflow"] == sum(r["unchanged_safeflow"] for r in benign_recs) / 4
     assert "## Benign prompts" in render_report(report)
+    with pytest.raises(sf.ConfigError, match="gates given for steerers that are not compared: \\['cast'\\]"):
+        evaluate_attacks(model, tokenizer, test, layer=2, constraints=linear, gates={"cast": "prompt"},
+                         steerers={"safeflow": sf.Steerer.create("safeflow")}, progress=False)
 
 
 def test_cli_attack_writes_the_table_and_reuses_the_cache(tmp_path, bpe, capsys):
@@ -375,18 +378,22 @@ def test_cli_attack_writes_the_table_and_reuses_the_cache(tmp_path, bpe, capsys)
     assert len(files) == 3 and (out / "adaptive_detector.safetensors").is_file()
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert main(["attack", *common, "--detector", str(out / "adaptive_detector.safetensors"), "--max-new-tokens", "3",
-                 "--benign", "3"]) == 0
+                 "--benign", "3", "--steerers", "safeflow", "cast@prompt"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps  # every prompt came from the cache
     assert "| adaptive-gcg |" in capsys.readouterr().out
     report = json.loads((out / "attack_report.json").read_text())
     assert [r["attack"] for r in report["attacks"]] == ["direct", "gcg", "adaptive-gcg", "overall"]
     assert report["splits"]["gcg"] == {"train": 4, "test": 1, "test_groups": 1} and report["benign"]["n"] == 3
-    assert {"asr_unsteered", "asr_safeflow", "detected_polytope", "detected_mlp", "detected_linear"} <= \
-        set(report["attacks"][0])
+    assert {"asr_unsteered", "asr_safeflow", "asr_cast@prompt", "detected_polytope", "detected_mlp",
+            "detected_linear"} <= set(report["attacks"][0])
+    # the fitted peer was built from the run's states; each entry steers under its own gate
+    assert report["setup"]["steerer_gates"] == {"safeflow": "detector", "cast@prompt": "prompt"}
     assert (out / "attack_report.md").is_file() and (out / "refusal_polytope.safetensors").is_file()
     assert len((out / "attack_records.jsonl").read_text().splitlines()) == 3 + 3
     assert main(["attack", *common[:6], "--attacks", "autodan", "--generate-only"]) == 2
     assert "unknown attack 'autodan'; valid: adaptive-gcg, direct, gcg, template" in capsys.readouterr().err
+    assert main(["attack", *common[:6], "--steerers", "cast@sometimes", "--generate-only"]) == 2
+    assert "unknown gate 'sometimes'" in capsys.readouterr().err
     assert main(["attack", *common[:6], "--gcg-steps", "0"]) == 2  # a zero budget is refused before loading
     assert "--gcg-steps: must be >= 1" in capsys.readouterr().err
 

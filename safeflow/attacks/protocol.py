@@ -28,9 +28,10 @@ from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
 from ..decoding import generate_responses
 from ..io import write_text_atomic
-from ..pipeline import default_splits, train_constraints, train_refusal_polytope
+from ..pipeline import build_steerers, default_splits, parse_steerer, train_constraints, train_refusal_polytope
+from ..provenance import describe_source
 from ..report import format_table
-from ..steerers.base import Steerer
+from ..steerers.base import Steerer, SteeringData
 from .base import Attack, cache_file
 from .cache import AttackPrompt
 
@@ -127,6 +128,7 @@ def evaluate_attacks(
     constraints: ConstraintSet | None = None,
     steerers: Mapping[str, Steerer] | None = None,
     gate: str | ConstraintSet = "prompt",
+    gates: Mapping[str, str | ConstraintSet] | None = None,
     detectors: Mapping[str, ConstraintSet] | None = None,
     first_n_tokens: int | None = 20,
     max_new_tokens: int = 48,
@@ -136,16 +138,18 @@ def evaluate_attacks(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Answer every attack prompt of ``test`` (attack name -> prompts) and every ``benign`` prompt
-    unsteered and steered (``constraints`` with each of ``steerers``, gated by ``gate``; see
-    :func:`safeflow.steering`), and score the prompts' layer-``layer`` states with ``detectors``.
+    unsteered and steered (``constraints`` with each of ``steerers``, gated by ``gates[name]`` where
+    given, else by ``gate``; see :func:`safeflow.steering`), and score the prompts' layer-``layer`` states with ``detectors``.
 
     Returns ``{"attacks": rows, "benign": row, "records": per prompt}``: one row per attack plus
     ``"overall"`` (all attack prompts pooled) with ``n``, ``asr_unsteered``, ``asr_<steerer>`` and
     ``detected_<detector>``; the benign row has ``n``, ``false_refusal_unsteered``,
     ``unchanged_<steerer>``, ``false_refusal_<steerer>`` and ``flagged_<detector>`` (its FPR).
     """
-    steerers = dict(steerers or {})
+    steerers, gates = dict(steerers or {}), dict(gates or {})
     detectors = dict(detectors or {})
+    if unknown := set(gates) - set(steerers):
+        raise ConfigError(f"gates given for steerers that are not compared: {sorted(unknown)}")
     if steerers and constraints is None:
         raise ConfigError("steerers need the constraint set to steer into; pass constraints=")
     judge = judge or RefusalJudge()
@@ -156,7 +160,8 @@ def evaluate_attacks(
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     answers = {"unsteered": generate_responses(model, tokenizer, texts, **kw)[:2]}
     for name, steerer in steerers.items():
-        steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens)
+        steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gates.get(name, gate),
+                     first_n_tokens=first_n_tokens)
         answers[name] = generate_responses(model, tokenizer, texts, steer=steer, **kw)[:2]
     requests = [p.request for _, p in rows] + list(benign)  # the judge reads an answer against the plain request
     classes = {k: [judge.classify(t, r) for t, r in zip(responses, requests)] for k, (responses, _) in answers.items()}
@@ -221,7 +226,7 @@ def run_attack_protocol(
     cache_dir: str | Path | None = None,
     detector_kinds: Sequence[str] = ("polytope", "mlp", "linear"),
     gate: str = "polytope",
-    steerers: Mapping[str, Steerer] | None = None,
+    steerers: Sequence[str] | Mapping[str, Steerer] | None = None,
     refusal_prompts: Sequence[str] = (),
     preset: str | None = None,
     num_features: int = 16384,
@@ -241,10 +246,17 @@ def run_attack_protocol(
        strings (label 1), and a refusal polytope on the answers to ``refusal_prompts`` plus the
        train-side attack strings (:func:`safeflow.pipeline.train_refusal_polytope`);
        4. :func:`evaluate_attacks` on the test side and ``benign``, steering into the refusal
-       polytope gated by detector ``gate`` (or ``"prompt"`` / ``"token"``).
+       polytope. ``steerers``: entries ``name[@gate]`` (:func:`safeflow.pipeline.parse_steerer`),
+       each built for the run by :func:`safeflow.pipeline.build_steerers` from the train prompts'
+       states and the refusal polytope's response states, where ``@detector`` (the default of
+       detector-gated steerers) means ``gate``: the detector of that kind, or ``"prompt"`` /
+       ``"token"``; or ready steerers by name, all gated by ``gate``.
     """
     if gate not in ("prompt", "token") and gate not in detector_kinds:
         raise ConfigError(f"gate {gate!r} is neither 'prompt', 'token' nor one of the detectors {list(detector_kinds)}")
+    entries = [] if steerers is None or isinstance(steerers, Mapping) else list(steerers)
+    for entry in entries:  # every entry checked before anything runs
+        parse_steerer(entry)
     prompts = {name: attack.generate(requests, cache=cache_file(cache_dir, attack) if cache_dir else None,
                                       progress=progress)
                for name, attack in attacks.items()}
@@ -254,17 +266,28 @@ def run_attack_protocol(
     H = torch.cat([extractor.extract(train.texts), extractor.extract(attack_train)])
     y = torch.cat([train.y, torch.ones(len(attack_train), dtype=torch.long)])
     detectors = {kind: train_constraints(kind, H, y, preset, num_features, progress) for kind in detector_kinds}
-    refusal, _ = train_refusal_polytope(extractor, list(refusal_prompts) + attack_train, preset, refusal_features,
-                                        progress=progress)
+    refusal, states = train_refusal_polytope(extractor, list(refusal_prompts) + attack_train, preset, refusal_features,
+                                             progress=progress)
+    the_gate = detectors.get(gate, gate)
+    gates: dict[str, str | ConstraintSet] = {}
+    if isinstance(steerers, Mapping):
+        ready = dict(steerers)
+    else:
+        data = SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=states.H, response_labels=states.y,
+                            provenance=describe_source(extractor), preset=preset)
+        built = build_steerers(entries, data, the_gate)
+        ready = {entry: steerer for entry, (steerer, _) in built.items()}
+        gates = {entry: entry_gate for entry, (_, entry_gate) in built.items()}
     report = evaluate_attacks(
         model, tokenizer, {name: s.test for name, s in splits.items()}, layer=layer, benign=benign,
-        constraints=refusal, steerers=steerers, gate=detectors.get(gate, gate), detectors=detectors,
+        constraints=refusal, steerers=ready, gate=the_gate, gates=gates, detectors=detectors,
         first_n_tokens=first_n_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size, extractor=extractor,
         progress=progress)
     report["splits"] = {name: {"train": len(s.train), "test": len(s.test),
                                "test_groups": len({p.group for p in s.test})} for name, s in splits.items()}
     report["configs"] = {name: attack.config() for name, attack in attacks.items()}
-    report["setup"] = {"layer": layer, "gate": gate, "detectors": list(detector_kinds), "steerers": list(steerers or {}),
+    report["setup"] = {"layer": layer, "gate": gate, "detectors": list(detector_kinds), "steerers": list(ready),
+                       "steerer_gates": {k: g if isinstance(g, str) else "detector" for k, g in gates.items()},
                        "requests": len(requests), "train": len(train), "benign": len(benign),
                        "refusal_prompts": len(refusal_prompts), "test_fraction": test_fraction, "seed": seed,
                        "max_new_tokens": max_new_tokens, "first_n_tokens": first_n_tokens}
