@@ -8,6 +8,8 @@ A base class mixes in :class:`Registered` and gets ``create(name, **config)`` an
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 from .errors import ConfigError
@@ -57,8 +59,30 @@ class Registered:
 
     @classmethod
     def create(cls: type[T], name: str, **config: Any) -> T:
-        """Build the implementation registered under ``name`` with ``config``."""
-        return cls.implementation(name)(**config)
+        """Build the implementation registered under ``name`` with ``config`` (an argument its
+        constructor does not take raises :class:`ConfigError` naming the valid ones)."""
+        impl = cls.implementation(name)
+        impl.check_options(config)
+        return impl(**config)
+
+    @classmethod
+    def constructor_options(cls) -> list[str]:
+        """The names of the arguments this class's constructor takes by keyword, in order."""
+        params = inspect.signature(cls).parameters.values()
+        return [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` if ``options`` hold a keyword argument this class's constructor
+        does not take, naming the ones it does (a constructor with ``**kwargs`` takes any)."""
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()):
+            return
+        valid = cls.constructor_options()
+        unknown = [k for k in options if k not in valid]
+        if unknown:
+            what = f"{cls.registry.kind} {cls.registered_name!r}" if cls.registered_name else cls.__name__
+            raise ConfigError(f"the {what} takes no option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid) or '(none)'}")
 
     @classmethod
     def implementation(cls: type[T], name: str) -> type[T]:

@@ -15,17 +15,20 @@ import logging
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..checks import as_features, as_labels, check_device, check_positive_int, check_states
 from ..errors import ConfigError, CorruptFileError, DataError
-from ..features import FeatureDataset
+from ..features import FeatureDataset, Moments
 from ..io import FLOAT_DTYPES, TensorSpec, load_tensors, read_header, save_tensors, short_repr
+from ..presets import ModelPreset
+from ..presets import preset as get_preset
 from ..registry import Registered
+from .training import COMMON_FIT_OPTION_RULES, Rule, training_data, validate_fit_options
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,14 @@ def provenance_problem(provenance: Any) -> str | None:
 class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     """Learned constraints on hidden states. Labels: 1 = unsafe, 0 = safe.
 
-    Subclasses implement ``violations``, ``fit`` and ``config``; everything else is shared.
-    ``fit`` also records, saved with the parameters:
+    Subclasses implement ``violations``, ``config`` and the training hook ``_train``; everything
+    else is shared. :meth:`fit` is one template for every family: it checks the options (names
+    against ``_train``'s keyword-only parameters, values against :meth:`option_rules`) and the
+    data, trains a copy, records what training learnt and swaps it in. A family declares rules for
+    its own options in its class body (``fit_option_rules = {"init": one_of(INITS)}``; merged along
+    the MRO), and may read its shape and training options from a model preset
+    (:meth:`from_preset`, :meth:`fit_options_from_preset`). ``fit`` also records, saved with the
+    parameters:
 
     * ``input_covariance`` [d, d], the covariance of the training rows, which
       ``SafeFlowSteerer(precondition="covariance")`` and the projection steerer's covariance
@@ -85,6 +94,11 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     training states came from — model, layer, pooling, chat template — when the caller sets it:
     ``poly.provenance.update(sf.describe_source(extractor))`` (see :mod:`safeflow.provenance`).
     """
+
+    #: Rules for ``fit`` options (name -> rule returning None or what the value must be), declared
+    #: per class and merged along the MRO by :meth:`option_rules`; the base holds the common ones
+    #: (:data:`~safeflow.constraints.training.COMMON_FIT_OPTION_RULES`).
+    fit_option_rules: ClassVar[Mapping[str, Rule]] = COMMON_FIT_OPTION_RULES
 
     input_dim: int
     num_constraints: int
@@ -108,15 +122,100 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         """Violations V [N, K] of hidden states H [N, d]; unsafe iff any V > 0. Differentiable."""
 
     @abstractmethod
-    def fit(self, *args: Any, **options: Any) -> ConstraintSet:
-        """Learn the constraints from hidden states H [N, d] and labels y [N] (1 = unsafe), or from
-        a :class:`~safeflow.features.FeatureDataset` passed as ``H`` (streamed; ``y`` None)."""
+    def _train(self, data: FeatureDataset, stats: Moments, *, progress: bool) -> list[float]:
+        """Train this set's parameters in place on ``data`` (``stats``: its float64 moments, on the
+        parameters' device) and return the mean training loss of each epoch (may be empty).
+
+        A family adds its training options as keyword-only parameters with defaults: their names
+        are the options ``fit`` accepts, their defaults the family's (:meth:`fit_defaults`).
+        Called by :meth:`fit` on a fresh copy (never on the caller's set), with every option filled
+        in and checked (:meth:`option_rules`), after ``torch.manual_seed(seed)``
+        when the family has a ``seed`` option. The parameters it leaves must act on raw hidden states."""
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this object's shape (saved in the JSON header): the
         positional-or-keyword ones only; keyword-only arguments are runtime options (``backend``),
         never saved, and ``load`` refuses a header that holds them."""
+
+    # --- the training template and presets ------------------------------------------------
+    def fit(self, H: Any, y: Any = None, **options: Any) -> ConstraintSet:
+        """Learn the constraints from hidden states H [N, d] and labels y [N] (1 = unsafe, 0 = safe),
+        or from a :class:`~safeflow.features.FeatureDataset` passed as ``H`` (streamed; ``y`` None).
+
+        ``options`` are the family's training settings (:meth:`fit_defaults` lists them with their
+        defaults; ``progress=False`` hides the progress bar); an unknown name or a bad value raises
+        :class:`ConfigError` before anything is trained. Returns self, fitted (its parameters act on
+        raw, unstandardised hidden states), with ``input_covariance``, ``safe_depth``,
+        ``class_means``, ``train_history`` and ``provenance["training"]`` recorded.
+
+        Transactional: training runs on a copy whose values are swapped in only on success, so a
+        fit that raises (bad input, bad option, a diverging loss, an interrupt) leaves this set
+        exactly as it was — a fitted set stays fitted, bit for bit.
+        """
+        progress = options.pop("progress", True)
+        defaults = self.fit_defaults()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ConfigError(f"unknown fit option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                              f"for the {self.registered_name or type(self).__name__!r} constraint set; valid: "
+                              f"{', '.join(defaults) or '(none)'}, progress")
+        options = {**defaults, **options}
+        validate_fit_options(self, **options)
+        data = training_data(H, y, self.input_dim)
+        work = self._fit_copy()
+        if "seed" in options:
+            torch.manual_seed(options["seed"])
+        stats = data.moments(next(work.parameters()).device)
+        work.train_history = work._train(data, stats, progress=progress, **options)
+        work._record_fit(data, stats.covariance(), options)
+        self._adopt(work)
+        return self
+
+    @classmethod
+    def fit_defaults(cls) -> dict[str, Any]:
+        """The options :meth:`fit` accepts (besides ``progress``) and their defaults: the keyword-only
+        parameters of the family's ``_train``, in order."""
+        return {name: p.default for name, p in inspect.signature(cls._train).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "progress"}
+
+    @classmethod
+    def option_rules(cls) -> dict[str, Rule]:
+        """The rules ``fit`` checks its options with: every class's ``fit_option_rules`` along the MRO,
+        a subclass's rule replacing its base's for the same name."""
+        rules: dict[str, Rule] = {}
+        for klass in reversed(cls.__mro__):
+            rules.update(vars(klass).get("fit_option_rules", {}))
+        return rules
+
+    @classmethod
+    def from_preset(cls, preset: ModelPreset | str | None, input_dim: int, **overrides: Any) -> ConstraintSet:
+        """A new, unfitted set of this family shaped by a model preset (a :class:`~safeflow.presets.ModelPreset`
+        or its name, see :func:`safeflow.presets.preset`), with ``overrides`` (constructor arguments)
+        taking precedence. The default reads nothing from the preset: ``cls(input_dim, **overrides)``;
+        a family whose shape comes from the preset overrides this (the polytope: facets and width).
+        An override the constructor does not take raises :class:`ConfigError` naming the valid ones."""
+        cls.check_options(overrides)
+        return cls(input_dim=input_dim, **overrides)
+
+    @classmethod
+    def fit_options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
+        """Keyword arguments of :meth:`fit` taken from a model preset (or its name); the default
+        takes none. A family trained with per-model settings overrides this (the polytope: margin,
+        L1 weights, ...)."""
+        return {}
+
+    @classmethod
+    def reads_preset(cls) -> bool:
+        """Whether this family takes anything from a model preset (overrides :meth:`from_preset` or
+        :meth:`fit_options_from_preset`): what a run records as the preset it trained with."""
+        return any(name in vars(klass) for klass in cls.__mro__[:cls.__mro__.index(ConstraintSet)]
+                   for name in ("from_preset", "fit_options_from_preset"))
+
+    @staticmethod
+    def _preset(preset: ModelPreset | str | None) -> ModelPreset:
+        """A :class:`ModelPreset` from a preset or its name (None: the relative default)."""
+        return preset if isinstance(preset, ModelPreset) else get_preset(preset)
 
     # --- shared behaviour ----------------------------------------------------------------
     def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..features import FeatureDataset, Moments
 from .base import ConstraintSet
-from .training import default_epochs, fold_standardization, train_minibatches, training_data, validate_fit_options
+from .training import default_epochs, fold_standardization, train_minibatches
 
 
 class _LogitConstraint(ConstraintSet):
@@ -31,51 +32,42 @@ class _LogitConstraint(ConstraintSet):
         otherwise, and before ``fit``)."""
         return self.net(self._inputs(H))
 
-    def fit(
+    def _train(
         self,
-        H: Any,
-        y: Any = None,
+        data: FeatureDataset,
+        stats: Moments,
         *,
+        progress: bool,
         epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         seed: int = 0,
-        progress: bool = True,
-    ) -> _LogitConstraint:
-        """Train on H [N, d], y [N] (1 = unsafe) with balanced BCE + L2 ``weight_decay``; ``H`` may
-        be a :class:`~safeflow.features.FeatureDataset` (``y`` None). Transactional like
-        :meth:`PolytopeConstraints.fit`: a fit that raises leaves this set as it was."""
-        options = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
-        validate_fit_options(self, **options)
-        data = training_data(H, y, self.input_dim)
-        work = self._fit_copy()
-        assert isinstance(work, _LogitConstraint)
-        torch.manual_seed(seed)
-        for m in work.net:
+    ) -> list[float]:
+        """The baselines' fit options (:meth:`~safeflow.constraints.ConstraintSet.fit` takes them by
+        keyword): balanced BCE + L2 ``weight_decay``, Adam with ``lr``, ``epochs`` defaulting to about
+        600 steps of ``batch_size`` rows."""
+        for m in self.net:
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
-        device = next(work.parameters()).device
-        stats = data.moments(device)
+        device = next(self.parameters()).device
         mean, std = stats.standardization()
         pos_weight = ((data.labels == 0).sum() / (data.labels == 1).sum()).to(device)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            logit = work.net(z).squeeze(1)
+            logit = self.net(z).squeeze(1)
             bce = F.binary_cross_entropy_with_logits(logit, labels.float(), pos_weight=pos_weight)
-            return bce + weight_decay * sum((p**2).sum() for n, p in work.net.named_parameters() if "weight" in n)
+            return bce + weight_decay * sum((p**2).sum() for n, p in self.net.named_parameters() if "weight" in n)
 
-        work.train_history = train_minibatches(
-            work.parameters(), loss_fn, data, mean, std,
+        history = train_minibatches(
+            self.parameters(), loss_fn, data, mean, std,
             epochs=epochs or default_epochs(len(data), batch_size), batch_size=batch_size, lr=lr, seed=seed,
-            progress=progress, desc=work.registered_name or "train",
+            progress=progress, desc=self.registered_name or "train",
         )
-        first = work.net[0]
+        first = self.net[0]
         assert isinstance(first, nn.Linear)
         fold_standardization(first.weight.data, first.bias.data, mean, std)
-        work._record_fit(data, stats.covariance(), options)
-        self._adopt(work)
-        return self
+        return history
 
 
 class LinearConstraint(_LogitConstraint, name="linear"):

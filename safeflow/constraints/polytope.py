@@ -26,9 +26,10 @@ from torch.nn import functional as F
 from .. import kernels
 from ..checks import check_positive_int
 from ..errors import ConfigError
+from ..features import FeatureDataset, Moments
+from ..presets import ModelPreset
 from .base import ConstraintSet, Weights
-from .training import (FIT_OPTION_RULES, default_epochs, entropy_bits, fold_standardization, one_of, train_minibatches,
-                       training_data, validate_fit_options)
+from .training import default_epochs, entropy_bits, fold_standardization, one_of, train_minibatches
 
 #: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
 #: and ours for the default model are in :mod:`safeflow.presets`. Inputs are standardised during
@@ -38,7 +39,6 @@ DEFAULT_MARGIN = 5.0
 
 ASSIGNMENTS = ("greedy", "reference")
 INITS = ("default", "reference")
-FIT_OPTION_RULES.update(assignment=one_of(ASSIGNMENTS), init=one_of(INITS))
 
 
 def assign_facets(v: torch.Tensor, entropy_weight: float = 1.0, rule: str = "greedy",
@@ -125,6 +125,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             of the compiled backends (float32 accumulation); None keeps W's own dtype.
     """
 
+    fit_option_rules = {"assignment": one_of(ASSIGNMENTS), "init": one_of(INITS)}
+
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384, *, backend: str = "auto",
                  weight_dtype: torch.dtype | None = None) -> None:
         super().__init__(input_dim)
@@ -197,11 +199,23 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         with torch.no_grad():
             return kernels.local_affine(H, *operands, backend=name)
 
-    def fit(
+    @classmethod
+    def from_preset(cls, preset: ModelPreset | str | None, input_dim: int, **overrides: Any) -> PolytopeConstraints:
+        """A polytope with the preset's facets K and feature-map width F (``overrides`` first)."""
+        p = cls._preset(preset)
+        return cls(input_dim=input_dim, **{"num_facets": p.num_facets, "num_features": p.num_features, **overrides})
+
+    @classmethod
+    def fit_options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
+        """The preset's training settings (:meth:`~safeflow.presets.ModelPreset.fit_options`)."""
+        return cls._preset(preset).fit_options()
+
+    def _train(
         self,
-        H: Any,
-        y: Any = None,
+        data: FeatureDataset,
+        stats: Moments,
         *,
+        progress: bool,
         margin: float = DEFAULT_MARGIN,
         unsafe_weight: float = 1.0,
         feature_l1: float = 1.0,
@@ -215,54 +229,38 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         schedule: str = "constant",
         average: float = 0.0,
         seed: int = 0,
-        progress: bool = True,
-    ) -> PolytopeConstraints:
-        """Train on hidden states H [N, d] and labels y [N] (1 = unsafe, 0 = safe), or on a
-        :class:`~safeflow.features.FeatureDataset` ``H`` (streamed from disk; ``y`` None).
+    ) -> list[float]:
+        """The polytope's fit options (:meth:`~safeflow.constraints.ConstraintSet.fit` takes them by keyword).
 
         Hyper-parameters as in the paper (Adam, lr 1e-2, batch 128, λ_f = 1, entropy weight 1);
-        ``margin`` is κ (per-model values in :mod:`safeflow.presets`); ``epochs`` defaults to about 600 steps.
-        Returns self (fitted; parameters act on raw, unstandardised hidden states).
-
-        Transactional: training runs on a copy whose values are swapped in only on success, so a
-        fit that raises (bad input, bad option, a diverging loss, an interrupt) leaves this set
-        exactly as it was — a fitted set stays fitted, bit for bit.
+        ``margin`` is κ (per-model values in :mod:`safeflow.presets`), ``unsafe_weight`` w_u,
+        ``feature_l1`` λ_f, ``facet_l1`` λ_Φ; ``entropy_weight`` and ``assignment`` drive
+        :func:`assign_facets`; ``init`` is :meth:`reset_parameters`'s; ``epochs`` defaults to about
+        600 steps; ``schedule`` and ``average`` as in :func:`~safeflow.constraints.training.train_minibatches`.
         """
-        options = dict(margin=margin, unsafe_weight=unsafe_weight, feature_l1=feature_l1, facet_l1=facet_l1,
-                       entropy_weight=entropy_weight, assignment=assignment, init=init, epochs=epochs,
-                       batch_size=batch_size, lr=lr, schedule=schedule, average=average, seed=seed)
-        validate_fit_options(self, **options)
-        data = training_data(H, y, self.input_dim)
-        work = self._fit_copy()
-        assert isinstance(work, PolytopeConstraints)
-        device = work.facets.device
-        torch.manual_seed(seed)
-        work.reset_parameters(init)
+        self.reset_parameters(init)
         assign_rng = torch.Generator().manual_seed(seed)
-        stats = data.moments(device)
         mean, std = stats.standardization()
         kappa = float(margin)
 
         def loss_fn(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            v, f_l1 = work._loss_terms(z)
+            v, f_l1 = self._loss_terms(z)
             unsafe = labels == 1
             hinge = F.relu(kappa + v[~unsafe]).sum()
             if unsafe.any():
                 vu = v[unsafe]
                 a = assign_facets(vu.detach(), entropy_weight, assignment, assign_rng)
                 hinge = hinge + unsafe_weight * F.relu(kappa - vu.gather(1, a[:, None])).sum()
-            reg = feature_l1 * f_l1.mean() + facet_l1 * work.facets.abs().sum(1).mean()
+            reg = feature_l1 * f_l1.mean() + facet_l1 * self.facets.abs().sum(1).mean()
             return hinge / len(labels) + reg
 
-        work.train_history = train_minibatches(
-            work.parameters(), loss_fn, data, mean, std,
+        history = train_minibatches(
+            self.parameters(), loss_fn, data, mean, std,
             epochs=epochs or default_epochs(len(data), batch_size), batch_size=batch_size, lr=lr, seed=seed,
             schedule=schedule, average=average, progress=progress, desc="polytope",
         )
-        fold_standardization(work.feature_map.weight.data, work.feature_map.bias.data, mean, std)
-        work._record_fit(data, stats.covariance(), options)
-        self._adopt(work)
-        return self
+        fold_standardization(self.feature_map.weight.data, self.feature_map.bias.data, mean, std)
+        return history
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "default") -> None:

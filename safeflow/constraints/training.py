@@ -10,7 +10,8 @@ float64 :class:`~safeflow.features.Moments` and each minibatch is standardised a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -26,7 +27,11 @@ MAX_MARGIN = 1e6
 MAX_LR = 1e6
 
 
-def _int(low: int, optional: bool = False) -> Callable[[Any], str | None]:
+#: A fit-option rule: None if the value is acceptable, else what it must be ("an int >= 1").
+Rule = Callable[[Any], str | None]
+
+
+def _int(low: int, optional: bool = False) -> Rule:
     def check(v: Any) -> str | None:
         if v is None and optional:
             return None
@@ -35,7 +40,7 @@ def _int(low: int, optional: bool = False) -> Callable[[Any], str | None]:
     return check
 
 
-def _real(low: float, high: float = math.inf, strict: bool = False) -> Callable[[Any], str | None]:
+def _real(low: float, high: float = math.inf, strict: bool = False) -> Rule:
     def check(v: Any) -> str | None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
             v > low if strict else v >= low) and v <= high
@@ -44,16 +49,18 @@ def _real(low: float, high: float = math.inf, strict: bool = False) -> Callable[
     return check
 
 
-def one_of(values: tuple[str, ...]) -> Callable[[Any], str | None]:
-    """A rule for :data:`FIT_OPTION_RULES`: the value is one of ``values``."""
+def one_of(values: tuple[str, ...]) -> Rule:
+    """A fit-option rule: the value is one of ``values``."""
     return lambda v: None if isinstance(v, str) and v in values else f"one of {values}"
 
 
 SCHEDULES = ("constant", "cosine")
 
-#: What each ``fit`` keyword must be; :func:`validate_fit_options` checks the ones it is given.
-#: Implementations add rules for their own options (the polytope adds ``assignment`` and ``init``).
-FIT_OPTION_RULES: dict[str, Callable[[Any], str | None]] = {
+#: What each common ``fit`` keyword must be (read-only). Every constraint set inherits these
+#: through :attr:`ConstraintSet.fit_option_rules <safeflow.constraints.ConstraintSet.fit_option_rules>`;
+#: a family declares rules for its own options in its class body (the polytope adds ``assignment``
+#: and ``init``), merged along the class's MRO by :meth:`~safeflow.constraints.ConstraintSet.option_rules`.
+COMMON_FIT_OPTION_RULES: Mapping[str, Rule] = MappingProxyType({
     "epochs": _int(1, optional=True),
     "batch_size": _int(1),
     "lr": _real(0.0, MAX_LR, strict=True),
@@ -67,18 +74,22 @@ FIT_OPTION_RULES: dict[str, Callable[[Any], str | None]] = {
     "schedule": one_of(SCHEDULES),
     "average": lambda v: _real(0.0)(v) or (None if v < 1 else "a fraction in [0, 1)"),
     "progress": lambda v: None if isinstance(v, bool) else "True or False",
-}
+})
 
 
 def validate_fit_options(model: nn.Module, **options: Any) -> None:
     """Check ``fit`` settings up front: raise :class:`ConfigError` naming the first bad one.
 
-    Every option with a rule in :data:`FIT_OPTION_RULES` is checked; the model must hold float32
-    parameters (training runs in float32). Nothing is changed: ``fit`` trains a copy and swaps it
-    in on success, so a failure leaves the model as it was.
+    Every option with a rule — the model's :meth:`~safeflow.constraints.ConstraintSet.option_rules`
+    (its class's rules merged along the MRO), or :data:`COMMON_FIT_OPTION_RULES` for another
+    module — is checked; the model must hold float32 parameters (training runs in float32).
+    Nothing is changed: ``fit`` trains a copy and swaps it in on success, so a failure leaves the
+    model as it was.
     """
+    option_rules = getattr(model, "option_rules", None)
+    rules = option_rules() if callable(option_rules) else COMMON_FIT_OPTION_RULES
     for name, value in options.items():
-        rule = FIT_OPTION_RULES.get(name)
+        rule = rules.get(name)
         need = rule(value) if rule else None
         if need:
             raise ConfigError(f"fit option {name}={value!r} is invalid: it must be {need}")
