@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import math
 import os
@@ -209,6 +210,19 @@ def steerer_source(text: str) -> str:
     if Path(text).expanduser().is_file():
         return str(Path(text).expanduser())
     return registered("steerer")(text)
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (``--fit-opt``, ``--steerer-opt``): VALUE read as JSON where it is JSON (``3``,
+    ``0.5``, ``true``, ``null``, ``[64, 64]``, ``"text"``), else kept as the text (``cosine``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().rpartition(".")[2].isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY an option name, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
 
 
 @_checked
@@ -457,17 +471,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         source, dim, n = source_of(header), H.shape[1], len(y)
     preset_name = args.preset or match_preset(str(source.get("model", ""))) or "default"
     started = time.perf_counter()
-    if args.constraint == "polytope":
-        p = preset(preset_name)
-        model = ConstraintSet.create("polytope", input_dim=dim, num_facets=args.facets or p.num_facets,
-                                     num_features=args.features_width or p.num_features)
-        options = p.fit_options() | ({"margin": args.margin} if args.margin is not None else {})
-        model.fit(H, y, **options, epochs=args.epochs)
-    else:
-        model = ConstraintSet.create(args.constraint, input_dim=dim).fit(H, y, epochs=args.epochs)
+    cls = ConstraintSet.implementation(args.constraint)
+    p = preset(preset_name)
+    overrides = {key: value for key, value in (("num_facets", args.facets), ("num_features", args.features_width))
+                 if value is not None}
+    model = cls.from_preset(p, dim, **overrides)
+    options = cls.fit_options_from_preset(p)
+    options.update({key: value for key, value in (("margin", args.margin), ("epochs", args.epochs)) if value is not None})
+    options.update(args.fit_opt)
+    model.fit(H, y, **options)
     seconds = time.perf_counter() - started
     training = model.provenance["training"]
-    training.update(features=str(args.features), preset=preset_name if args.constraint == "polytope" else None,
+    training.update(features=str(args.features), preset=preset_name if cls.reads_preset() else None,
                     split="train" if test is not None else "all")
     metrics = {}
     if y is not None:
@@ -552,23 +567,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_steerer(name_or_file: str | None, preset_name: str):
-    """The steerer of ``safeflow generate``: a saved fitted steerer file, or a registered steerer
-    without learned tensors built with the preset's settings (None: the preset's own steerer)."""
-    import inspect
+def steerer_options(pairs: list[tuple[str, Any]], names: list[str], name: str) -> dict[str, Any]:
+    """The ``--steerer-opt`` settings of steerer ``name``: every ``KEY=VALUE`` and every
+    ``NAME.KEY=VALUE`` whose NAME is ``name``; a NAME outside ``names`` (the steerers in use) is an error."""
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        scope, _, option = key.rpartition(".")
+        if scope and scope not in names:
+            raise UsageError(f"--steerer-opt {key}=...: {scope!r} is not a steerer of this run ({', '.join(names)})")
+        if scope in ("", name):
+            options[option] = value
+    return options
 
-    from .presets import preset
+
+def build_steerer(name: str, preset_name: str | None, options: dict[str, Any]):
+    """Registered steerer ``name`` without learned tensors, built from the command line: its
+    constructor's ``options`` (``--steerer-opt``; an unknown one raises :class:`ConfigError` naming
+    the valid ones), with the preset ``preset_name`` where the constructor takes a preset."""
     from .steerers.base import Steerer
     from .steerers.fitted import FittedSteerer
 
-    if name_or_file is not None and Path(name_or_file).is_file():
-        return Steerer.load(name_or_file)
-    name = name_or_file or preset(preset_name).steerer
     cls = Steerer.implementation(name)
     if issubclass(cls, FittedSteerer):
         raise UsageError(f"the {name!r} steerer learns tensors from hidden states: pass a saved one with --steerer "
                          f"FILE (`safeflow demo` writes steerer_{name}.safetensors into its run folder)")
-    return cls(**({"preset": preset_name} if "preset" in inspect.signature(cls).parameters else {}))
+    if preset_name is not None and "preset" in cls.constructor_options():
+        options = {"preset": preset_name, **options}
+    cls.check_options(options)
+    return cls(**options)
+
+
+def _generate_steerer(name_or_file: str | None, preset_name: str, pairs: list[tuple[str, Any]] | None = None):
+    """The steerer of ``safeflow generate``: a saved fitted steerer file, or a registered steerer
+    without learned tensors built with the preset's settings and the ``--steerer-opt`` ``pairs``
+    (None: the preset's own steerer)."""
+    from .presets import preset
+    from .steerers.base import Steerer
+
+    if name_or_file is not None and Path(name_or_file).is_file():
+        if pairs:
+            raise UsageError("--steerer-opt sets a registered steerer's options; a saved steerer file carries its own")
+        return Steerer.load(name_or_file)
+    name = name_or_file or preset(preset_name).steerer
+    return build_steerer(name, preset_name, steerer_options(pairs or [], [name], name))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -587,7 +628,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SafeflowError("no prompt given; pass PROMPT or --file FILE (one prompt per line)")
     constraints = ConstraintSet.load(args.constraints)
     gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
-    steerer = _generate_steerer(args.steerer, args.preset or match_preset(str(args.model)) or "default")
+    steerer = _generate_steerer(args.steerer, args.preset or match_preset(str(args.model)) or "default",
+                                args.steerer_opt)
     sets = [(constraints, f"the constraint set {args.constraints}")]
     sets += [(gate, f"the gate {args.gate}")] if isinstance(gate, ConstraintSet) else []
     layer = args.layer if args.layer is not None else recorded_layer(constraints, gate)
@@ -647,9 +689,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
     from .layers import default_model_layer
     from .models import load_model
-    from .pipeline import DEMO_STEERERS, train_constraints
+    from .pipeline import DEMO_STEERERS, parse_steerer, train_constraints
+    from .steerers.base import Steerer
 
     _check_layers(args.model, [args.layer], args.trust_remote_code)
+    entries = DEMO_STEERERS if args.steerers is None else args.steerers
+    names = list(dict.fromkeys(parse_steerer(entry)[0] for entry in entries))
+    options = {name: steerer_options(args.steerer_opt, names, name) for name in names}
+    for name in names:  # an unknown option fails now, not after the model has loaded
+        Steerer.implementation(name).check_options(options[name])
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     layer = args.layer if args.layer is not None else default_model_layer(model, args.preset)
     train, test = protocol_prompts(load_prompts(args.data), args.data == "default", args.seed)
@@ -661,7 +709,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             detector = ConstraintSet.load(args.detector)
         else:
             H = HFExtractor(model, tok, layer=layer).extract(train.texts)
-            detector = train_constraints("polytope", H, train.y, args.preset, args.features_width)
+            detector = train_constraints(args.detector_constraint, H, train.y, args.preset, args.features_width)
             detector.save(out / "adaptive_detector.safetensors")
     gcg = {"steps": args.gcg_steps, "candidates": args.gcg_candidates, "suffix_length": args.gcg_suffix_length,
            "topk": args.gcg_topk}
@@ -680,7 +728,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     refusal_prompts = random.Random(args.seed).sample(harmful, min(args.refusal_prompts, len(harmful)))
     result = run_attack_protocol(
         model, tok, attacks, requests, train=train, benign=benign, layer=layer, cache_dir=args.cache,
-        gate=args.gate, steerers=DEMO_STEERERS if args.steerers is None else args.steerers, refusal_prompts=refusal_prompts, preset=args.preset,
+        gate=args.gate, steerers=entries, steerer_options=options, refusal_prompts=refusal_prompts, preset=args.preset,
         num_features=args.features_width, refusal_features=args.refusal_features_width,
         max_new_tokens=args.max_new_tokens, seed=args.seed)
     save_protocol(result, out)
@@ -691,8 +739,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .pipeline import DEMO_STEERERS, prompt_splits, run_demo
+    from .pipeline import DEMO_STEERERS, parse_steerer, prompt_splits, run_demo
     from .report import STEERING_COLUMNS, format_table, steering_rows
+
+    names = list(dict.fromkeys(parse_steerer(entry)[0] for entry in args.steerers or DEMO_STEERERS))
 
     data = None if args.data == "default" else load_prompts(args.data)
     if data is not None:
@@ -704,7 +754,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       refusal_rounds=args.refusal_rounds, steerers=args.steerers or DEMO_STEERERS, first_n_tokens=args.first_n,
                       capability_limit=args.capability_limit or 0, trust_remote_code=args.trust_remote_code,
                       overwrite=args.overwrite,
-                      capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache)
+                      capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache,
+                      steerer_options={name: steerer_options(args.steerer_opt, names, name) for name in names})
     print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
     print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
     print(f"report: {Path(args.out) / 'report.html'} (and report.md)")
@@ -719,6 +770,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"not in the run directory: {piece}")
     print(f"report: {html} (and {md.name})")
     return 0
+
+
+def _steerer_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steerer-opt", type=key_value, action="append", default=[], metavar="[STEERER.]KEY=VALUE",
+                   help="a constructor option of the steerer(s) (e.g. depth=2, max_steps=50; VALUE read as JSON "
+                        "where it is JSON); STEERER. limits it to one steerer; repeatable")
 
 
 def _trust_option(p: argparse.ArgumentParser) -> None:
@@ -772,14 +829,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a constraint set on a features file")
     p.add_argument("--features", type=features_path, default="runs/features.safetensors")
     p.add_argument("--constraint", type=registered("constraint"), default="polytope",
-                   help="registered name: polytope, mlp, linear")
-    p.add_argument("--facets", type=positive_int, default=None, help="number of facets K (default: the preset's)")
+                   help="a registered constraint family (safeflow.available()['constraint'])")
+    p.add_argument("--facets", type=positive_int, default=None,
+                   help="number of facets K, for a family that has facets (default: the preset's)")
     p.add_argument("--features-width", type=positive_int, default=None,
-                   help="polytope feature-map width F (default: the preset's)")
-    p.add_argument("--margin", type=nonnegative_float, default=None, help="polytope margin κ (default: the preset's)")
+                   help="feature-map width F, for a family that has one (default: the preset's)")
+    p.add_argument("--margin", type=nonnegative_float, default=None,
+                   help="training margin κ, for a family trained with one (default: the preset's)")
     p.add_argument("--preset", type=preset_name, default=None,
                    help="model preset (see safeflow.presets; default: the features' model's entry, else 'default')")
     p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--fit-opt", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any training option of the constraint family (its fit's keywords, e.g. lr=0.005, "
+                        "schedule=cosine; VALUE read as JSON where it is JSON); repeatable, overrides the preset "
+                        "and the flags above")
     p.add_argument("--chunk-rows", type=positive_int, default=None, metavar="N",
                    help="stream the features from disk in chunks of N rows instead of loading them "
                         "(--features may then also be a directory of feature files)")
@@ -806,6 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered steerer ('line': along the polytope's own refusal direction; 'safeflow': "
                         "gradient steps; 'projection': nearest point) or a saved fitted steerer file (a peer "
                         "written by `safeflow demo`); default: the preset's steerer (line for the default model)")
+    _steerer_opt(p)
     p.add_argument("--gate", type=gate_source, default="prompt",
                    help="'prompt', 'token', or a detector constraint set file (steer only the prompts it flags)")
     p.add_argument("--layer", type=int, default=None,
@@ -856,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steerers compared side by side: registry names, each optionally @detector, @prompt or "
                         "@token for its gate (default: safeflow's steerers and the peers, "
                         "safeflow.pipeline.DEMO_STEERERS)")
+    _steerer_opt(p)
     p.add_argument("--first-n", type=nonnegative_int, default=None,
                    help="steer only the first n generated tokens (default: all)")
     p.add_argument("--capability-limit", type=nonnegative_int, default=30,
@@ -883,7 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gcg-topk", type=positive_int, default=64, help="candidate tokens per suffix position")
     p.add_argument("--template-max-chars", type=positive_int, default=4000, help="longest jailbreak template used")
     p.add_argument("--detector", type=input_file, default=None,
-                   help="constraint set adaptive-gcg attacks (default: a polytope trained on the train split, saved to --out)")
+                   help="constraint set adaptive-gcg attacks (default: a --detector-constraint set trained on the train "
+                        "split, saved to --out)")
+    p.add_argument("--detector-constraint", type=registered("constraint"), default="polytope",
+                   help="the constraint family trained as adaptive-gcg's detector when --detector is not given")
     p.add_argument("--adaptive-weight", type=nonnegative_float, default=0.01,
                    help="weight of the detector term in adaptive-gcg")
     p.add_argument("--adaptive-margin", type=nonnegative_float, default=0.0,
@@ -892,6 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steerers compared with unsteered generation: registry names, each optionally @detector, "
                         "@prompt or @token for its gate (@detector: the detector --gate names; default: safeflow's "
                         "steerers and the peers, as in demo; none: unsteered only)")
+    _steerer_opt(p)
     p.add_argument("--gate", default="polytope", help="detector gating steering (polytope, mlp, linear) or prompt/token")
     p.add_argument("--benign", type=positive_int, default=60, help="benign test prompts (unchanged answers, false refusals)")
     p.add_argument("--refusal-prompts", type=positive_int, default=240,
@@ -912,6 +981,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Environment variable naming modules (comma-separated) that the command imports before parsing
+#: its arguments: where third-party constraint families, steerers and attacks register themselves.
+PLUGINS_VARIABLE = "SAFEFLOW_PLUGINS"
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$SAFEFLOW_PLUGINS`` (each registers its implementations by
+    subclassing); return their names. A module that cannot be imported raises :class:`ConfigError`."""
+    import importlib
+
+    names = [m.strip() for m in os.environ.get(PLUGINS_VARIABLE, "").split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import {name!r} named in ${PLUGINS_VARIABLE} ({exc}); put the module on "
+                              "PYTHONPATH or install it, or fix the variable") from None
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(argv)
 
@@ -920,6 +1009,7 @@ def run(argv: list[str] | argparse.Namespace | None) -> int:
     """Parse ``argv`` (or take already parsed arguments, as each process of ``--processes`` does)
     and run the command; user errors print one line and return exit status 2."""
     try:
+        load_plugins()
         args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
         return args.func(args)

@@ -178,22 +178,28 @@ def prompt_splits(data: str | PromptSet | None = None, seed: int = 0) -> Splits:
 
 
 def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: str | None = None,
-                      num_features: int | None = None, progress: bool = True) -> ConstraintSet:
-    """Fit constraint set ``kind`` with the preset's settings (polytope: its facets, width — unless
-    ``num_features`` is given — and training options)."""
+                      num_features: int | None = None, progress: bool = True, *,
+                      fit_options: dict[str, Any] | None = None, **overrides: Any) -> ConstraintSet:
+    """Fit the constraint set registered as ``kind`` with the preset's settings: its shape from
+    :meth:`~safeflow.constraints.ConstraintSet.from_preset` (``overrides``: constructor arguments
+    that take precedence; ``num_features``: the feature-map width of a family that has one, ignored
+    by the others) and its training options from
+    :meth:`~safeflow.constraints.ConstraintSet.fit_options_from_preset`, updated by ``fit_options``."""
+    cls = ConstraintSet.implementation(kind)
     p = get_preset(preset_name)
-    if kind == "polytope":
-        model = ConstraintSet.create("polytope", input_dim=H.shape[1], num_facets=p.num_facets,
-                                     num_features=num_features or p.num_features)
-        return model.fit(H, y, **p.fit_options(), progress=progress)
-    return ConstraintSet.create(kind, input_dim=H.shape[1]).fit(H, y, progress=progress)
+    if num_features is not None and "num_features" in cls.constructor_options():
+        overrides.setdefault("num_features", num_features)
+    model = cls.from_preset(p, H.shape[1], **overrides)
+    return model.fit(H, y, **{**cls.fit_options_from_preset(p), **(fit_options or {})}, progress=progress)
 
 
 def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], preset_name: str | None = None,
                            num_features: int = 4096, max_tokens: int = 32, rounds: int = 1,
-                           steerer: Steerer | None = None, progress: bool = True) -> tuple[ConstraintSet, ResponseStates]:
+                           steerer: Steerer | None = None, progress: bool = True,
+                           kind: str = "polytope") -> tuple[ConstraintSet, ResponseStates]:
     """The steering constraint set: a polytope on :func:`~safeflow.responses.response_states` of
-    ``harmful`` prompts — helping is unsafe, refusing is safe — with the preset's settings.
+    ``harmful`` prompts — helping is unsafe, refusing is safe — with the preset's settings
+    (``kind``: another registered constraint family instead, :func:`train_constraints`).
 
     Each further round (``rounds`` >= 2) steers the same prompts into the current polytope with
     ``steerer`` (default: SafeFlow with the preset's settings), adds the states of the steered
@@ -206,12 +212,12 @@ def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], prese
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     states = response_states(extractor, harmful, max_tokens=max_tokens, progress=progress)
-    polytope = train_constraints("polytope", states.H, states.y, preset_name, num_features, progress)
+    polytope = train_constraints(kind, states.H, states.y, preset_name, num_features, progress)
     for _ in range(rounds - 1):
         steer = dict(constraints=polytope, steerer=steerer or SafeFlowSteerer(preset=preset_name or "default"),
                      layer=extractor.layer, gate="token", first_n_tokens=None)
         states = states + steered_states(extractor, harmful, steer, max_tokens=max_tokens, progress=progress)
-        polytope = train_constraints("polytope", states.H, states.y, preset_name, num_features, progress)
+        polytope = train_constraints(kind, states.H, states.y, preset_name, num_features, progress)
     polytope.provenance.update(describe_source(extractor), rows="responses")
     return polytope, states
 
@@ -266,22 +272,25 @@ def parse_steerer(entry: str) -> tuple[str, str]:
     return name, gate
 
 
-def build_steerers(entries: Sequence[str], data: SteeringData, detector: ConstraintSet | str | None = None
-                   ) -> dict[str, tuple[Steerer, str | ConstraintSet]]:
+def build_steerers(entries: Sequence[str], data: SteeringData, detector: ConstraintSet | str | None = None,
+                   options: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[Steerer, str | ConstraintSet]]:
     """Each entry ``name[@gate]`` (:func:`parse_steerer`) built for one run by
     :meth:`~safeflow.steerers.Steerer.build` from ``data`` (a fitted peer fits itself here), with
     the gate it steers under: for a ``@detector`` entry ``detector`` (the run's detector, or a
     gate name standing in for it), else the entry's gate name (``"prompt"`` / ``"token"``).
-    Raises :class:`ConfigError` for an unknown name or gate, or a ``@detector`` entry when
+    ``options``: constructor options of each steerer, by registry name, passed to its ``build``.
+    Raises :class:`ConfigError` for an unknown name, gate or option, or a ``@detector`` entry when
     ``detector`` is None."""
     parsed = {entry: parse_steerer(entry) for entry in entries}
+    for name, _ in parsed.values():
+        Steerer.implementation(name).check_options((options or {}).get(name, {}))
     built: dict[str, tuple[Steerer, str | ConstraintSet]] = {}
     for entry, (name, gate_name) in parsed.items():
         gate: str | ConstraintSet | None = detector if gate_name == "detector" else gate_name
         if gate is None:
             raise ConfigError(f"steerer entry {entry!r} is gated by a detector, but this run has none; "
                               f"name another gate ({name}@prompt or {name}@token)")
-        built[entry] = (Steerer.implementation(name).build(data), gate)
+        built[entry] = (Steerer.implementation(name).build(data, **(options or {}).get(name, {})), gate)
     return built
 
 
@@ -292,7 +301,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              first_n_tokens: int | None = None, capability_tasks: Sequence[str] = ("rho-gsm8k", "rho-factual"),
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
              cache_dir: str | Path | None = None, data: str | PromptSet | None = None,
-             trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
+             trust_remote_code: bool = False, overwrite: bool = False,
+             steerer_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the whole pipeline; write to ``out_dir``: ``metrics.json`` (every table, the facet
     analysis, capability retention, configuration, versions and machine), ``scores.json``
     (per-prompt detection scores), the steering and capability records of each steerer
@@ -309,7 +319,8 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     the first ``first_n_tokens`` generated tokens (None: all); ``limit`` caps the prompts per group in the
     (slow, generation-based) steering evaluation. ``layer`` defaults to the preset's. ``data``:
     the default prompts (None) or a user's prompt file / :class:`~safeflow.PromptSet`, split in
-    distribution (:func:`prompt_splits`).
+    distribution (:func:`prompt_splits`). ``steerer_options``: constructor options of each steerer
+    (by registry name), passed to its :meth:`~safeflow.steerers.Steerer.build`.
 
     Facets: :func:`~safeflow.analysis.analyze_facets` of the detection polytope on the unsafe
     in-distribution test prompts (their harm categories). Capability retention:
@@ -322,9 +333,14 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     no record of the old run stays beside the new ones. Files of other commands (``safeflow
     attack``'s ``attack_report.json``, a benchmark's ``latency.json``) are kept and named.
     """
-    config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir", "overwrite")}
+    config = {k: v for k, v in locals().items() if k not in ("out_dir", "progress", "cache_dir", "overwrite",
+                                                              "steerer_options")}
+    if steerer_options:
+        config["steerer_options"] = steerer_options
     config["steerers"], config["capability_tasks"] = list(steerers), list(capability_tasks)
     entries = {entry: parse_steerer(entry) for entry in steerers}
+    for name, _ in entries.values():  # an unknown option fails now, not after the model has loaded
+        Steerer.implementation(name).check_options((steerer_options or {}).get(name, {}))
     config["data"] = "default" if data is None else data if isinstance(data, str) else "PromptSet"
     out = Path(out_dir)
     clear_previous_run(out, overwrite)
@@ -365,7 +381,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
 
     data_for_steerers = SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=states.H,
                                      response_labels=states.y, provenance=dict(source), preset=preset_name)
-    built = build_steerers(list(entries), data_for_steerers, models[gate])
+    built = build_steerers(list(entries), data_for_steerers, models[gate], steerer_options)
     for entry, (steerer, _) in built.items():
         if isinstance(steerer, FittedSteerer):
             steerer.save(out / f"steerer_{entry}.safetensors")

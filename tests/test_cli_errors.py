@@ -75,6 +75,23 @@ ARGUMENT_ERRORS = [
     (["demo", "--out", "{tmp}/demo", "--limit", "-1"], "--limit"),
     (["frobnicate"], "invalid choice"),
     (["train", "--features", "{F}", "--bogus"], "unrecognized arguments"),
+    (["train", "--features", "{F}", "--fit-opt", "lr"], "expected KEY=VALUE"),
+    (["train", "--features", "{F}", "--fit-opt", "bogus=1", "--out", "{tmp}/o.safetensors"],
+     "unknown fit option 'bogus' for the 'polytope' constraint set; valid: margin"),
+    (["train", "--features", "{F}", "--fit-opt", "schedule=sideways", "--out", "{tmp}/o.safetensors"],
+     "fit option schedule='sideways' is invalid"),
+    (["train", "--features", "{F}", "--constraint", "linear", "--margin", "1", "--out", "{tmp}/o.safetensors"],
+     "unknown fit option 'margin' for the 'linear' constraint set"),
+    (["train", "--features", "{F}", "--constraint", "mlp", "--facets", "3", "--out", "{tmp}/o.safetensors"],
+     "the constraint set 'mlp' takes no option 'num_facets'; valid: input_dim, hidden_sizes"),
+    (["generate", "hi", "--constraints", "{P}", "--steerer", "safeflow", "--steerer-opt", "bogus=1"],
+     "the steerer 'safeflow' takes no option 'bogus'; valid: lambda_unsafe"),
+    (["generate", "hi", "--constraints", "{P}", "--steerer", "safeflow", "--steerer-opt", "line.depth=1"],
+     "'line' is not a steerer of this run"),
+    (["generate", "hi", "--constraints", "{P}", "--steerer", "direction"], "learns tensors from hidden states"),
+    (["attack", "--steerers", "line", "--steerer-opt", "max_steps=3"], "the steerer 'line' takes no option 'max_steps'"),
+    (["demo", "--out", "{tmp}/demo", "--steerers", "line", "safeflow", "--steerer-opt", "safeflow.nope=3"],
+     "the steerer 'safeflow' takes no option 'nope'"),
 ]
 
 

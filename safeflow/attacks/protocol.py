@@ -227,6 +227,7 @@ def run_attack_protocol(
     detector_kinds: Sequence[str] = ("polytope", "mlp", "linear"),
     gate: str = "polytope",
     steerers: Sequence[str] | Mapping[str, Steerer] | None = None,
+    steerer_options: dict[str, dict[str, Any]] | None = None,
     refusal_prompts: Sequence[str] = (),
     preset: str | None = None,
     num_features: int = 16384,
@@ -250,13 +251,15 @@ def run_attack_protocol(
        each built for the run by :func:`safeflow.pipeline.build_steerers` from the train prompts'
        states and the refusal polytope's response states, where ``@detector`` (the default of
        detector-gated steerers) means ``gate``: the detector of that kind, or ``"prompt"`` /
-       ``"token"``; or ready steerers by name, all gated by ``gate``.
+       ``"token"``; or ready steerers by name, all gated by ``gate``. ``steerer_options``:
+       constructor options of each built steerer, by registry name.
     """
     if gate not in ("prompt", "token") and gate not in detector_kinds:
         raise ConfigError(f"gate {gate!r} is neither 'prompt', 'token' nor one of the detectors {list(detector_kinds)}")
     entries = [] if steerers is None or isinstance(steerers, Mapping) else list(steerers)
-    for entry in entries:  # every entry checked before anything runs
-        parse_steerer(entry)
+    for entry in entries:  # every entry (and its options) checked before anything runs
+        name, _ = parse_steerer(entry)
+        Steerer.implementation(name).check_options((steerer_options or {}).get(name, {}))
     prompts = {name: attack.generate(requests, cache=cache_file(cache_dir, attack) if cache_dir else None,
                                       progress=progress)
                for name, attack in attacks.items()}
@@ -275,7 +278,7 @@ def run_attack_protocol(
     else:
         data = SteeringData(harmful=H[y == 1], harmless=H[y == 0], responses=states.H, response_labels=states.y,
                             provenance=describe_source(extractor), preset=preset)
-        built = build_steerers(entries, data, the_gate)
+        built = build_steerers(entries, data, the_gate, steerer_options)
         ready = {entry: steerer for entry, (steerer, _) in built.items()}
         gates = {entry: entry_gate for entry, (_, entry_gate) in built.items()}
     report = evaluate_attacks(
