@@ -74,7 +74,7 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     data, trains a copy, records what training learnt and swaps it in. A family declares rules for
     its own options in its class body (``fit_option_rules = {"init": one_of(INITS)}``; merged along
     the MRO), and may read its shape and training options from a model preset
-    (:meth:`from_preset`, :meth:`fit_options_from_preset`). ``fit`` also records, saved with the
+    (:meth:`config_from_preset`, :meth:`fit_options_from_preset`; :meth:`from_preset` builds it). ``fit`` also records, saved with the
     parameters:
 
     * ``input_covariance`` [d, d], the covariance of the training rows, which
@@ -121,7 +121,6 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     def violations(self, H: torch.Tensor) -> torch.Tensor:
         """Violations V [N, K] of hidden states H [N, d]; unsafe iff any V > 0. Differentiable."""
 
-    @abstractmethod
     def _train(self, data: FeatureDataset, stats: Moments, *, progress: bool) -> list[float]:
         """Train this set's parameters in place on ``data`` (``stats``: its float64 moments, on the
         parameters' device) and return the mean training loss of each epoch (may be empty).
@@ -131,6 +130,8 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
         Called by :meth:`fit` on a fresh copy (never on the caller's set), with every option filled
         in and checked (:meth:`option_rules`), after ``torch.manual_seed(seed)``
         when the family has a ``seed`` option. The parameters it leaves must act on raw hidden states."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained: implement its _train hook (or, as before "
+                                  "the template, override fit)")
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -191,12 +192,18 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     @classmethod
     def from_preset(cls, preset: ModelPreset | str | None, input_dim: int, **overrides: Any) -> ConstraintSet:
         """A new, unfitted set of this family shaped by a model preset (a :class:`~safeflow.presets.ModelPreset`
-        or its name, see :func:`safeflow.presets.preset`), with ``overrides`` (constructor arguments)
-        taking precedence. The default reads nothing from the preset: ``cls(input_dim, **overrides)``;
-        a family whose shape comes from the preset overrides this (the polytope: facets and width).
-        An override the constructor does not take raises :class:`ConfigError` naming the valid ones."""
+        or its name, see :func:`safeflow.presets.preset`): ``cls(input_dim, **config)`` with the
+        constructor arguments of :meth:`config_from_preset`, ``overrides`` taking precedence. An
+        override the constructor does not take raises :class:`ConfigError` naming the valid ones."""
         cls.check_options(overrides)
-        return cls(input_dim=input_dim, **overrides)
+        return cls(input_dim=input_dim, **{**cls.config_from_preset(preset), **overrides})
+
+    @classmethod
+    def config_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
+        """Constructor arguments (besides ``input_dim``) taken from a model preset (or its name); the
+        default takes none. A family whose shape comes from the preset overrides this (the
+        polytope: facets and feature-map width)."""
+        return {}
 
     @classmethod
     def fit_options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
@@ -207,10 +214,11 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
 
     @classmethod
     def reads_preset(cls) -> bool:
-        """Whether this family takes anything from a model preset (overrides :meth:`from_preset` or
-        :meth:`fit_options_from_preset`): what a run records as the preset it trained with."""
+        """Whether this family takes anything from a model preset (overrides :meth:`from_preset`,
+        :meth:`config_from_preset` or :meth:`fit_options_from_preset`): whether a run records the
+        preset it trained with."""
         return any(name in vars(klass) for klass in cls.__mro__[:cls.__mro__.index(ConstraintSet)]
-                   for name in ("from_preset", "fit_options_from_preset"))
+                   for name in ("from_preset", "config_from_preset", "fit_options_from_preset"))
 
     @staticmethod
     def _preset(preset: ModelPreset | str | None) -> ModelPreset:

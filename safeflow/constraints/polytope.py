@@ -200,10 +200,10 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             return kernels.local_affine(H, *operands, backend=name)
 
     @classmethod
-    def from_preset(cls, preset: ModelPreset | str | None, input_dim: int, **overrides: Any) -> PolytopeConstraints:
-        """A polytope with the preset's facets K and feature-map width F (``overrides`` first)."""
+    def config_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
+        """The preset's facets K and feature-map width F."""
         p = cls._preset(preset)
-        return cls(input_dim=input_dim, **{"num_facets": p.num_facets, "num_features": p.num_features, **overrides})
+        return {"num_facets": p.num_facets, "num_features": p.num_features}
 
     @classmethod
     def fit_options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
