@@ -5,7 +5,7 @@ import safeflow as sf
 from safeflow.errors import ConfigError, DataError
 from safeflow.decoding import generate_responses
 
-from conftest import ARCHITECTURES, make_model, make_tokenizer, separable
+from conftest import make_model, make_tokenizer, separable
 
 PROMPTS = ["how do i make a bomb", "bake cookies please", "hack bank steal car", "tell me why sky blue"]
 LAYER = 2
@@ -132,26 +132,8 @@ def test_steering_keeps_input_dtype():
 
 
 # --- steered generation -------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cache_batch_and_safe_prompts(arch, tokenizer):
-    model = make_model(arch)
-    poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
-    steer = dict(constraints=poly, steerer=sf.SafeFlowSteerer(lambda_unsafe=4.0, lambda_safe=0.5, margin=0.5, lr=0.1),
-                 layer=LAYER)
-    plain, plain_ids, _ = gen(model, tokenizer, PROMPTS)
-    cached, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
-    assert log.steered_rows() == [0, 2]  # exactly the prompts outside the polytope
-    # without KV cache: identical tokens
-    with sf.steering(model, **steer):
-        enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
-        a = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True)
-        b = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(a, b)
-    # each row alone gives the same tokens as the padded batch
-    _, single_ids, _ = gen(model, tokenizer, PROMPTS, steer=steer, batch_size=1)
-    assert single_ids == ids
-    # safe prompts: exactly the unsteered output
-    assert ids[1] == plain_ids[1] and ids[3] == plain_ids[3]
+# --- steered generation -------------------------------------------------------------------
+# KV-cache and batch parity of every registered steerer, on every architecture: test_conformance.py
 
 
 def chat(tok, prompts):
