@@ -235,3 +235,13 @@ def test_toy_steerer_through_the_demo(tiny_dir, tmp_path, capsys, monkeypatch):
     assert metrics["config"]["steerer_options"] == {"toy-toward-mean": {"steps": 2}}
     md = (out / "report.md").read_text()
     assert any(line.startswith("| toy-toward-mean") for line in md.splitlines())
+
+
+def test_plugins_named_in_the_environment_are_imported_before_parsing(monkeypatch, capsys):
+    from safeflow.cli import load_plugins
+
+    monkeypatch.setenv("SAFEFLOW_PLUGINS", " extension_toys ,")
+    assert load_plugins() == ["extension_toys"]
+    monkeypatch.setenv("SAFEFLOW_PLUGINS", "extension_toys,no_such_plugin_module")
+    assert main(["train", "--constraint", "toy-ball"]) == 2
+    assert "cannot import 'no_such_plugin_module' named in $SAFEFLOW_PLUGINS" in capsys.readouterr().err
