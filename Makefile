@@ -59,7 +59,8 @@ $(VLLM_VENV)/.installed: pyproject.toml setup.py $(VLLM_CONSTRAINTS) $(wildcard 
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VBIN)/safeflow assets fetch
-	VLLM_CPU_KVCACHE_SPACE=1 timeout 900 $(VBIN)/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_serve.py tests/test_vllm_compiled.py
+	VLLM_CPU_KVCACHE_SPACE=1 timeout 1800 $(VBIN)/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_serve.py \
+		tests/test_vllm_compiled.py tests/test_vllm_tp.py
 
 bench-vllm: $(VLLM_VENV)/.installed
 	$(VBIN)/safeflow assets fetch
