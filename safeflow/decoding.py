@@ -51,7 +51,7 @@ def generate_responses(
     log: SteeringLog | None = None
     with steering(model, **steer) if steer else nullcontext() as log:
         texts, tokens = generate_from_ids(model, tokenizer, prefixes, max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size, progress=progress)
+                                          batch_size=batch_size, progress=progress, log=log)
     return texts, tokens, log
 
 
@@ -64,12 +64,17 @@ def generate_from_ids(
     max_new_tokens: int = 48,
     batch_size: int = 8,
     progress: bool = False,
+    log: SteeringLog | None = None,
 ) -> tuple[list[str], list[list[int]]]:
     """Greedy continuations of token-id ``prefixes`` (left-padded batches), e.g. a formatted
     prompt followed by the start of an answer. Returns ``(texts, token_ids)`` of the new tokens,
     stopping at EOS. Checks ``batch_size`` and ``max_new_tokens`` (integers >= 1), that every
     prefix has a token, and that no prefix plus ``max_new_tokens`` exceeds the model's position
-    limit (:func:`~safeflow.layers.position_limit`), before anything runs."""
+    limit (:func:`~safeflow.layers.position_limit`), before anything runs.
+
+    ``log``: the :class:`~safeflow.steering.SteeringLog` of an open steering context; each batch's
+    generate() call is labelled with its prompts' indices in ``prefixes``
+    (:meth:`~safeflow.steering.SteeringLog.label_next_call`), so every event records its prompt."""
     positive_int(batch_size, "batch_size")
     positive_int(max_new_tokens, "max_new_tokens")
     limit = position_limit(model)
@@ -88,6 +93,8 @@ def generate_from_ids(
     for start in progress_bar(range(0, len(prefixes), batch_size), desc="generate", disable=not progress):
         ids, mask = pad_batch(prefixes[start : start + batch_size], pad, side="left", device=device)
         width = ids.shape[1]
+        if log is not None:
+            log.label_next_call(range(start, start + ids.shape[0]))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad)
         for row in out[:, width:].tolist():

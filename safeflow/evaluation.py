@@ -155,9 +155,7 @@ def evaluate_steering(
     steered, steered_ids, log = generate_responses(model, tokenizer, prompts, steer=steer, **kw)
     cpu_steered = time.process_time() - start
     tokens_plain, tokens_steered = sum(map(len, plain_ids)), sum(map(len, steered_ids))
-    steered_tokens: dict[int, int] = {}
-    for e in log.steered() if log else []:
-        steered_tokens[e.call * batch_size + e.row] = steered_tokens.get(e.call * batch_size + e.row, 0) + 1
+    steered_tokens = log.steered_prompts() if log else {}
     ppl_plain = answer_perplexity(model, tokenizer, prompts, plain_ids, batch_size=batch_size)
     ppl_steered = answer_perplexity(model, tokenizer, prompts, steered_ids, batch_size=batch_size)
     records: list[dict[str, Any]] = []

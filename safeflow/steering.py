@@ -73,6 +73,10 @@ class SteerEvent:
     rejected: bool
     nonfinite: bool = False  #: the hidden state (or its violations) was NaN/inf; left untouched
     norm: float = 0.0  #: L2 norm of the hidden state before steering
+    #: index of the row's prompt in the caller's prompt list, when the caller labelled the
+    #: generate() call (:meth:`SteeringLog.label_next_call`, as
+    #: :func:`~safeflow.decoding.generate_responses` does); None otherwise
+    prompt: int | None = None
 
 
 @dataclass
@@ -81,9 +85,27 @@ class SteeringLog:
 
     events: list[SteerEvent] = field(default_factory=list)
     large_shift_calls: list[int] = field(default_factory=list)  #: calls whose mean shift exceeded the mean norm
+    #: prompt indices of the rows of the next generate() call (:meth:`label_next_call`)
+    pending_prompts: list[int] | None = None
+
+    def label_next_call(self, prompts: Sequence[int]) -> None:
+        """Say which prompts the rows of the next generate() call are: row ``r`` of that call is
+        prompt ``prompts[r]`` of the caller's list, recorded as :attr:`SteerEvent.prompt` of its
+        events. Batched callers (:func:`~safeflow.decoding.generate_from_ids`) call it before each
+        batch, so the log knows every event's prompt without reconstructing it from call numbers."""
+        self.pending_prompts = [int(p) for p in prompts]
 
     def steered(self) -> list[SteerEvent]:
         return [e for e in self.events if e.steered]
+
+    def steered_prompts(self) -> dict[int, int]:
+        """Steered tokens per prompt index (:attr:`SteerEvent.prompt`), for prompts with at least
+        one; events of unlabelled calls are left out."""
+        counts: dict[int, int] = {}
+        for e in self.steered():
+            if e.prompt is not None:
+                counts[e.prompt] = counts.get(e.prompt, 0) + 1
+        return counts
 
     def steered_rows(self, call: int = -1) -> list[int]:
         """Rows of generate() call ``call`` (default: the last) with at least one steered token."""
@@ -150,6 +172,7 @@ class _SequenceState:
         self.flagged: torch.Tensor | None = None  # rows whose prompt was outside (gate="prompt")
         self.start = 0  # absolute position of column 0 in the current forward
         self.replacements: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (rows, values [r, d])
+        self.prompts: list[int] | None = None  # prompt index of each row (SteeringLog.label_next_call)
 
 
 def _cache_length(kwargs: dict[str, Any]) -> int:
@@ -186,7 +209,8 @@ class _SteeringHooks:
         B, T = source.shape[0], source.shape[1]
         past = _cache_length(kwargs)
         s = self.state
-        continues = s is not None and s.batch == B and (
+        # a call labelled with its prompts (SteeringLog.label_next_call) is always a new one
+        continues = s is not None and s.batch == B and self.log.pending_prompts is None and (
             (past == s.length > 0 and T == 1)
             or (past == 0 and ids is not None and s.tokens is not None and T == s.length + 1
                 and torch.equal(ids[:, :-1], s.tokens))
@@ -199,6 +223,12 @@ class _SteeringHooks:
                 self.log.check_shifts(s.call)
             self.state = s = _SequenceState(self.calls)
             s.batch = B
+            pending, self.log.pending_prompts = self.log.pending_prompts, None
+            if pending is not None:
+                if len(pending) != B:
+                    raise ConfigError(f"the generate() call was labelled with {len(pending)} prompts "
+                                      f"(SteeringLog.label_next_call) but has {B} rows")
+                s.prompts = pending
             self.calls += 1
         assert s is not None
         s.step += 1
@@ -255,6 +285,7 @@ class _SteeringHooks:
                 violation_after=after[i], steered=bool(r.steered[i]), iterations=int(r.iterations[i]),
                 shift=float(r.shift[i]), inside=bool(r.inside[i]), rejected=bool(r.rejected[i]),
                 nonfinite=bool(r.nonfinite[i]), norm=norms[i],
+                prompt=None if s.prompts is None else s.prompts[row],
             ))
 
 

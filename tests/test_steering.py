@@ -164,6 +164,23 @@ def test_first_n_tokens_and_token_gate(tokenizer):
     assert all(e.steered for e in log.events) and len(log.events) == 6
 
 
+def test_log_records_each_events_prompt_across_batches(tokenizer):
+    """generate_responses labels every batch's generate() call, so each event knows its prompt
+    (its index in the prompt list) without rebuilding it from call numbers and the batch size."""
+    model = make_model("llama")
+    steer = dict(constraints=always_outside(32), steerer=sf.SafeFlowSteerer(max_steps=1), layer=LAYER, gate="token",
+                 first_n_tokens=2)
+    _, _, log = gen(model, tokenizer, PROMPTS + PROMPTS[:1], batch_size=2, steer=steer)
+    assert {(e.call, e.row, e.prompt) for e in log.events} == {(i // 2, i % 2, i) for i in range(5)}
+    assert log.steered_prompts() == {i: 2 for i in range(5)}
+    with sf.steering(model, **steer) as direct:  # model.generate called directly: no prompt ids
+        gen(model, tokenizer, PROMPTS[:2])
+        assert direct.events and all(e.prompt is None for e in direct.events) and direct.steered_prompts() == {}
+        direct.label_next_call([0, 1, 2])
+        with pytest.raises(ConfigError, match="labelled with 3 prompts .* but has 2 rows"):
+            gen(model, tokenizer, PROMPTS[:2])
+
+
 def test_detector_gate_steers_only_the_prompts_it_flags(tokenizer):
     model = make_model("llama")
     detector = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
