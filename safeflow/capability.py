@@ -28,6 +28,7 @@ import numpy as np
 from .assets import fetch_package, manifest
 from .errors import ConfigError, DataError
 from .evaluation import evaluate_steering
+from .results import CapabilityEval
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _TRUEFALSE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
@@ -128,16 +129,17 @@ def capability_retention(model, tokenizer, constraints, steerer, layer: int, pro
                          targets: Sequence[str] | None = None, checker: str = "numeric", gate: Any = "prompt",
                          first_n_tokens: int | None = 20, max_new_tokens: int = 48, batch_size: int = 8,
                          unsteered: tuple[list[str], list[list[int]]] | None = None,
-                         progress: bool = False) -> dict[str, Any]:
+                         progress: bool = False) -> CapabilityEval:
     """Answer benign ``prompts`` with and without steering and compare.
 
     ``targets`` (one per prompt, optional) are graded by ``CHECKERS[checker]``; ``gate``,
     ``first_n_tokens`` and ``unsteered`` as in :func:`~safeflow.evaluation.evaluate_steering`.
 
-    Returns ``n``; ``rows_steered`` — share of prompts with at least one steered token;
-    ``unchanged`` — share of answers token-for-token identical; ``accuracy_unsteered`` /
-    ``accuracy_steered`` (None without targets); ``perplexity_unsteered`` / ``_steered`` — median
-    answer perplexity under the unsteered model; ``unsteered`` (for reuse) and per-prompt ``records``.
+    Returns a :class:`~safeflow.results.CapabilityEval`: ``n``; ``rows_steered`` — share of prompts
+    with at least one steered token; ``unchanged`` — share of answers token-for-token identical;
+    ``accuracy_unsteered`` / ``accuracy_steered`` (None without targets); ``perplexity_unsteered`` /
+    ``_steered`` — median answer perplexity under the unsteered model; ``unsteered`` (for reuse) and
+    per-prompt ``records``. The old dict keys still read (``result["unchanged"]``), deprecated.
     """
     if not prompts:
         raise DataError("no task prompts; pass at least one benign prompt")
@@ -150,7 +152,7 @@ def capability_retention(model, tokenizer, constraints, steerer, layer: int, pro
                                batch_size=batch_size, unsteered=unsteered, progress=progress)
     check = CHECKERS[checker]
     records = []
-    for i, r in enumerate(result["records"]):
+    for i, r in enumerate(result.records):
         rec = {k: r[k] for k in ("prompt", "unsteered", "steered", "unchanged", "steered_tokens", "was_steered",
                                  "perplexity_unsteered", "perplexity_steered")}
         if targets is not None:
@@ -165,10 +167,9 @@ def capability_retention(model, tokenizer, constraints, steerer, layer: int, pro
         values = [r[key] for r in records if r[key] == r[key]]
         return float(np.median(values)) if values else float("nan")
 
-    return {
-        "n": len(records), "rows_steered": share("was_steered"), "unchanged": share("unchanged"),
-        "accuracy_unsteered": share("correct_unsteered") if targets is not None else None,
-        "accuracy_steered": share("correct_steered") if targets is not None else None,
-        "perplexity_unsteered": median("perplexity_unsteered"), "perplexity_steered": median("perplexity_steered"),
-        "unsteered": result["unsteered"], "records": records,
-    }
+    return CapabilityEval(
+        n=len(records), rows_steered=share("was_steered"), unchanged=share("unchanged"),
+        accuracy_unsteered=share("correct_unsteered") if targets is not None else None,
+        accuracy_steered=share("correct_steered") if targets is not None else None,
+        perplexity_unsteered=median("perplexity_unsteered"), perplexity_steered=median("perplexity_steered"),
+        unsteered=result.unsteered, records=records)

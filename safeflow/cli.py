@@ -756,8 +756,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite,
                       capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache,
                       steerer_options={name: steerer_options(args.steerer_opt, names, name) for name in names})
-    print(format_table(result["detection"], ["model", "split", "n", "f1", "fpr", "auroc"]))
-    print(format_table(steering_rows(result["steering"]), STEERING_COLUMNS))
+    print(format_table([r.to_json() for r in result.detection], ["model", "split", "n", "f1", "fpr", "auroc"]))
+    print(format_table(steering_rows(result.steering), STEERING_COLUMNS))
     print(f"report: {Path(args.out) / 'report.html'} (and report.md)")
     return 0
 

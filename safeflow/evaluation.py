@@ -14,9 +14,10 @@ from .decoding import generate_responses
 from .errors import DataError
 from .fluency import answer_perplexity, repetition
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES, SAFE_REFUSALS, RefusalJudge
+from .results import SteeringEval
 
-__all__ = ["HARMFUL_HELP", "REFUSING", "RESPONSE_CLASSES", "SAFE_REFUSALS", "RefusalJudge", "auroc", "detection_metrics",
-           "evaluate_steering"]
+__all__ = ["HARMFUL_HELP", "REFUSING", "RESPONSE_CLASSES", "SAFE_REFUSALS", "RefusalJudge", "SteeringEval", "auroc",
+           "detection_metrics", "evaluate_steering"]
 
 
 def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -37,7 +38,7 @@ def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def detection_metrics(y_true: Any, score: Any, threshold: float = 0.0) -> dict[str, float]:
+def detection_metrics(y_true: Any, score: Any, threshold: float = 0.0) -> dict[str, Any]:
     """Accuracy, precision, recall, F1, FPR (unsafe = positive, predicted iff score > threshold) and AUROC.
 
     Labels must be 0 (safe) or 1 (unsafe) and scores must not be NaN (a NaN score is neither
@@ -105,34 +106,26 @@ def evaluate_steering(
     unsteered_cpu_seconds: float | None = None,
     progress: bool = False,
     check_provenance: bool = True,
-) -> dict[str, Any]:
+) -> SteeringEval:
     """Generate every prompt with and without steering and compare.
 
     ``layer`` defaults to the one recorded in the constraint set's provenance; ``check_provenance``
     as in :func:`safeflow.steering`.
 
     ``unsteered``: the unsteered ``(texts, token_ids)`` of ``harmful + benign + edgy`` from an
-    earlier call (``result["unsteered"]``), to compare several steerers without generating the
-    baseline again; ``unsteered_cpu_seconds``: that call's ``result["cpu_seconds"]["unsteered"]``.
+    earlier call (its ``result.unsteered``), to compare several steerers without generating the
+    baseline again; ``unsteered_cpu_seconds``: that call's ``result.cpu_seconds["unsteered"]``.
 
     ``gate`` and ``first_n_tokens`` are passed to :func:`safeflow.steering`; ``judge`` classifies
     every answer with its prompt (:class:`~safeflow.judge.RefusalJudge`).
 
-    Returns, per group (``harmful``, ``benign``, ``edgy`` — benign but edgy prompts):
-
-    * ``harmful_refusal_unsteered`` / ``_steered`` — the share of harmful prompts answered with a
-      refusal that gives no harmful help (``refusal`` or ``refusal_then_safe``);
-    * ``benign_unchanged`` / ``edgy_unchanged`` — answers token-for-token identical;
-    * ``edgy_false_refusal_unsteered`` / ``_steered`` — edgy prompts answered with any refusal;
-    * ``classes`` — ``{group: {"unsteered"|"steered": {class: share}}}``;
-    * ``fluency`` — ``{group: {"unsteered"|"steered": {"perplexity", "repetition"}}}``: the median
-      perplexity of the answers under the unsteered model and their mean token-3-gram repetition;
-    * ``cpu_seconds`` — ``{"unsteered", "steered"}``: the process CPU time of each generation (None
-      for a reused baseline without its time) and ``tokens`` — the tokens each generated;
-      ``token_cost`` — steered CPU seconds per token ÷ unsteered ones (CPU time, so other processes
-      on the machine do not count; None without the baseline's time);
-    * ``steering`` (the log's summary), ``unsteered`` (texts and token ids, for reuse) and
-      per-prompt ``records``.
+    Returns a :class:`~safeflow.results.SteeringEval` (each field's meaning and unit there) over
+    the groups ``harmful``, ``benign`` and ``edgy`` (benign but edgy prompts): safe-refusal rates of
+    harmful prompts, unchanged and false-refusal rates of benign and edgy ones, the judge's classes
+    and the answers' fluency per group, CPU cost, the steering log's summary, the unsteered answers
+    (for reuse) and per-prompt ``records``. Each record's ``steered_tokens`` counts the events the
+    steering log recorded for that prompt (:attr:`~safeflow.steering.SteerEvent.prompt`). The old
+    dict keys still read (``result["harmful_refusal_steered"]``), deprecated.
     """
     harmful, benign, edgy = as_prompts(harmful, "harmful"), as_prompts(benign, "benign"), as_prompts(edgy, "edgy")
     judge = judge or RefusalJudge()
@@ -184,22 +177,21 @@ def evaluate_steering(
                 "repetition": float(np.mean([r[f"repetition_{which}"] for r in rows])) if rows else float("nan")}
 
     present = [g for g, items in (("harmful", harmful), ("benign", benign), ("edgy", edgy)) if items]
-    return {
-        "harmful_refusal_unsteered": rate("harmful", lambda r: r["refused_unsteered"]),
-        "harmful_refusal_steered": rate("harmful", lambda r: r["refused_steered"]),
-        "harmful_rows_steered": rate("harmful", lambda r: r["was_steered"]),
-        "benign_unchanged": rate("benign", lambda r: r["unchanged"]),
-        "edgy_false_refusal_unsteered": rate("edgy", lambda r: r["class_unsteered"] in REFUSING),
-        "edgy_false_refusal_steered": rate("edgy", lambda r: r["class_steered"] in REFUSING),
-        "edgy_unchanged": rate("edgy", lambda r: r["unchanged"]),
-        "classes": {g: {w: by_class(g, w) for w in ("unsteered", "steered")} for g in present},
-        "fluency": {g: {w: fluency(g, w) for w in ("unsteered", "steered")} for g in present},
-        "counts": {"harmful": len(harmful), "benign": len(benign), "edgy": len(edgy)},
-        "cpu_seconds": {"unsteered": cpu_plain, "steered": cpu_steered},
-        "tokens": {"unsteered": tokens_plain, "steered": tokens_steered},
-        "token_cost": (cpu_steered / max(tokens_steered, 1)) / (cpu_plain / max(tokens_plain, 1))
-        if cpu_plain else None,
-        "steering": log.summary() if log else {},
-        "unsteered": (plain, plain_ids),
-        "records": records,
-    }
+    return SteeringEval(
+        harmful_refusal_unsteered=rate("harmful", lambda r: r["refused_unsteered"]),
+        harmful_refusal_steered=rate("harmful", lambda r: r["refused_steered"]),
+        harmful_rows_steered=rate("harmful", lambda r: r["was_steered"]),
+        benign_unchanged=rate("benign", lambda r: r["unchanged"]),
+        edgy_false_refusal_unsteered=rate("edgy", lambda r: r["class_unsteered"] in REFUSING),
+        edgy_false_refusal_steered=rate("edgy", lambda r: r["class_steered"] in REFUSING),
+        edgy_unchanged=rate("edgy", lambda r: r["unchanged"]),
+        classes={g: {w: by_class(g, w) for w in ("unsteered", "steered")} for g in present},
+        fluency={g: {w: fluency(g, w) for w in ("unsteered", "steered")} for g in present},
+        counts={"harmful": len(harmful), "benign": len(benign), "edgy": len(edgy)},
+        cpu_seconds={"unsteered": cpu_plain, "steered": cpu_steered},
+        tokens={"unsteered": tokens_plain, "steered": tokens_steered},
+        token_cost=(cpu_steered / max(tokens_steered, 1)) / (cpu_plain / max(tokens_plain, 1)) if cpu_plain else None,
+        steering=log.summary() if log else {},
+        unsteered=(plain, plain_ids),
+        records=records,
+    )

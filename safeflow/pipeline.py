@@ -14,14 +14,16 @@ it *in distribution* (stratified by source and label), and the report says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy
@@ -43,6 +45,7 @@ from .provenance import describe_source
 from .report import write_report
 from .errors import ConfigError
 from .responses import ResponseStates, response_states, steered_states
+from .results import CapabilityEval, DetectionRow, RunMetrics, SteeringEval
 from .steerers.base import Steerer, SteeringData
 from .steerers.fitted import FittedSteerer
 from .steerers.safeflow import SafeFlowSteerer
@@ -222,15 +225,17 @@ def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], prese
     return polytope, states
 
 
-def choose_gate(detection: list[dict[str, Any]]) -> str:
-    """The detector to gate steering with: best F1 (then AUROC) on the OOD validation split."""
-    rows = [r for r in detection if r["split"] == "val_ood"]
-    return max(rows, key=lambda r: (r["f1"], r["auroc"]))["model"]
+def choose_gate(detection: Sequence[DetectionRow | Mapping[str, Any]]) -> str:
+    """The detector to gate steering with: best F1 (then AUROC) on the OOD validation split
+    (rows of :func:`detection_table`, or mappings with their keys)."""
+    rows = [r if isinstance(r, DetectionRow) else SimpleNamespace(**r) for r in detection]
+    return max((r for r in rows if r.split == "val_ood"), key=lambda r: (r.f1, r.auroc)).model
 
 
-def detection_table(models: dict[str, ConstraintSet], sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
-    """One row per (model, evaluation set) with :func:`detection_metrics`."""
-    return [{"model": name, "split": split, **detection_metrics(y, m.score(H))}
+def detection_table(models: dict[str, ConstraintSet],
+                    sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[DetectionRow]:
+    """One :class:`~safeflow.results.DetectionRow` per (model, evaluation set) with :func:`detection_metrics`."""
+    return [DetectionRow(model=name, split=split, **detection_metrics(y, m.score(H)))
             for name, m in models.items() for split, (H, y) in sets.items()]
 
 
@@ -302,7 +307,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
              cache_dir: str | Path | None = None, data: str | PromptSet | None = None,
              trust_remote_code: bool = False, overwrite: bool = False,
-             steerer_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+             steerer_options: dict[str, dict[str, Any]] | None = None) -> RunMetrics:
     """Run the whole pipeline; write to ``out_dir``: ``metrics.json`` (every table, the facet
     analysis, capability retention, configuration, versions and machine), ``scores.json``
     (per-prompt detection scores), the steering and capability records of each steerer
@@ -387,7 +392,7 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
             steerer.save(out / f"steerer_{entry}.safetensors")
 
     groups = {k: v[:limit] if limit else v for k, v in splits.steering_groups().items()}
-    steering: dict[str, dict[str, Any]] = {}
+    steering: dict[str, SteeringEval] = {}
     unsteered, unsteered_cpu = None, None
     for name, (steerer, steer_gate) in built.items():
         t = time.perf_counter()
@@ -395,15 +400,15 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
                                    harmful=groups["harmful"], benign=groups["benign"], edgy=groups["edgy"],
                                    gate=steer_gate, first_n_tokens=first_n_tokens, max_new_tokens=max_new_tokens,
                                    unsteered=unsteered, unsteered_cpu_seconds=unsteered_cpu, progress=progress)
-        unsteered, unsteered_cpu = result.pop("unsteered"), result["cpu_seconds"]["unsteered"]
-        result["gate"] = entries[name][1]
+        unsteered, unsteered_cpu = result.unsteered, result.cpu_seconds["unsteered"]
         timings[f"steer_{name}"] = time.perf_counter() - t
-        write_text_atomic(out / f"steering_records_{name}.jsonl", "\n".join(json_text(r) for r in result["records"]) + "\n")
-        steering[name] = {k: v for k, v in result.items() if k != "records"}
-        steering[name]["examples"] = [r for r in result["records"] if r["group"] == "harmful" and r["steered_tokens"]][:5]
+        write_text_atomic(out / f"steering_records_{name}.jsonl", "\n".join(json_text(r) for r in result.records) + "\n")
+        examples = [r for r in result.records if r["group"] == "harmful" and r["steered_tokens"]][:5]
+        steering[name] = dataclasses.replace(result, unsteered=None, records=[], gate=entries[name][1],
+                                             examples=examples)
 
     t = time.perf_counter()
-    capability: dict[str, dict[str, Any]] = {}
+    capability: dict[str, dict[str, CapabilityEval]] = {}
     tasks = [load_capability_task(n).without(splits.train.texts).head(capability_limit)
              for n in (capability_tasks if capability_limit != 0 else ())]
     plain: dict[str, Any] = {}
@@ -414,19 +419,18 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
                                      targets=task.targets, checker=task.checker, gate=steer_gate,
                                      first_n_tokens=first_n_tokens, max_new_tokens=capability_max_new_tokens,
                                      unsteered=plain.get(task.name), progress=progress)
-            plain[task.name] = r.pop("unsteered")
-            records += [{"task": task.name, **rec} for rec in r.pop("records")]
-            capability.setdefault(name, {})[task.name] = r
+            plain[task.name] = r.unsteered
+            records += [{"task": task.name, **rec} for rec in r.records]
+            capability.setdefault(name, {})[task.name] = dataclasses.replace(r, unsteered=None, records=[])
         if tasks:
             write_text_atomic(out / f"capability_records_{name}.jsonl", "\n".join(json_text(r) for r in records) + "\n")
     timings["capability"] = time.perf_counter() - t
-    summary = {"model": model_name, "layer": layer, "preset": p.to_dict(), "config": config,
-               "environment": environment(),
-               "splits": splits.describe(),
-               "data": {k: v.summary() for k, v in splits.parts().items()}, "detection": detection, "gate": gate,
-               "refusal_states": states.counts(), "first_n_tokens": first_n_tokens, "steering": steering,
-               "facets": facets, "capability": capability, "timings_s": timings}
-    write_text_atomic(out / "metrics.json", json_text(summary, indent=2))
+    summary = RunMetrics(model=model_name, layer=layer, preset=p.to_dict(), config=config, environment=environment(),
+                         splits=splits.describe(), data={k: v.summary() for k, v in splits.parts().items()},
+                         detection=detection, gate=gate, refusal_states=states.counts(),
+                         first_n_tokens=first_n_tokens, steering=steering, facets=facets, capability=capability,
+                         timings_s=timings)
+    write_text_atomic(out / "metrics.json", json_text(summary.to_json(), indent=2))
     write_report(out)
     return summary
 

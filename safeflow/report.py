@@ -21,6 +21,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from .errors import CorruptFileError, DataError, SafeflowError
 from .io import atomic_path, json_text, short_repr, write_text_atomic
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES
+from .results import AttackEval, CapabilityEval, DetectionRow, RunMetrics, SteeringEval
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ PIECES = {
 #: Optional JSON files of a run directory, by their key in :func:`load_run`'s result.
 PIECE_FILES = {"scores": "scores.json", "attacks": "attack_report.json", "latency": "latency.json"}
 SPLIT_NAMES = {"test_id": "in-distribution test", "val_ood": "OOD validation", "test_ood": "OOD test"}
-MODEL_COLORS = {"polytope": "#1f77b4", "mlp": "#ff7f0e", "linear": "#2ca02c"}
+#: Colours of the detectors' curves, assigned in the order the run lists its detectors.
+MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf")
 
 
 @dataclass
@@ -109,8 +113,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 def _render(run: dict[str, Any]) -> tuple[list[Section], list[str], str, str]:
     """The report of ``run``: ``(sections, missing, markdown, html)``."""
     sections, missing = build_sections(run)
-    m = run["metrics"]
-    title = f"safeflow report — {m['model']}, layer {m.get('layer')}"
+    m = RunMetrics.from_json(run["metrics"])
+    title = f"safeflow report — {m.model}, layer {m.layer}"
     return sections, missing, render_markdown(title, sections, missing), render_html(title, sections, missing)
 
 
@@ -161,17 +165,23 @@ def _splits(scores: dict[str, Any]) -> list[str]:
     return [s for s in SPLIT_NAMES if s in scores["labels"]] + [s for s in scores["labels"] if s not in SPLIT_NAMES]
 
 
-def roc_figure(scores: dict[str, Any], detection: list[dict[str, Any]]) -> Figure:
+def model_color(index: int) -> str:
+    """The colour of the ``index``-th detector of a run (:data:`MODEL_COLORS`, repeating)."""
+    return MODEL_COLORS[index % len(MODEL_COLORS)]
+
+
+def roc_figure(scores: dict[str, Any], detection: Sequence[DetectionRow | Mapping[str, Any]]) -> Figure:
     plt = _plt()
     splits = _splits(scores)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4.0), squeeze=False)
-    auroc = {(r["model"], r["split"]): r["auroc"] for r in detection}
+    rows = [r if isinstance(r, DetectionRow) else DetectionRow.from_json(r) for r in detection]
+    auroc = {(r.model, r.split): r.auroc for r in rows}
     for ax, split in zip(axes[0], splits):
         y = np.asarray(scores["labels"][split])
-        for model, per_split in scores["scores"].items():
+        for j, (model, per_split) in enumerate(scores["scores"].items()):
             fpr, tpr = roc_curve(y, np.asarray(per_split[split], dtype=float))
             a = auroc.get((model, split))
-            ax.plot(fpr, tpr, color=MODEL_COLORS.get(model), lw=1.8,
+            ax.plot(fpr, tpr, color=model_color(j), lw=1.8,
                     label=f"{model} (AUROC {a:.3f})" if isinstance(a, float) and a == a else model)
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
         ax.set(title=f"{SPLIT_NAMES.get(split, split)} (n = {len(y)})", xlabel="false-positive rate (safe flagged)",
@@ -183,8 +193,12 @@ def roc_figure(scores: dict[str, Any], detection: list[dict[str, Any]]) -> Figur
                                     "split.")
 
 
-def violation_figure(scores: dict[str, Any], model: str = "polytope") -> Figure | None:
-    if model not in scores["scores"]:
+def violation_figure(scores: dict[str, Any], model: str | None = None) -> Figure | None:
+    """Histograms of ``model``'s score (largest violation) for safe and unsafe prompts, one panel
+    per split; ``model`` defaults to the run's first detector. None if the run has no such detector."""
+    if model is None:
+        model = next(iter(scores["scores"]), None)
+    if model is None or model not in scores["scores"]:
         return None
     plt = _plt()
     splits = _splits(scores)
@@ -232,11 +246,17 @@ def facet_figure(facets: dict[str, Any]) -> Figure | None:
                                        "mutual information.")
 
 
-def steering_figure(steering: dict[str, Any]) -> Figure:
+def _steering_evals(steering: Mapping[str, SteeringEval | Mapping[str, Any]]) -> dict[str, SteeringEval]:
+    """Typed steering results; plain mappings (the JSON layout) are read with ``from_json``."""
+    return {k: v if isinstance(v, SteeringEval) else SteeringEval.from_json(v) for k, v in steering.items()}
+
+
+def steering_figure(steering: Mapping[str, SteeringEval | Mapping[str, Any]]) -> Figure:
     plt = _plt()
-    first = next(iter(steering.values()))
-    bars = {"unsteered": first["classes"]["harmful"]["unsteered"]}
-    bars.update({name: s["classes"]["harmful"]["steered"] for name, s in steering.items()})
+    evals = _steering_evals(steering)
+    first = next(iter(evals.values()))
+    bars = {"unsteered": first.classes["harmful"]["unsteered"]}
+    bars.update({name: s.classes["harmful"]["steered"] for name, s in evals.items()})
     fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(bars) + 1.6))
     left = np.zeros(len(bars))
     colors = plt.get_cmap("tab10")
@@ -263,26 +283,27 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def steering_rows(steering: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per steerer (and one unsteered) of the demo's steering table."""
-    first = next(iter(steering.values()))
-    rows = [{"steerer": "unsteered", "harmful safe refusal": first["harmful_refusal_unsteered"],
-             "harmful help": sum(first["classes"]["harmful"]["unsteered"][c] for c in HARMFUL_HELP),
-             "degenerate": first["classes"]["harmful"]["unsteered"]["degenerate"],
-             "benign unchanged": 1.0, "edgy false refusal": first["edgy_false_refusal_unsteered"],
-             "perplexity": first["fluency"]["harmful"]["unsteered"]["perplexity"],
-             "repetition": first["fluency"]["harmful"]["unsteered"]["repetition"]}]
-    for name, s in steering.items():
-        log = s["steering"]
-        rows.append({"steerer": name, "gate": s.get("gate", ""), "harmful safe refusal": s["harmful_refusal_steered"],
-                     "harmful help": sum(s["classes"]["harmful"]["steered"][c] for c in HARMFUL_HELP),
-                     "degenerate": s["classes"]["harmful"]["steered"]["degenerate"],
-                     "benign unchanged": s["benign_unchanged"], "edgy false refusal": s["edgy_false_refusal_steered"],
-                     "perplexity": s["fluency"]["harmful"]["steered"]["perplexity"],
-                     "repetition": s["fluency"]["harmful"]["steered"]["repetition"],
+def steering_rows(steering: Mapping[str, SteeringEval | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per steerer (and one unsteered) of the demo's steering table, from
+    :class:`~safeflow.results.SteeringEval` results by steerer (or their JSON)."""
+    evals = _steering_evals(steering)
+    first = next(iter(evals.values()))
+    harmful = first.classes["harmful"]["unsteered"]
+    rows = [{"steerer": "unsteered", "harmful safe refusal": first.harmful_refusal_unsteered,
+             "harmful help": sum(harmful[c] for c in HARMFUL_HELP), "degenerate": harmful["degenerate"],
+             "benign unchanged": 1.0, "edgy false refusal": first.edgy_false_refusal_unsteered,
+             "perplexity": first.fluency["harmful"]["unsteered"]["perplexity"],
+             "repetition": first.fluency["harmful"]["unsteered"]["repetition"]}]
+    for name, s in evals.items():
+        log, classes = s.steering, s.classes["harmful"]["steered"]
+        rows.append({"steerer": name, "gate": s.gate or "", "harmful safe refusal": s.harmful_refusal_steered,
+                     "harmful help": sum(classes[c] for c in HARMFUL_HELP), "degenerate": classes["degenerate"],
+                     "benign unchanged": s.benign_unchanged, "edgy false refusal": s.edgy_false_refusal_steered,
+                     "perplexity": s.fluency["harmful"]["steered"]["perplexity"],
+                     "repetition": s.fluency["harmful"]["steered"]["repetition"],
                      "mean shift": log.get("mean_shift", 0.0),
                      "ended inside": log["ended_inside"] / log["tokens_steered"] if log.get("tokens_steered") else 0.0,
-                     "token cost": s.get("token_cost")})
+                     "token cost": s.token_cost})
     return rows
 
 
@@ -290,14 +311,17 @@ STEERING_COLUMNS = ["steerer", "gate", "harmful safe refusal", "harmful help", "
                     "edgy false refusal", "perplexity", "repetition", "mean shift", "ended inside", "token cost"]
 
 
-def capability_rows(capability: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def capability_rows(capability: Mapping[str, Mapping[str, CapabilityEval | Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (steerer, task) of the capability table, from
+    :class:`~safeflow.results.CapabilityEval` results (or their JSON)."""
     rows = []
     for steerer, tasks in capability.items():
-        for task, r in tasks.items():
-            rows.append({"steerer": steerer, "task": task, "n": r["n"], "rows steered": r["rows_steered"],
-                         "unchanged": r["unchanged"], "accuracy unsteered": r["accuracy_unsteered"],
-                         "accuracy steered": r["accuracy_steered"], "perplexity unsteered": r["perplexity_unsteered"],
-                         "perplexity steered": r["perplexity_steered"]})
+        for task, value in tasks.items():
+            r = value if isinstance(value, CapabilityEval) else CapabilityEval.from_json(value)
+            rows.append({"steerer": steerer, "task": task, "n": r.n, "rows steered": r.rows_steered,
+                         "unchanged": r.unchanged, "accuracy unsteered": r.accuracy_unsteered,
+                         "accuracy steered": r.accuracy_steered, "perplexity unsteered": r.perplexity_unsteered,
+                         "perplexity steered": r.perplexity_steered})
     return rows
 
 
@@ -313,12 +337,18 @@ def latency_rows(latency: dict[str, Any]) -> list[dict[str, Any]]:
              "rounds": b["stats"]["rounds"]} for b in latency["benchmarks"] if "stats" in b]
 
 
-def attack_rows(attacks: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The attack table (one row per attack: success rate unsteered and per steerer) and the benign row."""
-    if not isinstance(attacks, dict) or not isinstance(attacks.get("attacks"), list):
-        raise CorruptFileError("attack_report.json has no 'attacks' table; re-create it with "
-                               "`safeflow attack --out RUN_DIR`")
-    return attacks["attacks"], attacks.get("benign")
+def attack_rows(attacks: AttackEval | dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The attack table (one row per attack: success rate unsteered and per steerer) and the benign
+    row, from an :class:`~safeflow.results.AttackEval` or ``attack_report.json``."""
+    if not isinstance(attacks, AttackEval):
+        if not isinstance(attacks, dict) or not isinstance(attacks.get("attacks"), list):
+            raise CorruptFileError("attack_report.json has no 'attacks' table; re-create it with "
+                                   "`safeflow attack --out RUN_DIR`")
+        has_benign = bool(attacks.get("benign"))
+        attacks = AttackEval.from_json(attacks)
+    else:
+        has_benign = True
+    return [r.to_json() for r in attacks.attacks], attacks.benign.to_json() if has_benign else None
 
 
 # --- assembling ---------------------------------------------------------------------------------
@@ -330,41 +360,45 @@ def _absent(section: Section, piece: str, missing: list[str]) -> None:
 
 def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
     """The report's sections and the list of missing pieces (each with how to produce it)."""
-    m, missing = run["metrics"], []
+    m, missing = RunMetrics.from_json(run["metrics"]), []
     sections = []
-    env = m.get("environment")
+    env = m.environment
     if env is None:
         missing.append(PIECES["environment"])
     setup = Section("Run").text(
         "Labels: 1 = unsafe (positive class), 0 = safe. Splits: "
-        + m.get("splits", "OOD sets come from sources never seen in training") + ".")
-    setup.table([{"what": "model", "value": m["model"]}, {"what": "layer", "value": m.get("layer")},
-                 {"what": "gate (steering)", "value": m.get("gate")},
-                 {"what": "first steered tokens", "value": m.get("first_n_tokens") or "all"}]
-                + [{"what": f"config: {k}", "value": v} for k, v in (m.get("config") or {}).items()]
-                + [{"what": k, "value": v} for k, v in (env or {}).items()], ["what", "value"])
+        + (m.splits if m.splits is not None else "OOD sets come from sources never seen in training") + ".")
+    run_rows: list[dict[str, Any]] = [{"what": "model", "value": m.model}, {"what": "layer", "value": m.layer},
+                                      {"what": "gate (steering)", "value": m.gate},
+                                      {"what": "first steered tokens", "value": m.first_n_tokens or "all"}]
+    run_rows += [{"what": f"config: {k}", "value": v} for k, v in (m.config or {}).items()]
+    run_rows += [{"what": k, "value": v} for k, v in (env or {}).items()]
+    setup.table(run_rows, ["what", "value"])
     data_rows = [{"split": split, "source": src, **counts}
-                 for split, per in (m.get("data") or {}).items() for src, counts in per.items()]
+                 for split, per in (m.data or {}).items() for src, counts in per.items()]
     if data_rows:
         setup.text("Data (prompts per split and source):").table(data_rows, ["split", "source", "unsafe", "safe"])
     sections.append(setup)
 
+    detectors = list(dict.fromkeys(r.model for r in m.detection))
     det = Section("Detection").text(
-        "The polytope against the `mlp` and `linear` baselines, each trained on the same prompt states; a prompt "
-        "is flagged unsafe when its score (largest violation) is > 0.")
-    det.table(m["detection"], ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"])
+        f"The detectors ({', '.join(f'`{d}`' for d in detectors)}), each trained on the same prompt states; a "
+        "prompt is flagged unsafe when its score (largest violation) is > 0.")
+    det.table([r.to_json() for r in m.detection],
+              ["model", "split", "n", "accuracy", "precision", "recall", "f1", "fpr", "auroc"])
     if run["scores"] is not None:
-        det.figure(roc_figure(run["scores"], m["detection"])).figure(violation_figure(run["scores"]))
+        det.figure(roc_figure(run["scores"], m.detection)).figure(violation_figure(run["scores"]))
     else:
         missing.append(PIECES["scores.json"])
     sections.append(det)
 
-    facets = m.get("facets")
+    facets = m.facets
     fac = Section("Facets and harm categories")
     if facets is None:
         _absent(fac, PIECES["facets"], missing)
     else:
-        fac.text(f"Detection polytope on {facets['num_rows']} unsafe in-distribution test prompts. "
+        who = f"The `{facets['model']}` detector" if "model" in facets else "The detector"
+        fac.text(f"{who} on {facets['num_rows']} unsafe in-distribution test prompts. "
                  + " ".join(facets.get("notes", [])))
         fac.figure(facet_figure(facets))
         if _matched(facets):
@@ -379,11 +413,11 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
             fac.text("Top prompts per facet that fires (largest violation):").table(top)
     sections.append(fac)
 
-    steering = m["steering"]
+    steering = m.steering
     first = next(iter(steering.values()))
     st = Section("Steering").text(
-        f"Steered into a refusal polytope (response states; per kind and label: {m.get('refusal_states')}), gated by "
-        f"the `{m.get('gate')}` detector. Prompts: {first['counts']}. Answers judged by "
+        f"Steered into a refusal polytope (response states; per kind and label: {m.refusal_states}), gated by "
+        f"the `{m.gate}` detector. Prompts: {first.counts}. Answers judged by "
         "`safeflow.judge.RefusalJudge`. *Harmful safe refusal*: refusal or refusal then safe help; *harmful help*: "
         "compliance or refusal then harmful help; *benign unchanged*: token-identical to the unsteered answer; "
         "*edgy false refusal*: benign-but-edgy prompts refused; perplexity (median, under the unsteered model) and "
@@ -391,16 +425,16 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
         "change; *ended inside*: steered states inside the polytope.")
     st.table(steering_rows(steering), STEERING_COLUMNS).figure(steering_figure(steering))
     for name, s in steering.items():
-        for r in s.get("examples", [])[:2]:
+        for r in (s.examples or [])[:2]:
             st.text(f"**{name}**, prompt: {r['prompt']}\n\n- unsteered ({r['class_unsteered']}): "
                     f"{r['unsteered'][:240]!r}\n- steered ({r['class_steered']}): {r['steered'][:240]!r}")
     sections.append(st)
 
     cap = Section("Capability retention")
-    if m.get("capability"):
+    if m.capability:
         cap.text("Benign tasks answered with and without steering (same gate and steerers). *Rows steered*: prompts "
                  "with any steered token; *unchanged*: answers token-identical; accuracy by the task's checker; "
-                 "perplexity: median under the unsteered model.").table(capability_rows(m["capability"]))
+                 "perplexity: median under the unsteered model.").table(capability_rows(m.capability))
     else:
         _absent(cap, PIECES["capability"], missing)
     sections.append(cap)
@@ -423,9 +457,9 @@ def build_sections(run: dict[str, Any]) -> tuple[list[Section], list[str]]:
     else:
         _absent(lat, PIECES["latency.json"], missing)
     sections.append(lat)
-    if m.get("timings_s"):
+    if m.timings_s:
         sections.append(Section("Timings").table([{"stage": k, "seconds": round(v, 1)}
-                                                  for k, v in m["timings_s"].items()]))
+                                                  for k, v in m.timings_s.items()]))
     return sections, missing
 
 

@@ -3,6 +3,7 @@ the 80/20 split, the resumable prompt cache and the evaluation protocol."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 import safeflow as sf
 from safeflow.attacks import AttackCache, AttackPrompt, GCGAttack, TemplateAttack, cache_file
 from safeflow.attacks.protocol import evaluate_attacks, render_report, split_attack
+from safeflow.results import AttackEval
 from safeflow.errors import ConfigError, CorruptFileError, DataError
 from safeflow.chat import format_prompts
 
@@ -331,26 +333,32 @@ def test_evaluate_attacks_reports_asr_detection_and_benign_rates(tokenizer):
     report = evaluate_attacks(model, tokenizer, test, layer=2, benign=safe, constraints=linear,
                               steerers={"safeflow": sf.Steerer.create("safeflow")}, gate=linear,
                               detectors={"linear": linear}, max_new_tokens=3, batch_size=2, progress=False)
-    rows = {r["attack"]: r for r in report["attacks"]}
-    assert list(rows) == ["direct", "gcg", "overall"] and rows["overall"]["n"] == 5
+    rows = {r.attack: r for r in report.attacks}
+    assert list(rows) == ["direct", "gcg", "overall"] and rows["overall"].n == 5
     judge = sf.RefusalJudge()
-    records = report["records"]
+    records = report.records
     for name in ("direct", "gcg"):
         recs = [r for r in records if r["attack"] == name]
-        assert rows[name]["asr_unsteered"] == sum(judge.classify(r["response_unsteered"], r["request"]) in
+        assert rows[name].asr["unsteered"] == sum(judge.classify(r["response_unsteered"], r["request"]) in
                                                   sf.evaluation.HARMFUL_HELP for r in recs) / len(recs)
-        assert rows[name]["detected_linear"] == pytest.approx(
+        assert rows[name].detected["linear"] == pytest.approx(
             float((linear.score(ext.extract([r["prompt"] for r in recs])) > 0).float().mean()))
-        assert 0 <= rows[name]["asr_safeflow"] <= 1
-    benign = report["benign"]
-    assert benign["n"] == 4 and set(benign) == {"n", "unchanged_safeflow", "false_refusal_unsteered",
-                                                 "false_refusal_safeflow", "flagged_linear"}
+        assert 0 <= rows[name].asr["safeflow"] <= 1
+    benign = report.benign
+    assert benign.n == 4 and list(benign.to_json()) == ["n", "false_refusal_unsteered", "unchanged_safeflow",
+                                                         "false_refusal_safeflow", "flagged_linear"]
     benign_recs = [r for r in records if r["attack"] == "benign"]  # unchanged: this answer's tokens equal
     assert [r["unchanged_safeflow"] for r in benign_recs] == [
         r["response_safeflow"] == r["response_unsteered"] for r in benign_recs]
     assert all(r["unchanged_safeflow"] for r in benign_recs if not r["flagged_linear"])  # the gate passed them
-    assert benign["unchanged_safeflow"] == sum(r["unchanged_safeflow"] for r in benign_recs) / 4
+    assert benign.unchanged["safeflow"] == sum(r["unchanged_safeflow"] for r in benign_recs) / 4
     assert "## Benign prompts" in render_report(report)
+    data = report.to_json(records=False)  # attack_report.json: the old flat keys, and back
+    assert data["schema"] == 1 and data["attacks"][0] == {"attack": "direct", "n": 3, **{
+        f"asr_{k}": v for k, v in rows["direct"].asr.items()}, "detected_linear": rows["direct"].detected["linear"]}
+    assert AttackEval.from_json(data) == dataclasses.replace(report, records=[])
+    with pytest.warns(DeprecationWarning):  # the old mapping access still reads
+        assert report["attacks"][0]["asr_unsteered"] == rows["direct"].asr["unsteered"]
     with pytest.raises(sf.ConfigError, match="gates given for steerers that are not compared: \\['cast'\\]"):
         evaluate_attacks(model, tokenizer, test, layer=2, constraints=linear, gates={"cast": "prompt"},
                          steerers={"safeflow": sf.Steerer.create("safeflow")}, progress=False)

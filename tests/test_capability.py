@@ -62,12 +62,12 @@ def test_nothing_steered_inside_the_set(setup):
     targets = [last_number(t) for t in plain]
     r = capability_retention(model, tok, always_inside(32), sf.SafeFlowSteerer(), LAYER, PROMPTS, targets=targets,
                              gate="token", max_new_tokens=8)
-    assert r["n"] == 6 and r["rows_steered"] == 0.0 and r["unchanged"] == 1.0
+    assert r.n == 6 and r.rows_steered == 0.0 and r.unchanged == 1.0
     expected = sum(check_numeric(t, g) for t, g in zip(plain, targets)) / 6
     assert expected > 0  # the planted targets make some answers correct
-    assert r["accuracy_unsteered"] == r["accuracy_steered"] == pytest.approx(expected)
-    assert r["perplexity_unsteered"] == pytest.approx(r["perplexity_steered"])
-    assert [rec["unsteered"] for rec in r["records"]] == plain
+    assert r.accuracy_unsteered == r.accuracy_steered == pytest.approx(expected)
+    assert r.perplexity_unsteered == pytest.approx(r.perplexity_steered)
+    assert [rec["unsteered"] for rec in r.records] == plain
 
 
 def test_every_row_steered_outside_the_set(setup):
@@ -75,24 +75,24 @@ def test_every_row_steered_outside_the_set(setup):
     targets = [last_number(t) for t in plain]
     r = capability_retention(model, tok, pushing(32), sf.SafeFlowSteerer(lambda_unsafe=50.0, lr=0.5), LAYER,
                              PROMPTS, targets=targets, gate="token", first_n_tokens=None, max_new_tokens=8)
-    assert r["rows_steered"] == 1.0
-    assert all(rec["steered_tokens"] > 0 for rec in r["records"])
-    assert r["unchanged"] == pytest.approx(sum(rec["unchanged"] for rec in r["records"]) / 6)
-    assert r["unchanged"] < 1.0  # a steer this strong changes some answer
-    assert r["accuracy_steered"] == pytest.approx(
-        sum(check_numeric(rec["steered"], g) for rec, g in zip(r["records"], targets)) / 6)
+    assert r.rows_steered == 1.0
+    assert all(rec["steered_tokens"] > 0 for rec in r.records)
+    assert r.unchanged == pytest.approx(sum(rec["unchanged"] for rec in r.records) / 6)
+    assert r.unchanged < 1.0  # a steer this strong changes some answer
+    assert r.accuracy_steered == pytest.approx(
+        sum(check_numeric(rec["steered"], g) for rec, g in zip(r.records, targets)) / 6)
     # reusing the unsteered answers gives the same result without generating them again
     again = capability_retention(model, tok, pushing(32), sf.SafeFlowSteerer(lambda_unsafe=50.0, lr=0.5),
                                  LAYER, PROMPTS, targets=targets, gate="token", first_n_tokens=None, max_new_tokens=8,
-                                 unsteered=r["unsteered"])
-    assert again["accuracy_unsteered"] == r["accuracy_unsteered"] and again["unchanged"] == r["unchanged"]
+                                 unsteered=r.unsteered)
+    assert again.accuracy_unsteered == r.accuracy_unsteered and again.unchanged == r.unchanged
 
 
 def test_without_targets_no_accuracy(setup):
     model, tok, _ = setup
     r = capability_retention(model, tok, always_inside(32), sf.SafeFlowSteerer(), LAYER, PROMPTS[:2], gate="token",
                              max_new_tokens=4)
-    assert r["accuracy_unsteered"] is None and r["accuracy_steered"] is None and "target" not in r["records"][0]
+    assert r.accuracy_unsteered is None and r.accuracy_steered is None and "target" not in r.records[0]
 
 
 def test_checkers():

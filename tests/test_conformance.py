@@ -204,8 +204,7 @@ def test_toy_family_and_steerer_through_train_generate_and_the_report(tiny_dir, 
     result = sf.evaluate_steering(model, tok, ball, sf.Steerer.create("toy-toward-mean", steps=4), LAYER,
                                   harmful=PROMPTS[::2], benign=PROMPTS[1::2], edgy=PROMPTS[1:2], gate="token",
                                   max_new_tokens=3)
-    result.pop("unsteered")
-    steering = {"toy-toward-mean": {k: v for k, v in result.items() if k != "records"} | {"gate": "token"}}
+    steering = {"toy-toward-mean": result.to_json(records=False) | {"gate": "token"}}
     rows = steering_rows(steering)
     assert [r["steerer"] for r in rows] == ["unsteered", "toy-toward-mean"]
     run = tmp_path / "run"

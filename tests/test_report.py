@@ -3,9 +3,11 @@ tables with the expected rows, missing pieces named, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from safeflow.cli import main
 from safeflow.io import json_text, write_text_atomic
 from safeflow.pipeline import Splits, detection_scores, detection_table, environment
 from safeflow.report import roc_curve, write_report
+from safeflow.results import SCHEMA, RunMetrics
 
 from conftest import make_model, make_tokenizer, separable
 from test_analysis import planted_data, planted_polytope
@@ -48,20 +51,19 @@ def run_dir(tmp_path_factory):
                                                                                                 solver="native"))):
         r = sf.evaluate_steering(model, tok, always_inside(32), steerer, 2, harmful=HARMFUL, benign=BENIGN,
                                  edgy=BENIGN[:1], gate="token", max_new_tokens=4, unsteered=unsteered)
-        unsteered = r.pop("unsteered")
-        steering[name] = {k: v for k, v in r.items() if k != "records"}
-        steering[name]["examples"] = r["records"][:1]
+        unsteered = r.unsteered
+        steering[name] = dataclasses.replace(r, unsteered=None, records=[], examples=r.records[:1])
         c = capability_retention(model, tok, always_inside(32), steerer, 2, BENIGN, targets=["1", "2"],
                                  gate="token", max_new_tokens=4)
-        capability[name] = {"rho-gsm8k": {k: v for k, v in c.items() if k not in ("unsteered", "records")}}
+        capability[name] = {"rho-gsm8k": dataclasses.replace(c, unsteered=None, records=[])}
     Hf, data = planted_data()
-    metrics = {"model": "tiny-llama", "layer": 2, "preset": {}, "config": {"limit": 2}, "environment": environment(),
-               "data": {n: getattr(splits, n).summary() for n in ("train", "test_id", "val_ood", "test_ood")},
-               "detection": detection_table(models, sets), "gate": "linear", "refusal_states": {},
-               "first_n_tokens": None, "steering": steering,
-               "facets": analyze_facets(planted_polytope(), Hf, data).to_dict(), "capability": capability,
-               "timings_s": {"load": 1.0}}
-    write_text_atomic(out / "metrics.json", json_text(metrics, indent=2))
+    metrics = RunMetrics(model="tiny-llama", layer=2, preset={}, config={"limit": 2}, environment=environment(),
+                         data={n: getattr(splits, n).summary() for n in ("train", "test_id", "val_ood", "test_ood")},
+                         detection=detection_table(models, sets), gate="linear", refusal_states={},
+                         first_n_tokens=None, steering=steering,
+                         facets=analyze_facets(planted_polytope(), Hf, data).to_dict(), capability=capability,
+                         timings_s={"load": 1.0})
+    write_text_atomic(out / "metrics.json", json_text(metrics.to_json(), indent=2))
     write_text_atomic(out / "scores.json", json_text(detection_scores(models, sets, splits)))
     return out
 
@@ -180,3 +182,60 @@ def test_scores_of_the_wrong_shape_name_scores_json(run_dir, tmp_path, capsys):
     (run / "scores.json").write_text(json.dumps({"test_id": [1, 2, 3]}))
     assert main(["report", str(run)]) == 2
     assert f"{run / 'scores.json'} does not have the shape" in capsys.readouterr().err
+
+
+# --- typed results and old run folders -----------------------------------------------------------
+OLD_METRICS = Path(__file__).parent / "data" / "metrics_before_schema.json"
+
+
+def test_metrics_written_before_typed_results_still_render(tmp_path, capsys):
+    """A metrics.json from before safeflow.results (no "schema") renders, with its tables intact."""
+    run = tmp_path / "old"
+    run.mkdir()
+    shutil.copy(OLD_METRICS, run / "metrics.json")
+    assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    steering = table_rows(md, "| steerer | gate | harmful safe refusal |")
+    assert [r.split("|")[1].strip() for r in steering] == ["unsteered", "safeflow", "projection@token"]
+    assert [r.split("|")[2].strip() for r in steering[1:]] == ["token", "token"]
+    assert [r.split("|")[1].strip() for r in table_rows(md, "| model | split |")] == ["polytope"] * 2 + ["linear"] * 2
+    assert [r.split("|")[1].strip() for r in table_rows(md, "| steerer | task |")] == ["safeflow", "projection@token"]
+    assert "Missing from this run directory" in md and "per-prompt detection scores" in md
+    old = json.loads(OLD_METRICS.read_text())
+    typed = RunMetrics.from_json(old)
+    assert typed.steering["safeflow"].gate == "token" and typed.detection[0].model == "polytope"
+    again = typed.to_json()  # the same layout, plus "schema" at the top and in each result
+    assert again.pop("schema") == SCHEMA
+    for per in (again["steering"], *again["capability"].values()):
+        for r in per.values():
+            assert r.pop("schema") == SCHEMA
+    assert json.loads(json_text(again)) == old
+
+
+def test_results_round_trip_and_read_the_old_keys(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    typed = RunMetrics.from_json(metrics)
+    assert json.loads(json_text(typed.to_json())) == metrics and metrics["schema"] == SCHEMA
+    s = typed.steering["safeflow"]
+    assert metrics["steering"]["safeflow"]["schema"] == SCHEMA and "records" not in metrics["steering"]["safeflow"]
+    with pytest.warns(DeprecationWarning, match="read its attributes instead"):
+        assert s["harmful_refusal_steered"] == s.harmful_refusal_steered
+    with pytest.warns(DeprecationWarning):
+        assert s.get("token_cost") == s.token_cost and s.get("nope", 3) == 3
+    with pytest.warns(DeprecationWarning):
+        assert typed["detection"][0]["auroc"] == typed.detection[0].auroc
+    assert "examples" in s and "gate" not in s and "records" in s and len(list(s)) == len(s)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.token_cost = 2.0  # type: ignore[misc]
+    with pytest.raises(sf.CorruptFileError, match="schema 99, but this safeflow reads schema <= 1"):
+        RunMetrics.from_json({**metrics, "schema": 99})
+
+
+def test_a_newer_schema_is_one_line(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "schema": SCHEMA + 1}))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"has schema {SCHEMA + 1}" in err and "upgrade safeflow" in err
