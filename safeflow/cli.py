@@ -739,7 +739,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .pipeline import DEMO_STEERERS, parse_steerer, prompt_splits, run_demo
+    from .pipeline import DEMO_DETECTORS, DEMO_STEERERS, parse_steerer, prompt_splits, run_demo
     from .report import STEERING_COLUMNS, format_table, steering_rows
 
     names = list(dict.fromkeys(parse_steerer(entry)[0] for entry in args.steerers or DEMO_STEERERS))
@@ -755,7 +755,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       capability_limit=args.capability_limit or 0, trust_remote_code=args.trust_remote_code,
                       overwrite=args.overwrite,
                       capability_max_new_tokens=args.capability_max_new_tokens, cache_dir=args.cache,
-                      steerer_options={name: steerer_options(args.steerer_opt, names, name) for name in names})
+                      steerer_options={name: steerer_options(args.steerer_opt, names, name) for name in names},
+                      detectors=args.detectors or DEMO_DETECTORS)
     print(format_table([r.to_json() for r in result.detection], ["model", "split", "n", "f1", "fpr", "auroc"]))
     print(format_table(steering_rows(result.steering), STEERING_COLUMNS))
     print(f"report: {Path(args.out) / 'report.html'} (and report.md)")
@@ -916,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusal-rounds", type=positive_int, default=1,
                    help="rounds of the refusal polytope: each further round adds the states of its own steered answers")
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
+    p.add_argument("--detectors", nargs="+", type=registered("constraint"), default=None,
+                   help="constraint families trained as prompt detectors and compared (default: "
+                        "safeflow.pipeline.DEMO_DETECTORS); the best on OOD validation gates steering")
     p.add_argument("--steerers", nargs="+", type=steerer_entry, default=None,
                    help="steerers compared side by side: registry names, each optionally @detector, @prompt or "
                         "@token for its gate (default: safeflow's steerers and the peers, "

@@ -76,7 +76,10 @@ FAMILY_OOD_SOURCES: dict[str, dict[str, tuple[str, ...]]] = {
     "chem-bio": {"val": ("harmbench-val",), "test": ("harmbench-test",)},
     "self-harm": {"val": ("dna-human-chatbot",), "test": ("dna-human-chatbot", "uncensorbench")},
 }
-CONSTRAINT_KINDS = ("polytope", "mlp", "linear")
+#: The detector families ``safeflow demo`` trains and compares by default (registry names).
+DEMO_DETECTORS = ("polytope", "mlp", "linear")
+#: Deprecated alias of :data:`DEMO_DETECTORS`.
+CONSTRAINT_KINDS = DEMO_DETECTORS
 
 
 @dataclass
@@ -307,14 +310,17 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
              capability_limit: int | None = 30, capability_max_new_tokens: int = 64, progress: bool = True,
              cache_dir: str | Path | None = None, data: str | PromptSet | None = None,
              trust_remote_code: bool = False, overwrite: bool = False,
-             steerer_options: dict[str, dict[str, Any]] | None = None) -> RunMetrics:
+             steerer_options: dict[str, dict[str, Any]] | None = None,
+             detectors: Sequence[str] = DEMO_DETECTORS) -> RunMetrics:
     """Run the whole pipeline; write to ``out_dir``: ``metrics.json`` (every table, the facet
     analysis, capability retention, configuration, versions and machine), ``scores.json``
     (per-prompt detection scores), the steering and capability records of each steerer
     (``steering_records_<steerer>.jsonl``, ``capability_records_<steerer>.jsonl``), both polytopes,
     and the report (:func:`safeflow.report.write_report`: ``report.html``, ``report.md``, ``figures/``).
 
-    Detection: polytope / mlp / linear on prompt states of the train split. Steering: a refusal
+    Detection: each of ``detectors`` (constraint families by registry name, each fitted with the
+    preset's settings by :func:`train_constraints`) on prompt states of the train split, saved as
+    ``<family>.safetensors``. Steering: a refusal
     polytope (``refusal_features`` wide, ``refusal_rounds`` rounds) on response states of
     ``refusal_prompts`` harmful train prompts, gated by the detector with the best OOD-validation
     F1 (:func:`choose_gate`), steered by each of ``steerers`` (registry names, each with its gate:
@@ -327,8 +333,10 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     distribution (:func:`prompt_splits`). ``steerer_options``: constructor options of each steerer
     (by registry name), passed to its :meth:`~safeflow.steerers.Steerer.build`.
 
-    Facets: :func:`~safeflow.analysis.analyze_facets` of the detection polytope on the unsafe
-    in-distribution test prompts (their harm categories). Capability retention:
+    Facets: :func:`~safeflow.analysis.analyze_facets` of the first of ``detectors`` whose family
+    offers it (:attr:`~safeflow.constraints.ConstraintSet.facet_analysis`) on the unsafe
+    in-distribution test prompts (their harm categories); ``metrics.json`` names it
+    (``facets.model``); without such a family there is no facet analysis. Capability retention:
     :func:`~safeflow.capability.capability_retention` of each steerer on each of
     ``capability_tasks`` (prompts outside the training split, at most ``capability_limit``; an empty
     tuple or limit 0 skips it).
@@ -343,6 +351,10 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     if steerer_options:
         config["steerer_options"] = steerer_options
     config["steerers"], config["capability_tasks"] = list(steerers), list(capability_tasks)
+    config["detectors"] = list(detectors)
+    families = {kind: ConstraintSet.implementation(kind) for kind in detectors}  # unknown names fail now
+    if not families:
+        raise ConfigError("no detector families; pass at least one registered constraint family as detectors")
     entries = {entry: parse_steerer(entry) for entry in steerers}
     for name, _ in entries.values():  # an unknown option fails now, not after the model has loaded
         Steerer.implementation(name).check_options((steerer_options or {}).get(name, {}))
@@ -365,15 +377,18 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
 
     t = time.perf_counter()
     H, y = feats.pop("train")
-    models = {kind: train_constraints(kind, H, y, preset_name, num_features, progress) for kind in CONSTRAINT_KINDS}
+    models = {kind: train_constraints(kind, H, y, preset_name, num_features, progress) for kind in families}
     source = describe_source(ext, model_name)
-    models["polytope"].provenance.update(source)
-    models["polytope"].save(out / "polytope.safetensors")
+    for kind, detector in models.items():
+        detector.provenance.update(source)
+        detector.save(out / f"{kind}.safetensors")
     timings["train"] = time.perf_counter() - t
     detection = detection_table(models, feats)
     gate = choose_gate(detection)
     write_text_atomic(out / "scores.json", json_text(detection_scores(models, feats, splits)))
-    facets = analyze_facets(models["polytope"], feats["test_id"][0], splits.test_id).to_dict()
+    faceted = next((kind for kind, cls in families.items() if cls.facet_analysis), None)
+    facets = None if faceted is None else {
+        "model": faceted, **analyze_facets(models[faceted], feats["test_id"][0], splits.test_id).to_dict()}
 
     t = time.perf_counter()
     harmful = splits.train.where(label=1).texts
@@ -435,8 +450,9 @@ def run_demo(out_dir: str | Path, model_name: str = "smollm2-135m-instruct", pre
     return summary
 
 
-#: The files :func:`run_demo` writes into its folder (glob patterns).
-RUN_FILES = ("metrics.json", "scores.json", "polytope.safetensors", "refusal_polytope.safetensors",
+#: The files :func:`run_demo` writes into its folder (glob patterns), besides each detector's
+#: ``<family>.safetensors`` (:func:`run_files` lists those of every registered family).
+RUN_FILES = ("metrics.json", "scores.json", "refusal_polytope.safetensors",
              "steering_records_*.jsonl", "capability_records_*.jsonl", "steerer_*.safetensors", "report.html", "report.md",
              "figures/*.png")
 #: Files other commands put into a run folder for the report.
@@ -444,9 +460,11 @@ FOREIGN_FILES = ("attack_report.json", "attack_report.md", "attack_records.jsonl
 
 
 def run_files(out_dir: str | Path) -> list[Path]:
-    """The files of a previous :func:`run_demo` in ``out_dir`` (:data:`RUN_FILES`), sorted."""
+    """The files of a previous :func:`run_demo` in ``out_dir`` (:data:`RUN_FILES` and the
+    ``<family>.safetensors`` of every registered constraint family), sorted."""
     out = Path(out_dir)
-    return sorted({f for pattern in RUN_FILES for f in out.glob(pattern) if f.is_file()})
+    patterns = RUN_FILES + tuple(f"{kind}.safetensors" for kind in ConstraintSet.available())
+    return sorted({f for pattern in patterns for f in out.glob(pattern) if f.is_file()})
 
 
 def clear_previous_run(out_dir: str | Path, overwrite: bool) -> list[Path]:

@@ -29,7 +29,8 @@ from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
 from ..decoding import generate_responses
 from ..io import write_text_atomic
-from ..pipeline import build_steerers, default_splits, parse_steerer, train_constraints, train_refusal_polytope
+from ..pipeline import (DEMO_DETECTORS, build_steerers, default_splits, parse_steerer, train_constraints,
+                        train_refusal_polytope)
 from ..provenance import describe_source
 from ..report import format_table
 from ..results import AttackEval, AttackRow, BenignRow
@@ -228,7 +229,7 @@ def run_attack_protocol(
     benign: Sequence[str],
     layer: int,
     cache_dir: str | Path | None = None,
-    detector_kinds: Sequence[str] = ("polytope", "mlp", "linear"),
+    detector_kinds: Sequence[str] = DEMO_DETECTORS,
     gate: str = "polytope",
     steerers: Sequence[str] | Mapping[str, Steerer] | None = None,
     steerer_options: dict[str, dict[str, Any]] | None = None,

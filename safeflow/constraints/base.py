@@ -100,6 +100,11 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     #: (:data:`~safeflow.constraints.training.COMMON_FIT_OPTION_RULES`).
     fit_option_rules: ClassVar[Mapping[str, Rule]] = COMMON_FIT_OPTION_RULES
 
+    #: Whether each column of :meth:`violations` is a facet worth interpreting one by one — which
+    #: facets fire for which harm category (:func:`~safeflow.analysis.analyze_facets`; the demo runs
+    #: it on the first detector family that sets this). False for single-score families.
+    facet_analysis: ClassVar[bool] = False
+
     input_dim: int
     num_constraints: int
     fitted: torch.Tensor

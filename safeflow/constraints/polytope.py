@@ -126,6 +126,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
     """
 
     fit_option_rules = {"assignment": one_of(ASSIGNMENTS), "init": one_of(INITS)}
+    facet_analysis = True
 
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384, *, backend: str = "auto",
                  weight_dtype: torch.dtype | None = None) -> None:
