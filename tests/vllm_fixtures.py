@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 import safeflow as sf
-from safeflow.extractors import format_prompts
+from safeflow.decoding import generate_from_ids
+from safeflow.chat import format_prompts
 
 LAYER = 20
 #: Engine settings small enough for a shared 2-core machine; eager (compiled mode: test_vllm_compiled.py).
@@ -94,7 +95,7 @@ def hf_steered(model: Any, tok: Any, texts: list[str], steer: dict[str, Any], ma
                 seen[len(seen) + len(ids) - 1] = h[0, -1].detach().clone()
             handle = block.register_forward_hook(record)  # after steering's hook: sees the steered state
             try:
-                _, out = sf.generation.generate_from_ids(model, tok, [ids], max_new_tokens=max_new_tokens)
+                _, out = generate_from_ids(model, tok, [ids], max_new_tokens=max_new_tokens)
             finally:
                 handle.remove()
         tokens.append(out[0])

@@ -587,7 +587,15 @@ def _patch_config() -> None:
 
 
 def _patch_input_processor() -> None:
+    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
+
+    class SteeringRequestError(ConfigError, VLLMValidationError):
+        """A request's steering is invalid: a :class:`ConfigError` (a ``ValueError`` for ``vllm.LLM``
+        callers) that vLLM's server also answers with HTTP 400 and the message."""
+
+        parameter = None
+        value = None
 
     process = InputProcessor.process_inputs
 
@@ -600,9 +608,13 @@ def _patch_input_processor() -> None:
             return request
         settings = settings_of(self.vllm_config)
         if settings is None:
-            raise ConfigError("this request asks for safeflow steering but the server loaded no constraint sets; start "
-                              "it with --additional-config '{\"safeflow\": {\"constraints\": {\"name\": \"path\"}}}'")
-        steering = RequestSteering.parse(raw, settings)
+            raise SteeringRequestError("this request asks for safeflow steering but the server loaded no constraint "
+                                       "sets; start it with --additional-config '{\"safeflow\": {\"constraints\": "
+                                       "{\"name\": \"path\"}}}'")
+        try:
+            steering = RequestSteering.parse(raw, settings)
+        except ConfigError as error:
+            raise SteeringRequestError(str(error)) from None
         steering = RequestSteering(**{**asdict(steering), "request_id": request_id})
         params.extra_args = {**params.extra_args, KEY: asdict(steering)}
         request.cache_salt = steering.cache_salt(request.prompt_token_ids, request.cache_salt)
