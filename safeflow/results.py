@@ -95,18 +95,17 @@ class Result:
         """The old dict's keys and values (the values typed where the field is)."""
         return {name: getattr(self, name) for name in self._field_names()}
 
-    def _warn(self) -> None:
+    def _warn(self, key: str = "<field>") -> None:
         warnings.warn(f"reading {type(self).__name__} by string key is deprecated; read its attributes instead "
-                      "(result.harmful_refusal_steered, not result['harmful_refusal_steered'])",
-                      DeprecationWarning, stacklevel=3)
+                      f"(result.{key}, not result[{key!r}])", DeprecationWarning, stacklevel=3)
 
     def __getitem__(self, key: str) -> Any:
-        self._warn()
+        self._warn(key)
         return self._mapping()[key]
 
     def get(self, key: str, default: Any = None) -> Any:
         """Deprecated: the value of the old key ``key``, else ``default``."""
-        self._warn()
+        self._warn(key)
         return self._mapping().get(key, default)
 
     def keys(self) -> list[str]:
