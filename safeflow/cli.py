@@ -253,19 +253,6 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _features_file(path: str):
-    from .io import load_tensors
-
-    tensors, header = load_tensors(path)
-    H, y = tensors.get("hidden"), tensors.get("labels")
-    if H is None or y is None:
-        raise DataError(f"{path} is not a features file; create one with `safeflow extract`")
-    if H.ndim != 2 or y.ndim != 1 or len(y) != len(H):
-        raise DataError(f"{path} holds hidden {tuple(H.shape)} and labels {tuple(y.shape)}; re-create it with "
-                        "`safeflow extract`")
-    return H, y, header
-
-
 def _check_layers(model: str, layers: list[int | None], trust_remote_code: bool = False) -> None:
     """Check layer arguments against ``model``'s config before its weights load (where the config
     is at hand without a download)."""
@@ -278,25 +265,6 @@ def _check_layers(model: str, layers: list[int | None], trust_remote_code: bool 
     for layer in layers:
         if layer is not None and depth:
             normalize_layer(layer, depth)
-
-
-def _row_split(header: dict[str, Any], n: int, path: str) -> list[str] | None:
-    """The per-row ``"train"``/``"test"`` split of a features file (``extract --test-fraction``), or None."""
-    split = header.get("split")
-    if split is None:
-        return None
-    if not isinstance(split, list) or len(split) != n or not set(split) <= {"train", "test"}:
-        raise DataError(f"{path} has a malformed train/test split in its header; re-create it with `safeflow extract`")
-    return split
-
-
-def _rows(split: list[str] | None, part: str) -> list[int] | None:
-    """Indices of the rows in ``part`` (``"train"``, ``"test"``; ``"all"``: None, every row)."""
-    return None if part == "all" or split is None else [i for i, s in enumerate(split) if s == part]
-
-
-def _take(H, y, rows: list[int] | None):
-    return (H, y) if rows is None else (H[rows], y[rows])
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
@@ -381,7 +349,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from .data import load_prompts, split_indices
     from .extractors import HFExtractor
-    from .io import save_tensors
+    from .feature_files import write_features
     from .provenance import describe_source
     from .responses import response_states
 
@@ -419,31 +387,11 @@ def _extract(args: argparse.Namespace) -> int:
     if args.test_fraction:
         header.update(split=[part[i] for i in rows], test_fraction=args.test_fraction, split_seed=args.seed)
     if world.is_main:
-        save_tensors(args.out, {"hidden": H, "labels": y}, header)
+        write_features(args.out, H, y, header)
         held = f", {header['split'].count('test')} held out for testing" if args.test_fraction else ""
         print(f"wrote {tuple(H.shape)} hidden states (layer {ext.layer}{held}) to {args.out}"
               + (f" ({world.size} processes)" if world.size > 1 else ""))
     return 0
-
-
-def _stream_headers(path: str) -> dict[str, Any]:
-    """The common source of the features file(s) at ``path`` (a file or a directory of them)."""
-    from .features import _expand
-    from .io import read_header
-    from .provenance import source_of
-
-    files = _expand(path)
-    headers = [read_header(f)[1] for f in files]
-    for f, header in zip(files, headers):
-        if header.get("split") is not None:
-            raise ConfigError(f"{f} holds a train/test split (extract --test-fraction), but --chunk-rows trains on "
-                              "every row; train without --chunk-rows, or extract without --test-fraction")
-    sources = [source_of(h) for h in headers]
-    for f, src in zip(files[1:], sources[1:]):
-        if src != sources[0]:
-            raise DataError(f"{f} was extracted from another model, layer or setting than the first file in {path} "
-                            f"({src} vs {sources[0]}); train on features of one source")
-    return sources[0] if sources else {}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -451,6 +399,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .constraints.base import ConstraintSet
     from .evaluation import detection_metrics
+    from .feature_files import read_features, row_split, split_rows, stream_source, take_rows
     from .presets import match_preset, preset
     from .provenance import source_of
 
@@ -459,15 +408,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .features import FeatureDataset
 
         H, y = FeatureDataset.from_files(args.features, chunk_rows=args.chunk_rows), None
-        source, dim, n = _stream_headers(args.features), H.dim, len(H)
+        source, dim, n = stream_source(args.features), H.dim, len(H)
     elif Path(args.features).is_dir():
         raise DataError(f"{args.features} is a directory; stream its feature files with --chunk-rows N, "
                         "or pass one features file")
     else:
-        H_all, y_all, header = _features_file(args.features)
-        split = _row_split(header, len(y_all), args.features)
-        H, y = _take(H_all, y_all, _rows(split, "train"))
-        test = _take(H_all, y_all, _rows(split, "test")) if split else None
+        H_all, y_all, header = read_features(args.features)
+        split = row_split(header, len(y_all), args.features)
+        H, y = take_rows(H_all, y_all, split_rows(split, "train"))
+        test = take_rows(H_all, y_all, split_rows(split, "test")) if split else None
         source, dim, n = source_of(header), H.shape[1], len(y)
     preset_name = args.preset or match_preset(str(source.get("model", ""))) or "default"
     started = time.perf_counter()
@@ -535,30 +484,28 @@ def _training_summary(kind: str, model, source: dict[str, Any], seconds: float, 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .evaluation import detection_metrics
+    from .feature_files import read_features, row_groups, row_split, split_rows
     from .io import json_text
     from .provenance import check_source, source_of
 
-    H, y, header = _features_file(args.features)
+    H, y, header = read_features(args.features)
     model = ConstraintSet.load(args.constraints)
     if not args.ignore_provenance:
         source = source_of(header)
         check_source(model.provenance, model=source.get("fingerprint"), layer=source.get("layer"),
                      what=f"the constraint set {args.constraints}")
-    split = _row_split(header, len(y), args.features)
+    split = row_split(header, len(y), args.features)
     part = args.split or ("test" if split else "all")
     if part != "all" and split is None:
         raise DataError(f"{args.features} has no train/test split; extract with --test-fraction F, or pass --split all")
-    rows = _rows(split, part)
+    rows = split_rows(split, part)
     idx = rows if rows is not None else list(range(len(y)))
     if not idx:
         raise DataError(f"{args.features} has no {part} rows; pass --split all")
     score = model.score(H[idx])
     labels = y[idx]
     out: dict[str, Any] = {"split": part, "all": detection_metrics(labels, score)}
-    for key, column in (("sources", "sources"), ("categories", "categories")):
-        values = header.get(column) or []
-        if len(values) != len(y) or not any(values):
-            continue
+    for key, values in row_groups(header, len(y)).items():
         values = [values[i] for i in idx]
         out[key] = {v: detection_metrics(labels[[j for j, x in enumerate(values) if x == v]],
                                          score[[j for j, x in enumerate(values) if x == v]])

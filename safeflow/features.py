@@ -141,7 +141,7 @@ class FeatureDataset:
         name order. Each file is one chunk, or several of ``chunk_rows`` rows each. Only headers
         and labels are read now."""
 
-        files = _expand(paths)
+        files = feature_paths(paths)
         chunks, labels, dims = [], [], set()
         for path in files:
             try:
@@ -280,7 +280,11 @@ def _assemble(pieces: list[tuple[torch.Tensor, torch.Tensor]], device: torch.dev
     return (H, y) if device is None else (H.to(device), y.to(device))
 
 
-def _expand(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+def feature_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The features files named by ``paths``: a file, a directory (its ``*.safetensors`` files in
+    name order) or a sequence of either. Raises :class:`~safeflow.errors.DataError` for a directory
+    without features files or an empty selection, :class:`FileNotFoundError` for a path that does
+    not exist."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files: list[Path] = []
     for p in map(Path, items):
