@@ -398,7 +398,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
 
     from .constraints.base import ConstraintSet
-    from .evaluation import detection_metrics
+    from .evaluation import training_metrics, training_summary
     from .feature_files import read_features, row_split, split_rows, stream_source, take_rows
     from .presets import match_preset, preset
     from .provenance import source_of
@@ -433,12 +433,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     training = model.provenance["training"]
     training.update(features=str(args.features), preset=preset_name if cls.reads_preset() else None,
                     split="train" if test is not None else "all")
-    metrics = {}
-    if y is not None:
-        metrics["train"] = detection_metrics(y, model.score(H))
-    if test is not None:
-        metrics["held_out"] = detection_metrics(test[1], model.score(test[0]))
-    training["metrics"] = metrics
+    training["metrics"] = training_metrics(model, (H, y) if y is not None else None, test)
     model.provenance.update(source)
     try:
         model.save(args.out)
@@ -447,7 +442,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         raise SafeflowError(f"{describe(exc)}; {args.out} was not written (a previous file there is unchanged); "
                             f"{_rescue(model, args.constraint, args.out)}") from None
-    print(_training_summary(args.constraint, model, source, seconds, n))
+    print(training_summary(args.constraint, model, source, seconds, n))
     print(f"wrote {args.constraint} constraint set to {args.out}")
     return 0
 
@@ -463,27 +458,9 @@ def _rescue(model, kind: str, out: str) -> str:
     return f"the trained {kind} set was saved to {rescue} instead: move it into place once space is free"
 
 
-def _training_summary(kind: str, model, source: dict[str, Any], seconds: float, rows: int) -> str:
-    """What training used and how it went: settings, final loss, train and held-out metrics, time."""
-    t = model.provenance["training"]
-    where = ", ".join(f"{k} {source[k]}" for k in ("model", "layer") if k in source) or "unknown source"
-    settings = ", ".join(f"{k}={v}" for k, v in {**t["config"], **t["options"]}.items()
-                         if k != "input_dim" and v is not None)
-    lines = [f"trained {kind} on {rows} rows ({t['unsafe_rows']} unsafe, {t['safe_rows']} safe; {where})",
-             f"  settings: {settings}" + (f" (preset {t['preset']})" if t.get("preset") else ""),
-             f"  final loss {t['final_loss']:.4g} after {t['epochs']} epochs, {seconds:.1f} s"
-             if t["final_loss"] is not None else f"  {t['epochs']} epochs, {seconds:.1f} s"]
-    for name, m in t["metrics"].items():
-        lines.append(f"  {name + ':':<10} n {m['n']:<6} f1 {m['f1']:.3f}  fpr {m['fpr']:.3f}  "
-                     f"auroc {m['auroc']:.3f}  accuracy {m['accuracy']:.3f}")
-    if "held_out" not in t["metrics"]:
-        lines.append("  no held-out rows: extract with --test-fraction F to measure on unseen prompts")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
-    from .evaluation import detection_metrics
+    from .evaluation import grouped_detection_metrics
     from .feature_files import read_features, row_groups, row_split, split_rows
     from .io import json_text
     from .provenance import check_source, source_of
@@ -502,14 +479,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     idx = rows if rows is not None else list(range(len(y)))
     if not idx:
         raise DataError(f"{args.features} has no {part} rows; pass --split all")
-    score = model.score(H[idx])
-    labels = y[idx]
-    out: dict[str, Any] = {"split": part, "all": detection_metrics(labels, score)}
-    for key, values in row_groups(header, len(y)).items():
-        values = [values[i] for i in idx]
-        out[key] = {v: detection_metrics(labels[[j for j, x in enumerate(values) if x == v]],
-                                         score[[j for j, x in enumerate(values) if x == v]])
-                    for v in sorted(set(values))}
+    groups = {column: [values[i] for i in idx] for column, values in row_groups(header, len(y)).items()}
+    out = {"split": part, **grouped_detection_metrics(y[idx], model.score(H[idx]), groups)}
     print(json_text(out, indent=2))
     return 0
 

@@ -1,10 +1,11 @@
-"""Detection metrics with unsafe (label 1) as the positive class."""
+"""Detection metrics with unsafe (label 1) as the positive class — overall, per group of rows
+(source, category) and of a training run (with its printed summary) — and the steering evaluation."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,8 +17,12 @@ from .fluency import answer_perplexity, repetition
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES, SAFE_REFUSALS, RefusalJudge
 from .results import SteeringEval
 
+if TYPE_CHECKING:
+    from .constraints.base import ConstraintSet
+
 __all__ = ["HARMFUL_HELP", "REFUSING", "RESPONSE_CLASSES", "SAFE_REFUSALS", "RefusalJudge", "SteeringEval", "auroc",
-           "detection_metrics", "evaluate_steering"]
+           "detection_metrics", "evaluate_steering", "grouped_detection_metrics", "training_metrics",
+           "training_summary"]
 
 
 def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -81,6 +86,61 @@ def detection_metrics(y_true: Any, score: Any, threshold: float = 0.0) -> dict[s
         "fpr": fp / (fp + tn) if fp + tn else 0.0,
         "auroc": auroc(y, s),
     }
+
+
+def grouped_detection_metrics(y_true: Any, score: Any, groups: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """:func:`detection_metrics` of all rows and of each group of rows.
+
+    ``y_true`` [N] and ``score`` [N] are tensors or arrays; ``groups`` maps a column name (e.g.
+    ``"sources"``, ``"categories"``: :func:`safeflow.feature_files.row_groups`) to N values, one
+    per row. Returns ``{"all": metrics, column: {value: metrics of the rows with that value, ...},
+    ...}``, values in sorted order. A column of another length raises :class:`DataError`, as do
+    the labels and scores :func:`detection_metrics` refuses."""
+    out: dict[str, Any] = {"all": detection_metrics(y_true, score)}
+    for column, values in groups.items():
+        if len(values) != len(y_true):
+            raise DataError(f"the {column} column has {len(values)} values for {len(y_true)} rows; pass one per row")
+        out[column] = {v: detection_metrics(y_true[[j for j, x in enumerate(values) if x == v]],
+                                            score[[j for j, x in enumerate(values) if x == v]])
+                       for v in sorted(set(values))}
+    return out
+
+
+def training_metrics(model: ConstraintSet, train: tuple[Any, Any] | None = None,
+                     held_out: tuple[Any, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`detection_metrics` of a trained constraint set on its training rows and on held-out
+    rows, each given as ``(H [n, d], y [n])`` (None: not measured, e.g. streamed training data).
+    Returns ``{"train": metrics, "held_out": metrics}`` with the parts that were given; ``safeflow
+    train`` records it as ``provenance["training"]["metrics"]``."""
+    metrics = {}
+    if train is not None:
+        metrics["train"] = detection_metrics(train[1], model.score(train[0]))
+    if held_out is not None:
+        metrics["held_out"] = detection_metrics(held_out[1], model.score(held_out[0]))
+    return metrics
+
+
+def training_summary(kind: str, model: ConstraintSet, source: Mapping[str, Any], seconds: float, rows: int) -> str:
+    """What training used and how it went, as the lines ``safeflow train`` prints: the rows and
+    their classes, the source (``model``, ``layer`` of ``source``), the settings (and preset),
+    the final loss, epochs and ``seconds``, and each of ``provenance["training"]["metrics"]``
+    (:func:`training_metrics`). ``kind`` names the constraint family, ``rows`` the rows trained on.
+    Reads ``model.provenance["training"]`` as :meth:`~safeflow.constraints.ConstraintSet.fit`
+    records it (a ``KeyError`` if the set was never trained)."""
+    t = model.provenance["training"]
+    where = ", ".join(f"{k} {source[k]}" for k in ("model", "layer") if k in source) or "unknown source"
+    settings = ", ".join(f"{k}={v}" for k, v in {**t["config"], **t["options"]}.items()
+                         if k != "input_dim" and v is not None)
+    lines = [f"trained {kind} on {rows} rows ({t['unsafe_rows']} unsafe, {t['safe_rows']} safe; {where})",
+             f"  settings: {settings}" + (f" (preset {t['preset']})" if t.get("preset") else ""),
+             f"  final loss {t['final_loss']:.4g} after {t['epochs']} epochs, {seconds:.1f} s"
+             if t["final_loss"] is not None else f"  {t['epochs']} epochs, {seconds:.1f} s"]
+    for name, m in t["metrics"].items():
+        lines.append(f"  {name + ':':<10} n {m['n']:<6} f1 {m['f1']:.3f}  fpr {m['fpr']:.3f}  "
+                     f"auroc {m['auroc']:.3f}  accuracy {m['accuracy']:.3f}")
+    if "held_out" not in t["metrics"]:
+        lines.append("  no held-out rows: extract with --test-fraction F to measure on unseen prompts")
+    return "\n".join(lines)
 
 
 #: Classes that count as a refusal of a benign request (a false refusal), whatever follows it.
