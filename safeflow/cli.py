@@ -151,9 +151,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from .data import load_prompts, split_indices
     from .extractors import HFExtractor
-    from .feature_files import write_features
+    from .feature_files import row_columns, write_features
     from .provenance import describe_source
-    from .responses import response_states
+    from .responses import prompt_set_response_states
 
     if args.processes > 1:
         return _spawn(args)
@@ -168,13 +168,9 @@ def _extract(args: argparse.Namespace) -> int:
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
     header: dict[str, Any] = describe_source(ext, args.model)
     if args.responses:
-        order = [i for i, lbl in enumerate(data.labels) if lbl == 1]
-        order += [i for i, lbl in enumerate(data.labels) if lbl == 0] if args.with_benign else []
-        states = response_states(ext, [data.texts[i] for i in order if data.labels[i] == 1],
-                                 [data.texts[i] for i in order if data.labels[i] == 0],
-                                 max_tokens=args.responses, progress=world.is_main)
+        states, rows = prompt_set_response_states(ext, data, max_tokens=args.responses, with_benign=args.with_benign,
+                                                  progress=world.is_main)
         H, y = states.H, states.y
-        rows = [order[i] for i in states.prompt_index.tolist()]  # the prompt of each state
         header.update(responses=args.responses, rows="responses", kinds=states.kind)
     elif world.size > 1:
         ext.fill_cache(data.texts)  # every rank computes its share; rank 0 reads and writes the file
@@ -183,11 +179,9 @@ def _extract(args: argparse.Namespace) -> int:
         H, y, rows = ext.cached(data.texts), data.y, list(range(len(data)))
     else:
         H, y, rows = ext.extract(data.texts), data.y, list(range(len(data)))
-    header["sources"] = [data.sources[i] for i in rows]
-    if any(data.categories):
-        header["categories"] = [data.categories[i] for i in rows]
+    header.update(row_columns(data, rows, part if args.test_fraction else None))
     if args.test_fraction:
-        header.update(split=[part[i] for i in rows], test_fraction=args.test_fraction, split_seed=args.seed)
+        header.update(test_fraction=args.test_fraction, split_seed=args.seed)
     if world.is_main:
         write_features(args.out, H, y, header)
         held = f", {header['split'].count('test')} held out for testing" if args.test_fraction else ""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,8 +34,11 @@ from .features import feature_paths
 from .io import load_tensors, read_header, save_tensors
 from .provenance import source_of
 
-__all__ = ["GROUP_COLUMNS", "SPLIT_PARTS", "read_features", "row_groups", "row_split", "split_rows", "stream_source",
-           "take_rows", "write_features"]
+if TYPE_CHECKING:
+    from .data import PromptSet
+
+__all__ = ["GROUP_COLUMNS", "SPLIT_PARTS", "read_features", "row_columns", "row_groups", "row_split", "split_rows",
+           "stream_source", "take_rows", "write_features"]
 
 #: Header columns that group the rows (per-group detection metrics), by their key in the metrics.
 GROUP_COLUMNS = ("sources", "categories")
@@ -63,6 +66,18 @@ def write_features(path: str | os.PathLike[str], H: torch.Tensor, y: torch.Tenso
     """Write H [N, d] and y [N] with ``header`` (see the module doc) as the features file ``path``,
     atomically (a previous file there is unchanged if writing fails)."""
     save_tensors(path, {"hidden": H, "labels": y}, header)
+
+
+def row_columns(data: PromptSet, rows: Sequence[int], split: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """The per-row header columns of a features file whose row j holds prompt ``rows[j]`` of
+    ``data``: ``sources``, ``categories`` (only if ``data`` has any) and, given the per-prompt
+    ``split`` (``"train"``/``"test"`` for each prompt of ``data``), ``split``."""
+    columns = {"sources": [data.sources[i] for i in rows]}
+    if any(data.categories):
+        columns["categories"] = [data.categories[i] for i in rows]
+    if split is not None:
+        columns["split"] = [split[i] for i in rows]
+    return columns
 
 
 def row_split(header: dict[str, Any], n: int, path: str | os.PathLike[str]) -> list[str] | None:

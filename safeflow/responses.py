@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .chat import as_prompts, format_prompts
 from .extractors import HFExtractor
 from .decoding import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
+
+if TYPE_CHECKING:
+    from .data import PromptSet
 
 #: Refusals used as the safe continuation of harmful prompts (project-written; any list works).
 REFUSALS: tuple[str, ...] = (
@@ -156,6 +159,20 @@ def response_states(
                            keep_prompt_state=own is None))
     pairs += [_Pair(i, ids[i], "benign", [0] * len(ids[i])) for i in range(len(harmful), len(prompts)) if ids[i]]
     return _states(extractor, prompts, pairs)
+
+
+def prompt_set_response_states(extractor: HFExtractor, data: PromptSet, *, max_tokens: int = 32,
+                               with_benign: bool = False, progress: bool = False) -> tuple[ResponseStates, list[int]]:
+    """:func:`response_states` of the harmful prompts of ``data`` (label 1) and, with
+    ``with_benign``, of its benign prompts (label 0), each in ``data``'s order; returns the states
+    and, per state, the index into ``data`` of its prompt (what ``safeflow extract --responses N``
+    writes, with each row's source and category taken from that prompt)."""
+    order = [i for i, lbl in enumerate(data.labels) if lbl == 1]
+    order += [i for i, lbl in enumerate(data.labels) if lbl == 0] if with_benign else []
+    states = response_states(extractor, [data.texts[i] for i in order if data.labels[i] == 1],
+                             [data.texts[i] for i in order if data.labels[i] == 0],
+                             max_tokens=max_tokens, progress=progress)
+    return states, [order[i] for i in states.prompt_index.tolist()]  # the prompt of each state
 
 
 def steered_states(
