@@ -199,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .presets import match_preset, preset
     from .provenance import source_of
 
+    H: Any  # a FeatureDataset (streamed) or hidden states [N, d]
     test = None
     if args.chunk_rows:  # stream from disk: the features file(s) are never loaded whole
         from .features import FeatureDataset

@@ -4,7 +4,8 @@ The validators run at parse time, before any model is loaded: each takes the arg
 returns the value (an int, a float, a checked path, a registered name, a ``(key, value)`` pair) or
 raises ``argparse.ArgumentTypeError`` with the reason and the fix, which :class:`Parser` reports as
 one line ``safeflow: error: ...`` (exit status 2) via :class:`UsageError`. :mod:`safeflow.cli`
-builds the subcommands' parsers from them.
+builds the subcommands' parsers from them. The validators that consult the library (models,
+registries, presets) import it inside the function: building the parser must not import torch.
 """
 
 from __future__ import annotations
