@@ -60,12 +60,12 @@ $(VLLM_VENV)/.installed: pyproject.toml setup.py $(VLLM_CONSTRAINTS) $(wildcard 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VBIN)/safeflow assets fetch
 	VLLM_CPU_KVCACHE_SPACE=1 timeout 1800 $(VBIN)/python -m pytest -m vllm tests/test_vllm.py tests/test_vllm_serve.py \
-		tests/test_vllm_compiled.py tests/test_vllm_tp.py
+		tests/test_vllm_compiled.py tests/test_vllm_tp.py tests/test_vllm_pp.py
 
 bench-vllm: $(VLLM_VENV)/.installed
 	$(VBIN)/safeflow assets fetch
-	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 $(VBIN)/python -m pytest benchmarks/test_bench_vllm.py --benchmark-enable \
-		--benchmark-columns=median,iqr,rounds --benchmark-json=benchmarks/latest-vllm.json
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0 OMP_NUM_THREADS=1 $(VBIN)/python -m pytest \
+		benchmarks/test_bench_vllm.py -s
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) docs/_build runs .pytest_cache

@@ -92,7 +92,7 @@ def compare(llm, hf, texts, hf_steer: dict, vllm_steer: dict) -> tuple[int, floa
         got = list(out.outputs[0].token_ids)
         same = got == ref_tokens[i] or (bool(got) and got[-1] == tok.eos_token_id and got[:-1] == ref_tokens[i])
         equal += same
-        events = llm.collective_rpc("safeflow_log", args=(out.request_id,))[0]
+        events = next((log for log in llm.collective_rpc("safeflow_log", args=(out.request_id,)) if log), [])
         for e in events:
             if "state" in e and e["position"] in ref_states[i]:
                 a, b = torch.tensor(e["state"]), ref_states[i][e["position"]]

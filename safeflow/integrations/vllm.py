@@ -475,8 +475,10 @@ class SteeringExtension:
 
 def steering_log(llm: Any, request_id: str) -> SteeringLog:
     """The steering log of one request of a ``vllm.LLM`` as a :class:`~safeflow.SteeringLog`
-    (``row`` 0, ``call`` 0), e.g. ``steering_log(llm, outputs[0].request_id).summary()``."""
-    events = llm.collective_rpc("safeflow_log", args=(request_id,))[0]
+    (``row`` 0, ``call`` 0), e.g. ``steering_log(llm, outputs[0].request_id).summary()``: the log of
+    the first worker that holds it (tensor-parallel ranks log the same rows; under pipeline
+    parallelism only the ranks holding layer L log)."""
+    events = next((log for log in llm.collective_rpc("safeflow_log", args=(request_id,)) if log), [])
     errors = [e["error"] for e in events if "error" in e]
     if errors:
         raise SafeflowError(f"steering failed for request {request_id!r} in the engine: {errors[0]}; see the engine log")
