@@ -69,8 +69,8 @@ def prompt_states(data: PromptSet, path: Path, batch_size: int = 16) -> tuple[di
         H = ext.extract(todo)
         cached.update({_key(t): H[i].contiguous() for i, t in enumerate(todo)})
         save_file(cached, str(path), metadata={"layer": str(layer)})
-    return cached, {"layer": layer, "fit_options": p.fit_options(), "num_facets": p.num_facets,
-                    "num_features": p.num_features}
+    return cached, {"layer": layer, "fit_options": sf.PolytopeConstraints.fit_options_from_preset(p),
+                    **sf.PolytopeConstraints.config_from_preset(p)}
 
 
 def fit(kind: str, H: torch.Tensor, y: torch.Tensor, info: dict[str, Any], seed: int) -> ConstraintSet:

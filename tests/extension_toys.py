@@ -6,10 +6,14 @@ API, the command line (``safeflow train`` / ``generate`` / ``demo``) and the rep
   ``v(h) = ‖h − c‖ / r − 1`` (one constraint), ``r`` the ``quantile`` of the safe rows' distances.
 * ``"toy-toward-mean"``: move a row outside the set towards the safe training mean recorded by
   ``fit`` (``class_means[0]``), in ``steps`` equal steps, stopping at the first one inside.
+
+Each declares its own per-model settings here (``settings_type``, ``preset_settings``): a value
+for the ``"qwen2-1.5b"`` preset, the class defaults for every other.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +24,27 @@ from safeflow.errors import ConfigError
 from safeflow.features import FeatureDataset, Moments
 
 
+@dataclass(frozen=True)
+class BallSettings:
+    """The toy ball's settings in a model preset: a fit option."""
+
+    quantile: float
+
+
+@dataclass(frozen=True)
+class TowardSettings:
+    """The toy steerer's settings in a model preset: a constructor argument."""
+
+    steps: int
+
+
 class BallConstraint(ConstraintSet, name="toy-ball"):
     """Safe iff inside the ball of radius ``r`` around the safe training mean ``c``."""
 
     fit_option_rules = {"quantile": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool)
                         and 0 < v <= 1 else "a number in (0, 1]"}
+    settings_type = BallSettings
+    preset_settings = {"qwen2-1.5b": BallSettings(quantile=0.75)}
 
     def __init__(self, input_dim: int) -> None:
         super().__init__(input_dim)
@@ -51,6 +71,9 @@ class BallConstraint(ConstraintSet, name="toy-ball"):
 
 class TowardSafeMean(Steerer, name="toy-toward-mean"):
     """Move each selected row towards the constraint set's safe training mean until inside."""
+
+    settings_type = TowardSettings
+    preset_settings = {"qwen2-1.5b": TowardSettings(steps=3)}
 
     def __init__(self, steps: int = 8) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

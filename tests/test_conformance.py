@@ -46,6 +46,31 @@ def test_the_toys_are_registered_by_their_import_alone():
     assert {"toy-ball", "toy-toward-mean"} <= set(sf.available()["constraint"] + sf.available()["steerer"])
 
 
+def test_the_toys_read_their_own_preset_settings_declared_in_their_file(toy_data):
+    """The toys' settings for ``qwen2-1.5b`` (declared in ``extension_toys.py``) reach them through
+    ``Steerer.create(name, preset=...)``, ``from_preset`` and the family's fit options; a preset
+    without them leaves the class defaults; explicit options win."""
+    p = sf.presets.preset("qwen2-1.5b")
+    assert p.settings["toy-toward-mean"] == extension_toys.TowardSettings(steps=3)
+    assert sf.Steerer.create("toy-toward-mean", preset="qwen2-1.5b").steps == 3
+    assert sf.Steerer.create("toy-toward-mean", preset=p).steps == 3
+    assert extension_toys.TowardSafeMean.from_preset("qwen2-1.5b", steps=5).steps == 5
+    assert sf.Steerer.create("toy-toward-mean", preset="default").steps == 8  # no settings there: the class default
+    assert sf.Steerer.create("toy-toward-mean").steps == 8
+    data = sf.SteeringData(harmful=toy_data[0], harmless=toy_data[0], responses=toy_data[0], response_labels=toy_data[1],
+                           preset="qwen2-1.5b")
+    assert extension_toys.TowardSafeMean.build(data).steps == 3  # how the demo and the attack protocol build it
+    with pytest.raises(ConfigError, match="takes no option 'stride'"):
+        sf.Steerer.create("toy-toward-mean", preset="qwen2-1.5b", stride=2)
+
+    ball = sf.ConstraintSet.implementation("toy-ball")
+    assert ball.reads_preset() and ball.fit_options_from_preset("qwen2-1.5b") == {"quantile": 0.75}
+    assert ball.fit_options_from_preset("default") == {} and ball.config_from_preset("qwen2-1.5b") == {}
+    H, y = toy_data[0], toy_data[1]
+    fit = ball.from_preset(p, H.shape[1]).fit(H, y, progress=False, **ball.fit_options_from_preset(p))
+    assert fit.provenance["training"]["options"] == {"quantile": 0.75}
+
+
 def fitted(name: str, H: torch.Tensor, y: torch.Tensor) -> sf.ConstraintSet:
     cls = sf.ConstraintSet.implementation(name)
     options = {**({"epochs": 40} if "epochs" in cls.fit_defaults() else {}), **FIT.get(name, {})}
@@ -182,7 +207,8 @@ def test_toy_family_and_steerer_through_train_generate_and_the_report(tiny_dir, 
     assert "trained toy-ball on 12 rows" in out and "quantile=1.0" in out
     ball = sf.ConstraintSet.load(tmp_path / "ball.safetensors")
     assert type(ball) is extension_toys.BallConstraint
-    assert ball.provenance["training"]["options"] == {"quantile": 1.0} and ball.provenance["training"]["preset"] is None
+    # the toy reads presets (its settings_type), so the run records the one it used (no entry matches: "default")
+    assert ball.provenance["training"]["options"] == {"quantile": 1.0} and ball.provenance["training"]["preset"] == "default"
     assert ball.provenance["layer"] == LAYER
     # a bad value or an unknown option of the toy is refused with the toy's own rule / options
     assert main(["train", "--features", str(tmp_path / "f.safetensors"), "--constraint", "toy-ball",

@@ -130,7 +130,8 @@ def run_document(path: Path, namespace: dict | None = None) -> list[str]:
     runnable = [b for b in blocks(path) if RUNNABLE.get(b.language) and b.untested is None]
     for b in runnable:
         if RUNNABLE[b.language] == "python":
-            exec(compile(python_source(b), f"{b.path.name}:{b.line}", "exec"), namespace)
+            # dont_inherit: run as a user would, without this module's `from __future__ import annotations`
+            exec(compile(python_source(b), f"{b.path.name}:{b.line}", "exec", dont_inherit=True), namespace)
             ran.append(f"{b.path.name}:{b.line} python")
     for b in runnable:
         if RUNNABLE[b.language] != "console":

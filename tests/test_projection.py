@@ -193,7 +193,7 @@ def test_configuration_errors():
     s = sf.Steerer.create("projection", preset="qwen2-1.5b")
     assert (s.metric, s.depth, s.margin, s.solver) == ("euclidean", 0.0, None, "cvxpylayers")
     s = sf.Steerer.create("projection")
-    assert (s.metric, s.depth, s.margin) == ("covariance", sf.presets.preset("default").steer_depth, None)
+    assert (s.metric, s.depth, s.margin) == ("covariance", sf.presets.preset("default").settings["projection"].depth, None)
 
 
 # --- the steerer ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from .base import ConstraintSet
 from .baselines import LinearConstraint, MLPConstraint
-from .polytope import DEFAULT_MARGIN, PolytopeConstraints, assign_facets
+from .polytope import DEFAULT_MARGIN, PolytopeConstraints, PolytopeSettings, assign_facets
 
 __all__ = ["ConstraintSet", "DEFAULT_MARGIN", "LinearConstraint", "MLPConstraint",
-           "PolytopeConstraints", "assign_facets"]
+           "PolytopeConstraints", "PolytopeSettings", "assign_facets"]

@@ -25,9 +25,7 @@ from ..checks import as_features, as_labels, check_device, check_positive_int, c
 from ..errors import ConfigError, CorruptFileError, DataError
 from ..features import FeatureDataset, Moments
 from ..io import FLOAT_DTYPES, TensorSpec, load_tensors, read_header, save_tensors, short_repr
-from ..presets import ModelPreset
-from ..presets import preset as get_preset
-from ..registry import Registered
+from ..presets import ModelPreset, PresetConfigured
 from .training import COMMON_FIT_OPTION_RULES, Rule, training_data, validate_fit_options
 
 log = logging.getLogger(__name__)
@@ -65,7 +63,7 @@ def provenance_problem(provenance: Any) -> str | None:
     return None
 
 
-class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
+class ConstraintSet(PresetConfigured, nn.Module, ABC, kind="constraint set"):
     """Learned constraints on hidden states. Labels: 1 = unsafe, 0 = safe.
 
     Subclasses implement ``violations``, ``config`` and the training hook ``_train``; everything
@@ -73,9 +71,11 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
     against ``_train``'s keyword-only parameters, values against :meth:`option_rules`) and the
     data, trains a copy, records what training learnt and swaps it in. A family declares rules for
     its own options in its class body (``fit_option_rules = {"init": one_of(INITS)}``; merged along
-    the MRO), and may read its shape and training options from a model preset
-    (:meth:`config_from_preset`, :meth:`fit_options_from_preset`; :meth:`from_preset` builds it). ``fit`` also records, saved with the
-    parameters:
+    the MRO). A family with per-model settings declares their dataclass (``settings_type``, whose
+    fields are constructor arguments and fit options) and its values per preset
+    (``preset_settings``, see :class:`~safeflow.presets.PresetConfigured`); :meth:`from_preset`
+    builds it with them (:meth:`config_from_preset`, :meth:`fit_options_from_preset`). ``fit`` also
+    records, saved with the parameters:
 
     * ``input_covariance`` [d, d], the covariance of the training rows, which
       ``SafeFlowSteerer(precondition="covariance")`` and the projection steerer's covariance
@@ -205,30 +205,36 @@ class ConstraintSet(Registered, nn.Module, ABC, kind="constraint set"):
 
     @classmethod
     def config_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
-        """Constructor arguments (besides ``input_dim``) taken from a model preset (or its name); the
-        default takes none. A family whose shape comes from the preset overrides this (the
-        polytope: facets and feature-map width)."""
-        return {}
+        """Constructor arguments (besides ``input_dim``) taken from a model preset (or its name): the
+        fields of the family's settings in it (:meth:`~safeflow.presets.PresetConfigured.settings_from_preset`)
+        that its constructor takes — the polytope's facets and feature-map width; {} where the preset
+        holds no settings for the family (its constructor's defaults apply)."""
+        options = cls.constructor_options()
+        return {k: v for k, v in cls.preset_fields(preset).items() if k in options}
 
     @classmethod
     def fit_options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
-        """Keyword arguments of :meth:`fit` taken from a model preset (or its name); the default
-        takes none. A family trained with per-model settings overrides this (the polytope: margin,
-        L1 weights, ...)."""
-        return {}
+        """Keyword arguments of :meth:`fit` taken from a model preset (or its name): the fields of the
+        family's settings in it that are fit options (:meth:`fit_defaults`) — the polytope's margin,
+        L1 weights, ...; {} where the preset holds no settings for the family (its ``_train``
+        defaults apply)."""
+        options = cls.fit_defaults()
+        return {k: v for k, v in cls.preset_fields(preset).items() if k in options}
 
     @classmethod
     def reads_preset(cls) -> bool:
-        """Whether this family takes anything from a model preset (overrides :meth:`from_preset`,
-        :meth:`config_from_preset` or :meth:`fit_options_from_preset`): whether a run records the
-        preset it trained with."""
-        return any(name in vars(klass) for klass in cls.__mro__[:cls.__mro__.index(ConstraintSet)]
-                   for name in ("from_preset", "config_from_preset", "fit_options_from_preset"))
+        """Whether this family takes anything from a model preset (declares a ``settings_type``, or
+        overrides :meth:`from_preset`, :meth:`config_from_preset` or :meth:`fit_options_from_preset`):
+        whether a run records the preset it trained with."""
+        return cls.settings_type is not None or any(
+            name in vars(klass) for klass in cls.__mro__[:cls.__mro__.index(ConstraintSet)]
+            for name in ("from_preset", "config_from_preset", "fit_options_from_preset"))
 
-    @staticmethod
-    def _preset(preset: ModelPreset | str | None) -> ModelPreset:
-        """A :class:`ModelPreset` from a preset or its name (None: the relative default)."""
-        return preset if isinstance(preset, ModelPreset) else get_preset(preset)
+    @classmethod
+    def settings_targets(cls) -> list[str]:
+        """The names a field of the family's ``settings_type`` may have: its constructor arguments
+        (besides ``input_dim``) and its fit options."""
+        return [name for name in cls.constructor_options() if name != "input_dim"] + list(cls.fit_defaults())
 
     # --- shared behaviour ----------------------------------------------------------------
     def violations_vjp(self, H: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ Training loss per batch (margin κ, unsafe weight w_u):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,14 +28,39 @@ from .. import kernels
 from ..checks import check_positive_int
 from ..errors import ConfigError
 from ..features import FeatureDataset, Moments
-from ..presets import ModelPreset
+from ..presets import REFERENCE_BATCH
 from .base import ConstraintSet, Weights
 from .training import default_epochs, entropy_bits, fold_standardization, one_of, train_minibatches
 
 #: Default margin κ. The paper's per-model margins (Llama-2-7B 60, Ministral-8B 5, Qwen2-1.5B 30)
-#: and ours for the default model are in :mod:`safeflow.presets`. Inputs are standardised during
-#: training, so κ is on a comparable scale across models.
+#: and ours for the default model are in :attr:`PolytopeConstraints.preset_settings`. Inputs are
+#: standardised during training, so κ is on a comparable scale across models.
 DEFAULT_MARGIN = 5.0
+
+
+@dataclass(frozen=True)
+class PolytopeSettings:
+    """The polytope's settings in a model preset (:mod:`safeflow.presets`): its shape (constructor
+    arguments) and training settings (fit options; the loss is averaged per example and acts on
+    standardised hidden states, so the values carry over between models)."""
+
+    num_facets: int  #: K
+    num_features: int  #: F, the width of the feature map
+    margin: float  #: κ, on standardised inputs
+    feature_l1: float  #: λ_f per example
+    facet_l1: float  #: λ_Φ per example
+    unsafe_weight: float  #: w_u
+    schedule: str  #: learning-rate schedule
+    average: float  #: fraction of final training steps whose parameters are averaged
+
+
+def _paper_settings(margin: float, num_facets: int, unsafe_weight: float) -> PolytopeSettings:
+    """A paper preset's polytope: F = 16384 and the reference code's λ_f = 1 and λ_Φ = 1e-4,
+    rescaled to per-example (divided by :data:`~safeflow.presets.REFERENCE_BATCH`); constant
+    learning rate, no averaging."""
+    return PolytopeSettings(num_facets=num_facets, num_features=16384, margin=margin, feature_l1=1.0 / REFERENCE_BATCH,
+                            facet_l1=1e-4 / REFERENCE_BATCH, unsafe_weight=unsafe_weight, schedule="constant",
+                            average=0.0)
 
 
 ASSIGNMENTS = ("greedy", "reference")
@@ -127,6 +153,16 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
 
     fit_option_rules = {"assignment": one_of(ASSIGNMENTS), "init": one_of(INITS)}
     facet_analysis = True
+    settings_type = PolytopeSettings
+    #: The paper's reference configurations (margin κ, facets K, unsafe weight w_u) and the default
+    #: model's (chosen on the out-of-distribution validation source; see the docs' concepts page).
+    preset_settings = {
+        "llama-2-7b": _paper_settings(margin=60.0, num_facets=50, unsafe_weight=2.0),
+        "ministral-8b": _paper_settings(margin=5.0, num_facets=30, unsafe_weight=3.0),
+        "qwen2-1.5b": _paper_settings(margin=30.0, num_facets=50, unsafe_weight=5.0),
+        "smollm2-135m-instruct": PolytopeSettings(num_facets=14, num_features=4096, margin=20.0, feature_l1=0.01,
+                                                  facet_l1=1e-3, unsafe_weight=3.0, schedule="cosine", average=0.5),
+    }
 
     def __init__(self, input_dim: int, num_facets: int = 14, num_features: int = 16384, *, backend: str = "auto",
                  weight_dtype: torch.dtype | None = None) -> None:
@@ -200,17 +236,6 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         with torch.no_grad():
             return kernels.local_affine(H, *operands, backend=name)
 
-    @classmethod
-    def config_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
-        """The preset's facets K and feature-map width F."""
-        p = cls._preset(preset)
-        return {"num_facets": p.num_facets, "num_features": p.num_features}
-
-    @classmethod
-    def fit_options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
-        """The preset's training settings (:meth:`~safeflow.presets.ModelPreset.fit_options`)."""
-        return cls._preset(preset).fit_options()
-
     def _train(
         self,
         data: FeatureDataset,
@@ -234,7 +259,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         """The polytope's fit options (:meth:`~safeflow.constraints.ConstraintSet.fit` takes them by keyword).
 
         Hyper-parameters as in the paper (Adam, lr 1e-2, batch 128, λ_f = 1, entropy weight 1);
-        ``margin`` is κ (per-model values in :mod:`safeflow.presets`), ``unsafe_weight`` w_u,
+        ``margin`` is κ (per-model values in :attr:`preset_settings`), ``unsafe_weight`` w_u,
         ``feature_l1`` λ_f, ``facet_l1`` λ_Φ; ``entropy_weight`` and ``assignment`` drive
         :func:`assign_facets`; ``init`` is :meth:`reset_parameters`'s; ``epochs`` defaults to about
         600 steps; ``schedule`` and ``average`` as in :func:`~safeflow.constraints.training.train_minibatches`.

@@ -4,10 +4,11 @@
 from .base import SteerResult, Steerer, SteeringData
 from .direction import ConditionalSteerer, DirectionSteerer
 from .fitted import FittedSteerer
-from .line import LineSteerer
+from .line import LineSettings, LineSteerer
 from .nullspace import NullSpaceSteerer
-from .projection import Projection, ProjectionSteerer, project
-from .safeflow import SafeFlowSteerer
+from .projection import Projection, ProjectionSettings, ProjectionSteerer, project
+from .safeflow import SafeFlowSettings, SafeFlowSteerer
 
-__all__ = ["ConditionalSteerer", "DirectionSteerer", "FittedSteerer", "LineSteerer", "NullSpaceSteerer", "Projection", "ProjectionSteerer",
-           "SafeFlowSteerer", "SteerResult", "Steerer", "SteeringData", "project"]
+__all__ = ["ConditionalSteerer", "DirectionSteerer", "FittedSteerer", "LineSettings", "LineSteerer", "NullSpaceSteerer", "Projection",
+           "ProjectionSettings", "ProjectionSteerer", "SafeFlowSettings", "SafeFlowSteerer", "SteerResult", "Steerer", "SteeringData",
+           "project"]

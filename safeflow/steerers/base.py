@@ -16,7 +16,6 @@ non-finite (NaN/inf from upstream, or violations that overflow) are left untouch
 
 from __future__ import annotations
 
-import inspect
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch import nn
 from ..checks import check_float, check_tensor
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
-from ..registry import Registered
+from ..presets import ModelPreset, PresetConfigured
 from ..saving import load_component
 
 #: Format version of saved (fitted) steerers.
@@ -104,9 +103,16 @@ def require_covariance(constraints: ConstraintSet, setting: str, fallback: str) 
                         f"lacks; fit it with this version of safeflow or pass {fallback}")
 
 
-class Steerer(Registered, ABC, kind="steerer"):
+class Steerer(PresetConfigured, ABC, kind="steerer"):
     """Moves hidden states outside a constraint set back inside. Configured by its own
-    hyper-parameters; receives the constraint set at call time."""
+    hyper-parameters; receives the constraint set at call time.
+
+    A steerer with per-model settings declares their dataclass (``settings_type``, whose fields are
+    constructor arguments) and its values per preset (``preset_settings``, see
+    :class:`~safeflow.presets.PresetConfigured`); :meth:`from_preset` and
+    ``Steerer.create(name, preset=...)`` build it with them. The built-in steerers also take the
+    preset themselves (``SafeFlowSteerer(preset=...)``).
+    """
 
     #: The gate a comparison steers with (:func:`~safeflow.steering`'s ``gate``): ``"detector"`` —
     #: the rows a prompt detector flags — or ``"token"`` for a steerer meant to run without a gate.
@@ -116,13 +122,40 @@ class Steerer(Registered, ABC, kind="steerer"):
     unconditional: ClassVar[bool] = False
 
     @classmethod
+    def create(cls, name: str, **config: Any) -> Steerer:
+        """Build the steerer registered under ``name`` with ``config``; ``preset=`` (a model preset
+        or its name) builds it with its settings in that preset (:meth:`from_preset`). An argument
+        its constructor does not take raises :class:`ConfigError` naming the valid ones."""
+        if "preset" in config:
+            return cls.implementation(name).from_preset(config.pop("preset"), **config)
+        return super().create(name, **config)
+
+    @classmethod
+    def from_preset(cls, preset: ModelPreset | str | None, **options: Any) -> Steerer:
+        """This steerer with its settings in a model preset (a :class:`~safeflow.presets.ModelPreset`
+        or its name; None: the relative default): ``cls(**{**options_from_preset(preset), **options})``,
+        explicit ``options`` taking precedence. An option the constructor does not take raises
+        :class:`ConfigError` naming the valid ones."""
+        cls.check_options(options)
+        return cls(**{**cls.options_from_preset(preset), **options})
+
+    @classmethod
+    def options_from_preset(cls, preset: ModelPreset | str | None) -> dict[str, Any]:
+        """Constructor arguments from a model preset: ``{"preset": preset}`` for a constructor that
+        takes the preset itself (the built-in steerers), else the fields of this steerer's settings
+        in the preset (:meth:`~safeflow.presets.PresetConfigured.settings_from_preset`) that its
+        constructor takes; {} where the preset holds none (the constructor's defaults apply)."""
+        options = cls.constructor_options()
+        if "preset" in options:
+            return {"preset": preset}
+        return {k: v for k, v in cls.preset_fields(preset).items() if k in options}
+
+    @classmethod
     def build(cls, data: SteeringData, **options: Any) -> Steerer:
-        """This steerer for a run (the demo, the attack protocol, the command line): ``cls(**options)``,
-        with the run's ``preset`` where the constructor takes one. A steerer with learned tensors
-        overrides this to fit itself on ``data``."""
-        if data.preset is not None and "preset" in inspect.signature(cls).parameters:
-            options.setdefault("preset", data.preset)
-        return cls(**options)
+        """This steerer for a run (the demo, the attack protocol, the command line): built with the
+        run's ``preset`` (:meth:`from_preset`; None: the relative default) and ``options``. A steerer
+        with learned tensors overrides this to fit itself on ``data``."""
+        return cls.from_preset(data.preset, **options)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Steerer:

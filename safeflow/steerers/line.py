@@ -21,13 +21,21 @@ answers that help with harm to those of refusals. A row that cannot reach depth 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..constraints.base import ConstraintSet
 from ..errors import ConfigError, DataError
-from ..presets import preset as get_preset
+from ..presets import PRESETS, ModelPreset
 from .base import Steerer, check_depth, target_margin
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    """Line steering's settings in a model preset (:mod:`safeflow.presets`)."""
+
+    depth: float = 3.0  #: target depth, in units of the steering constraint set's ``safe_depth``
 
 
 class LineSteerer(Steerer, name="line"):
@@ -36,17 +44,22 @@ class LineSteerer(Steerer, name="line"):
 
     Args:
         depth: target depth m relative to the constraint set's ``safe_depth`` (default: the
-            preset's ``line_depth``).
+            preset's, :class:`LineSettings`).
         margin: the same target as an absolute number in violation units (instead of ``depth``).
         max_scale: longest move, in units of the distance between the two class means.
         tolerance: bisection stops when the bracket is shorter than this fraction of ``t_max``.
-        preset: model preset supplying the default depth (see :mod:`safeflow.presets`).
+        preset: model preset supplying the default depth (a :class:`~safeflow.presets.ModelPreset`
+            or its name, see :mod:`safeflow.presets`; one without line settings: 3).
     """
 
+    settings_type = LineSettings
+    #: Depth 3 for every preset (chosen on the default model's validation source).
+    preset_settings = dict.fromkeys(PRESETS, LineSettings(depth=3.0))
+
     def __init__(self, depth: float | None = None, *, margin: float | None = None, max_scale: float = 4.0,
-                 tolerance: float = 1e-3, preset: str = "default") -> None:
+                 tolerance: float = 1e-3, preset: ModelPreset | str | None = "default") -> None:
         if depth is None and margin is None:
-            depth = get_preset(preset).line_depth
+            depth = (self.settings_from_preset(preset) or LineSettings()).depth
         check_depth(margin, depth)
         for name, value in (("max_scale", max_scale), ("tolerance", tolerance)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:

@@ -46,7 +46,7 @@ from .. import kernels
 from ..constraints.base import ConstraintSet
 from ..constraints.polytope import PolytopeConstraints
 from ..errors import ConfigError, DataError
-from ..presets import preset as get_preset
+from ..presets import ModelPreset
 from .base import Steerer, SteeringData, check_depth, require_covariance, target_margin
 from .dual_qp import SOLVERS, Status, solve_dual
 
@@ -56,6 +56,14 @@ METRICS = ("euclidean", "covariance")
 #: Relative ridge ε added to A M Aᵀ (times its mean diagonal): keeps the dual strictly convex
 #: when facets are linearly dependent; contradictory facets then show as infeasible.
 RIDGE = 1e-10
+
+
+@dataclass(frozen=True)
+class ProjectionSettings:
+    """The projection steerer's settings in a model preset (:mod:`safeflow.presets`)."""
+
+    metric: str = "euclidean"  #: ``"euclidean"`` or ``"covariance"``
+    depth: float = 0.0  #: target depth, in units of the steering constraint set's ``safe_depth``
 
 
 @dataclass
@@ -140,9 +148,9 @@ class ProjectionSteerer(Steerer, name="projection"):
         metric: ``"euclidean"`` (M = I) or ``"covariance"`` (M = the constraint set's
             ``input_covariance`` scaled to mean eigenvalue 1, as SafeFlow's preconditioner:
             the nearest point in the Mahalanobis distance of the hidden states). Default: the
-            preset's (``precondition="covariance"`` maps to ``"covariance"``).
+            preset's (:class:`ProjectionSettings`).
         depth: target depth m relative to the constraint set, as SafeFlow's — every violation ends
-            <= −depth × ``constraints.safe_depth`` (default: the preset's ``steer_depth``).
+            <= −depth × ``constraints.safe_depth`` (default: the preset's).
         margin: the same target as an absolute number in violation units (instead of ``depth``).
         max_rounds: projections per row at most (see the module doc).
         ramp_rounds: rounds over which the target depth ramps up to m.
@@ -153,7 +161,9 @@ class ProjectionSteerer(Steerer, name="projection"):
             (:func:`safeflow.kernels.projection_steer`; the same decisions, states within float
             rounding, see the tests); ``"torch"`` runs the eager rounds (the reference). None follows
             the constraint set's backend. Other constraint sets always run the eager rounds.
-        preset: model preset supplying the defaults (see :mod:`safeflow.presets`).
+        preset: model preset supplying the defaults (a :class:`~safeflow.presets.ModelPreset` or its
+            name, see :mod:`safeflow.presets`; one without projection settings: the defaults of
+            :class:`ProjectionSettings`).
 
     ``iterations`` in the :class:`~safeflow.steerers.SteerResult` counts rounds; ``inside`` is
     computed from the true violations (a certificate). A row whose first round fails (infeasible
@@ -161,13 +171,23 @@ class ProjectionSteerer(Steerer, name="projection"):
     depth m keeps its latest point and is reported inside or not by its true violations.
     """
 
+    settings_type = ProjectionSettings
+    #: The paper's presets: euclidean, to the boundary (as their SafeFlow); the default model's:
+    #: the covariance metric and depth 3 (as its SafeFlow).
+    preset_settings = {
+        "llama-2-7b": ProjectionSettings(metric="euclidean", depth=0.0),
+        "ministral-8b": ProjectionSettings(metric="euclidean", depth=0.0),
+        "qwen2-1.5b": ProjectionSettings(metric="euclidean", depth=0.0),
+        "smollm2-135m-instruct": ProjectionSettings(metric="covariance", depth=3.0),
+    }
+
     def __init__(self, metric: str | None = None, depth: float | None = None, *, margin: float | None = None,
                  max_rounds: int = 8, ramp_rounds: int = 4, solver: str = "cvxpylayers",
-                 backend: str | None = None, preset: str = "default") -> None:
-        p = get_preset(preset)
-        metric = ("covariance" if p.precondition == "covariance" else "euclidean") if metric is None else metric
+                 backend: str | None = None, preset: ModelPreset | str | None = "default") -> None:
+        p: ProjectionSettings = self.settings_from_preset(preset) or ProjectionSettings()
+        metric = p.metric if metric is None else metric
         if depth is None and margin is None:
-            depth = p.steer_depth
+            depth = p.depth
         check_depth(margin, depth)
         if metric not in METRICS:
             raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")

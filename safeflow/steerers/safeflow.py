@@ -22,6 +22,7 @@ difference is what changes the model's behaviour (see the concepts page of the d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -29,10 +30,22 @@ from .. import kernels
 from ..constraints.base import ConstraintSet
 from ..constraints.polytope import PolytopeConstraints
 from ..errors import ConfigError
-from ..presets import preset as get_preset
+from ..presets import ModelPreset
 from .base import Steerer, check_depth, require_covariance, target_margin
 
 PRECONDITIONERS = ("none", "covariance")
+
+
+@dataclass(frozen=True)
+class SafeFlowSettings:
+    """SafeFlow's settings in a model preset (:mod:`safeflow.presets`); the defaults — the paper's
+    algorithm (plain gradient, stop at the boundary) with λ_unsafe = 4, λ_safe = 0 — apply with a
+    preset that holds none."""
+
+    lambda_unsafe: float = 4.0  #: λ_unsafe
+    lambda_safe: float = 0.0  #: λ_safe
+    depth: float = 0.0  #: target depth, in units of the steering constraint set's ``safe_depth``
+    precondition: str = "none"  #: ``"none"`` or ``"covariance"``
 
 
 class SafeFlowSteerer(Steerer, name="safeflow"):
@@ -40,9 +53,11 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
 
     Args:
         lambda_unsafe, lambda_safe: loss weights (default: the ``preset``'s).
-        preset: a preset from :mod:`safeflow.presets` supplying the defaults of every argument
-            left as None (``"default"``: the relative default; paper: ``"llama-2-7b"``,
-            ``"ministral-8b"``, ``"qwen2-1.5b"``).
+        preset: a model preset (:mod:`safeflow.presets`; a :class:`~safeflow.presets.ModelPreset`
+            or its name) whose SafeFlow settings (:class:`SafeFlowSettings`, ``preset.settings["safeflow"]``)
+            supply every argument left as None (``"default"``: the relative default; paper:
+            ``"llama-2-7b"``, ``"ministral-8b"``, ``"qwen2-1.5b"``; a preset without SafeFlow
+            settings: the defaults of :class:`SafeFlowSettings`).
         lr: gradient-descent step size (paper: 0.01).
         max_steps: step budget per row (paper: up to 100; the reference code took 1).
         depth: target depth m relative to the constraint set — stop once every violation is
@@ -55,12 +70,23 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
             constraint set's own ``backend``. Other constraint sets always run the eager loop.
     """
 
-    def __init__(self, lambda_unsafe: float | None = None, lambda_safe: float | None = None, *, preset: str = "default",
-                 lr: float = 0.01, max_steps: int = 100, depth: float | None = None, margin: float | None = None,
-                 precondition: str | None = None, backend: str | None = None) -> None:
-        p = get_preset(preset)
+    settings_type = SafeFlowSettings
+    #: The paper's SafeFlow weights (plain gradient into the boundary) and the default model's.
+    preset_settings = {
+        "llama-2-7b": SafeFlowSettings(lambda_unsafe=4.0, lambda_safe=1e-4),
+        "ministral-8b": SafeFlowSettings(lambda_unsafe=0.25, lambda_safe=0.0),
+        "qwen2-1.5b": SafeFlowSettings(lambda_unsafe=10.0, lambda_safe=5000.0),
+        "smollm2-135m-instruct": SafeFlowSettings(lambda_unsafe=4.0, lambda_safe=0.0, depth=3.0,
+                                                  precondition="covariance"),
+    }
+
+    def __init__(self, lambda_unsafe: float | None = None, lambda_safe: float | None = None, *,
+                 preset: ModelPreset | str | None = "default", lr: float = 0.01, max_steps: int = 100,
+                 depth: float | None = None, margin: float | None = None, precondition: str | None = None,
+                 backend: str | None = None) -> None:
+        p: SafeFlowSettings = self.settings_from_preset(preset) or SafeFlowSettings()
         if depth is None and margin is None:
-            depth = p.steer_depth
+            depth = p.depth
         check_depth(margin, depth)
         precondition = p.precondition if precondition is None else precondition
         lambda_unsafe = p.lambda_unsafe if lambda_unsafe is None else lambda_unsafe
