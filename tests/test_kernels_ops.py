@@ -204,8 +204,8 @@ def test_projection_steer(dtype):
 
 
 def test_the_operators_are_registered_under_safeflow():
-    for name in ("violations", "violations_forward", "violations_vjp_input", "violations_param_grads", "jacobian", "safeflow_loop",
-                 "project", "projection_steer"):
+    for name in ("violations", "violations_forward", "violations_vjp_input", "violations_param_grads", "jacobian",
+                 "safeflow_loop", "project", "projection_steer"):
         assert hasattr(torch.ops.safeflow, name), name
 
 
@@ -249,3 +249,31 @@ def test_torch_compile_fullgraph(dtype):
     ref.violations(*exact).square().sum().backward()
     for name, got, want in zip(("H", "W", "b", "Phi", "xi"), leaves, exact):
         assert rel(got.grad, want.grad) < 10 * TOL[dtype], name
+
+
+def test_operators_refuse_buffers_that_do_not_fit():
+    """Called directly, an operator checks what it hands to the raw-pointer kernel: the bitmask, kept
+    features and projection operands of the wrong shape, dtype or layout are a DataError, never a read
+    out of bounds."""
+    H, W, b, Phi, xi = operands()
+    _, mask, feat = ops.violations_forward(H, W, b, Phi, xi, True)
+    C = torch.ones(5, 3, dtype=H.dtype)
+    with pytest.raises(sf.DataError, match=r"mask has shape \(5, 1\)"):
+        ops.violations_vjp_input(W, Phi, mask[:, :1], C, None)
+    with pytest.raises(sf.DataError, match="mask is torch.int32"):
+        ops.jacobian(W, b, Phi, xi, mask.int())
+    with pytest.raises(sf.DataError, match="feat is torch.float32"):
+        ops.violations_param_grads(H, W, b, Phi, mask, feat.float(), C, True, True, True)
+    with pytest.raises(sf.DataError, match="V is torch.float32"):
+        ops.violations_vjp_input(W, Phi, mask, C, C.float())
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    with pytest.raises(sf.DataError, match=r"h0 has shape \(2, 5\)"):
+        ops.project(torch.zeros(2, 5, dtype=torch.float64), A, torch.zeros(2, 3), torch.zeros(2, 3), None)
+    with pytest.raises(sf.DataError, match=r"M has shape \(8, 8\)"):
+        ops.projection_steer(H, W, b, Phi, xi, torch.eye(8, dtype=torch.float64), 0.1, 2, 1)
+    # a strided bitmask and features are made contiguous, not read as if they were
+    wide = torch.stack([mask, mask], 2)[:, :, 0]
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(ops.violations_vjp_input(W, Phi, wide, C, None),
+                               ops.violations_vjp_input(W, Phi, mask, C, None))

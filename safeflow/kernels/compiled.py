@@ -51,11 +51,25 @@ def _transposed(Phi: torch.Tensor) -> torch.Tensor:
     return derived(Phi, "T", lambda p: p.detach().t().contiguous())
 
 
-def _check_mask(mask: torch.Tensor, B: int, F: int) -> None:
-    """The activation bitmask of a forward over B rows and F features: int64 [B, ceil(F/64)]."""
-    checks.check_shape("mask", mask, (B, -(-F // 64)), "[B, ceil(F/64)]", "pass the bitmask of the same forward")
+def _mask(mask: torch.Tensor, B: int, F: int, device: torch.device) -> torch.Tensor:
+    """The activation bitmask of a forward over B rows and F features (int64 [B, ceil(F/64)] on
+    ``device``), contiguous; :class:`DataError` otherwise."""
+    checks.check_shape("mask", checks.check_tensor("mask", mask), (B, -(-F // 64)), "[B, ceil(F/64)]",
+                       "pass the bitmask of the same forward")
     if mask.dtype != torch.int64:
         raise DataError(f"mask is {mask.dtype}; pass the int64 bitmask of the same forward")
+    checks.check_device("mask", mask, device, "the states")
+    return mask.contiguous()
+
+
+def _features(feat: torch.Tensor, H: torch.Tensor, F: int) -> torch.Tensor:
+    """The features [B, F] of a forward over H [B, d], in H's dtype and on its device, contiguous."""
+    checks.check_shape("feat", checks.check_tensor("feat", feat), (H.shape[0], F), "[B, F]",
+                       "pass the features of the same forward")
+    if feat.dtype != H.dtype:
+        raise DataError(f"feat is {feat.dtype} but the states are {H.dtype}; pass the features of the same forward")
+    checks.check_device("feat", feat, H.device, "the states")
+    return feat.contiguous()
 
 
 class Compiled:
@@ -134,10 +148,13 @@ class Compiled:
         """((C Φ) ⊙ D) W [B, d]; rows whose V holds a NaN come back NaN."""
         codes = self._check(C, W, Phi)
         (B, K), (F, d) = C.shape, W.shape
-        _check_mask(mask, B, F)
+        mask = _mask(mask, B, F, C.device)
         checks.check_shape("Phi", Phi, (K, F), "[K, F]", "weights C [B, K] need Phi with K rows and F = W's rows")
         if V is not None:
             checks.check_shape("V", V, (B, K), "[B, K]", "pass the violations of the same forward")
+            if V.dtype != C.dtype or V.device != C.device:
+                raise DataError(f"V is {V.dtype} on {V.device} but the weights are {C.dtype} on {C.device}; pass the "
+                                "violations of the same forward")
         C, W = C.contiguous(), W.contiguous()
         PhiT = _transposed(Phi)
         gH = torch.empty(B, d, dtype=C.dtype, device=C.device)
@@ -155,9 +172,8 @@ class Compiled:
         if W.dtype != H.dtype:
             raise DataError("parameter gradients need W in the states' dtype; train without bfloat16 weight storage")
         B, d, F, K = checks.kernel_operands(H, W, b, Phi, Phi[:, 0], C=C)  # Phi[:, 0]: a [K] stand-in for xi
-        _check_mask(mask, B, F)
-        if feat is not None:
-            checks.check_shape("feat", feat, (B, F), "[B, F]", "pass the features of the same forward")
+        mask = _mask(mask, B, F, H.device)
+        feat = _features(feat, H, F) if feat is not None else None
         H, W, b, C = H.contiguous(), W.contiguous(), b.contiguous(), C.contiguous()
         PhiT = _transposed(Phi)
         new = lambda *shape: torch.empty(*shape, dtype=H.dtype, device=H.device)  # noqa: E731
@@ -174,7 +190,7 @@ class Compiled:
         codes = self._check(b, W, b, Phi, xi)
         B, (F, d), K = mask.shape[0], W.shape, Phi.shape[0]
         checks.kernel_operands(W[:0], W, b, Phi, xi)  # W[:0]: a [0, d] stand-in for H
-        _check_mask(mask, B, F)
+        mask = _mask(mask, B, F, b.device)
         W, b, xi = W.contiguous(), b.contiguous(), xi.contiguous()
         PhiT = _transposed(Phi)
         A = torch.empty(B, K, d, dtype=b.dtype, device=b.device)
@@ -211,9 +227,17 @@ class Compiled:
         """float64 projections of h0 [B, d] onto ``{A h <= c − margin}`` (A [B, K, d], c and margin [B, K]) in
         the metric M [d, d] (None: identity): h* [B, d] (h0 where status != OK), λ [B, K] and status [B] long."""
         self._cpu_only("project")
+        checks.check_shape("A", checks.check_float("A", checks.check_tensor("A", A)), (None, None, None), "[B, K, d]",
+                           "pass one constraint matrix per row")
+        B, K, d = A.shape
+        for name, t, shape, layout in (("h0", h0, (B, d), "[B, d]"), ("c", c, (B, K), "[B, K]"),
+                                       ("margin", margin, (B, K), "[B, K]"), ("M", M, (d, d), "[d, d]")):
+            if t is not None:
+                checks.check_shape(name, checks.check_float(name, checks.check_tensor(name, t)), shape, layout,
+                                   "A [B, K, d], h0 [B, d], c and margin [B, K], M [d, d] must agree in B, K and d")
+                checks.check_device(name, t, A.device, "A")
         h0, A, c, margin = (t.to(torch.float64).contiguous() for t in (h0, A, c, margin))
         M = M.to(torch.float64).contiguous() if M is not None else None
-        B, K, d = A.shape
         h = torch.empty(B, d, dtype=torch.float64)
         lam = torch.empty(B, K, dtype=torch.float64)
         status = torch.empty(B, dtype=torch.int64)
@@ -228,6 +252,11 @@ class Compiled:
         """The projection steerer's rounds from rows h [n, d]: new rows [n, d] (NaN where the first round
         failed), rounds [n] long and the status of each row's last projection [n] long."""
         self._cpu_only("projection_steer")
+        d = checks.kernel_operands(h, W, b, Phi, xi, states="h")[1]
+        if M is not None:
+            checks.check_shape("M", checks.check_float("M", checks.check_tensor("M", M)), (d, d), "[d, d]",
+                               "the metric is a square matrix over the hidden dimensions")
+            checks.check_device("M", M, h.device, "h")
         codes = self._check(h, W, b, Phi, xi)
         h, W, b, xi = h.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         M = M.to(torch.float64).contiguous() if M is not None else None
