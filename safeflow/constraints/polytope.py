@@ -187,9 +187,7 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         otherwise, and before ``fit``); rows with NaN give NaN violations."""
         H = self._inputs(H)
         name = kernels.resolve(self.backend, H.device, self.facets.dtype)
-        if name != "torch":
-            return kernels.violations(H, *self.kernel_operands(), backend=name)
-        return self.features(H) @ self.facets.T - self.thresholds
+        return kernels.violations(H, *self._operands_for(name), backend=name)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W [F, d], b [F], Φ [K, F], ξ [K]) for :mod:`safeflow.kernels`; W as ``weight_dtype`` when set
@@ -199,19 +197,19 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
             W = kernels.derived(W, str(self.weight_dtype), lambda w: w.detach().to(self.weight_dtype))
         return W, self.feature_map.bias, self.facets, self.thresholds
 
-    def _parameters_as_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W, b, Φ, ξ) as the parameters themselves (the eager backend computes in their dtype)."""
+    def _operands_for(self, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, b, Φ, ξ) for the resolved kernel ``backend``: :meth:`kernel_operands` for a compiled one,
+        the parameters themselves for ``"torch"`` (the eager backend computes in their dtype)."""
+        if backend != "torch":
+            return self.kernel_operands()
         return self.feature_map.weight, self.feature_map.bias, self.facets, self.thresholds
 
     def _loss_terms(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Violations [N, K] and feature L1 norms ‖f(z)‖₁ [N] for the training loss. A compiled
-        backend gets both from one fused pass: the L1 norm of ReLU features is the violation of an
+        """Violations [N, K] and feature L1 norms ‖f(z)‖₁ [N] for the training loss, both from one
+        :func:`safeflow.kernels.violations` pass: the L1 norm of ReLU features is the violation of an
         extra all-ones facet with threshold 0."""
         name = kernels.resolve(self.backend, Z.device, self.facets.dtype)
-        if name == "torch":
-            f = self.features(Z)
-            return f @ self.facets.T - self.thresholds, f.abs().sum(1)
-        W, b, Phi, xi = self.kernel_operands()
+        W, b, Phi, xi = self._operands_for(name)
         V = kernels.violations(Z, W, b, torch.cat([Phi, torch.ones_like(Phi[:1])]), torch.cat([xi, xi.new_zeros(1)]),
                                backend=name)
         return V[:, :-1], V[:, -1]
@@ -222,9 +220,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         whose V holds a NaN get a NaN gradient (on every backend)."""
         H = self._inputs(H)
         name = kernels.resolve(self.backend, H.device, self.facets.dtype)
-        operands = self.kernel_operands() if name != "torch" else self._parameters_as_operands()
         with torch.no_grad():
-            return kernels.violations_vjp(H, *operands, weights, backend=name)
+            return kernels.violations_vjp(H, *self._operands_for(name), weights, backend=name)
 
     def local_affine(self, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed form: with D = diag(W h + b > 0), ``A = Φ D W`` [N, K, d] and
@@ -232,9 +229,8 @@ class PolytopeConstraints(ConstraintSet, name="polytope"):
         Rows whose V holds a NaN have no pattern: their A and c are NaN (on every backend)."""
         H = self._inputs(H)
         name = kernels.resolve(self.backend, H.device, self.facets.dtype)
-        operands = self.kernel_operands() if name != "torch" else self._parameters_as_operands()
         with torch.no_grad():
-            return kernels.local_affine(H, *operands, backend=name)
+            return kernels.local_affine(H, *self._operands_for(name), backend=name)
 
     def _train(
         self,

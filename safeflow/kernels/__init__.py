@@ -8,7 +8,10 @@ of W in every backward pass.
 
 Backends: ``"torch"`` (the eager reference, :mod:`safeflow.kernels.reference`), ``"cpu"``
 (C++, ``csrc/cpu``), ``"cuda"`` (``csrc/cuda``), ``"auto"`` (the compiled kernel of the tensors'
-device if it loaded, else ``"torch"``). :func:`available` lists what loaded here.
+device if it loaded, else ``"torch"``). :func:`available` lists what loaded here. A compiled
+backend runs through the ``torch.library`` custom operators of :mod:`safeflow.kernels.ops`
+(``safeflow::violations_forward`` and the others: fake implementations and a registered
+backward, so ``torch.compile`` traces them and ``torch.library.opcheck`` checks them).
 
 Every function checks its operands before anything is computed (:func:`safeflow.checks.kernel_operands`:
 tensors with values on one device, real floating point, 2-D/1-D shapes whose sizes agree) and
@@ -31,9 +34,9 @@ import torch
 
 from .. import checks
 from ..errors import ConfigError, DataError
-from . import reference
+from . import ops, reference
 from .backends import available, check_name, resolve
-from .compiled import IMPLS, ViolationsFunction, clear_cache, derived
+from .compiled import clear_cache, derived
 
 Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,9 +79,7 @@ def violations(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Ten
     name = _operands(H, W, b, Phi, xi, backend)
     if name == "torch":
         return reference.violations(H, W, b, Phi, xi)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (H, W, b, Phi, xi)):
-        return ViolationsFunction.apply(IMPLS[name], H, W, b, Phi, xi)
-    return IMPLS[name].forward(H, W, b, Phi, xi, mask=False)[0]  # nothing to differentiate: no bitmask
+    return ops.violations(H, W, b, Phi, xi)
 
 
 def violations_vjp(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
@@ -97,11 +98,9 @@ def violations_vjp(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch
 
     if name == "torch":
         return reference.violations_vjp(H, W, b, Phi, xi, weigh)
-    impl = IMPLS[name]
     with torch.no_grad():
-        V, mask = impl.forward(H, W, b, Phi, xi)
-        assert mask is not None  # requested (mask=True)
-        return V, impl.vjp_input(W, Phi, mask, weigh(V), V)
+        V, mask, _ = ops.violations_forward(H, W, b, Phi, xi, False)
+        return V, ops.violations_vjp_input(W, Phi, mask, weigh(V), V)
 
 
 def local_affine(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
@@ -111,11 +110,9 @@ def local_affine(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.T
     name = _operands(H, W, b, Phi, xi, backend)
     if name == "torch":
         return reference.local_affine(H, W, b, Phi, xi)
-    impl = IMPLS[name]
     with torch.no_grad():
-        V, mask = impl.forward(H, W, b, Phi, xi)
-        assert mask is not None  # requested (mask=True)
-        A, c = impl.jacobian(W, b, Phi, xi, mask)
+        V, mask, _ = ops.violations_forward(H, W, b, Phi, xi, False)
+        A, c = ops.jacobian(W, b, Phi, xi, mask)
         nan = _nan_rows(V)
         return A.masked_fill(nan[:, None, None], math.nan), c.masked_fill(nan[:, None], math.nan)
 
@@ -142,8 +139,8 @@ def safeflow_loop(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.
         raise ConfigError("safeflow_loop needs a compiled kernel backend ('cpu' or 'cuda'); the eager loop is "
                           "SafeFlowSteerer(backend='torch')")
     with torch.no_grad():
-        return IMPLS[name].safeflow_loop(h, W, b, Phi, xi, P, lr=lr, lambda_safe=lambda_safe,
-                                         lambda_unsafe=lambda_unsafe, margin=margin, max_steps=max_steps)
+        return ops.safeflow_loop(h, W, b, Phi, xi, P, float(lr), float(lambda_safe), float(lambda_unsafe),
+                                 float(margin), max_steps)
 
 
 def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, margin: torch.Tensor, M: torch.Tensor | None,
@@ -160,7 +157,7 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, margin: torch.Te
         raise ConfigError(f"the compiled projection runs on the 'cpu' kernel backend, not {name!r}; use "
                           "safeflow.project (eager, differentiable) elsewhere")
     with torch.no_grad():
-        return IMPLS[name].project(h0, A, c, margin, M)
+        return ops.project(h0, A, c, margin, M)
 
 
 def projection_steer(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor, *,
@@ -178,8 +175,7 @@ def projection_steer(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: tor
         raise ConfigError(f"the compiled projection steer runs on the 'cpu' kernel backend, not {name!r}; the eager "
                           "rounds are ProjectionSteerer(solver='native', backend='torch')")
     with torch.no_grad():
-        return IMPLS[name].projection_steer(h, W, b, Phi, xi, M, margin=margin, max_rounds=max_rounds,
-                                            ramp_rounds=ramp_rounds)
+        return ops.projection_steer(h, W, b, Phi, xi, M, float(margin), max_rounds, ramp_rounds)
 
 
 __all__ = ["Weights", "available", "check_name", "clear_cache", "derived", "local_affine", "reference", "resolve",

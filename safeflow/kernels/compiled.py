@@ -1,19 +1,20 @@
-"""Calls into the compiled kernels on torch tensors, and the autograd Function over them.
+"""Calls into the compiled kernels on torch tensors.
 
 The compiled modules see only addresses, shapes and a CPU thread count or a CUDA stream
 (``torch.cuda.current_stream().cuda_stream``); this module makes every buffer contiguous,
-checks shapes (:func:`safeflow.checks.kernel_operands`), dtypes and devices, allocates the outputs and keeps Φᵀ (and bfloat16 copies of W) cached
-per parameter version.
+checks shapes (:func:`safeflow.checks.kernel_operands`), dtypes and devices, allocates the outputs
+and keeps Φᵀ (and bfloat16 copies of W) cached per parameter version. The ``torch.library`` custom
+operators over these calls (and their autograd) are in :mod:`safeflow.kernels.ops`.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .. import checks
 from ..errors import ConfigError, DataError
@@ -22,9 +23,6 @@ from . import backends
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 #: below this many multiply-adds a CPU call runs on one thread (starting threads costs more)
 _MIN_PARALLEL_WORK = 1 << 22
-#: a CPU training forward keeps the [B, F] features for the backward when they fit in this many
-#: bytes (saves recomputing them for ∂Φ); larger batches keep only the bitmask and recompute
-FEATURE_BUDGET_BYTES = 16 << 20
 
 _cache: dict[tuple[Any, ...], tuple[weakref.ref, torch.Tensor]] = {}
 
@@ -53,11 +51,25 @@ def _transposed(Phi: torch.Tensor) -> torch.Tensor:
     return derived(Phi, "T", lambda p: p.detach().t().contiguous())
 
 
-def _check_mask(mask: torch.Tensor, B: int, F: int) -> None:
-    """The activation bitmask of a forward over B rows and F features: int64 [B, ceil(F/64)]."""
-    checks.check_shape("mask", mask, (B, -(-F // 64)), "[B, ceil(F/64)]", "pass the bitmask of the same forward")
+def _mask(mask: torch.Tensor, B: int, F: int, device: torch.device) -> torch.Tensor:
+    """The activation bitmask of a forward over B rows and F features (int64 [B, ceil(F/64)] on
+    ``device``), contiguous; :class:`DataError` otherwise."""
+    checks.check_shape("mask", checks.check_tensor("mask", mask), (B, -(-F // 64)), "[B, ceil(F/64)]",
+                       "pass the bitmask of the same forward")
     if mask.dtype != torch.int64:
         raise DataError(f"mask is {mask.dtype}; pass the int64 bitmask of the same forward")
+    checks.check_device("mask", mask, device, "the states")
+    return mask.contiguous()
+
+
+def _features(feat: torch.Tensor, H: torch.Tensor, F: int) -> torch.Tensor:
+    """The features [B, F] of a forward over H [B, d], in H's dtype and on its device, contiguous."""
+    checks.check_shape("feat", checks.check_tensor("feat", feat), (H.shape[0], F), "[B, F]",
+                       "pass the features of the same forward")
+    if feat.dtype != H.dtype:
+        raise DataError(f"feat is {feat.dtype} but the states are {H.dtype}; pass the features of the same forward")
+    checks.check_device("feat", feat, H.device, "the states")
+    return feat.contiguous()
 
 
 class Compiled:
@@ -114,32 +126,35 @@ class Compiled:
         return _CODES[dtype], _CODES[W.dtype]
 
     def forward(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
-                mask: bool = True, feat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """V [B, K] and (if ``mask``) the activation bitmask [B, ceil(F/64)] int64; ``feat`` [B, F]
-        (CPU only), if given, receives the features ReLU(H Wᵀ + b)."""
+                mask: bool = True,
+                features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """V [B, K], (if ``mask``) the activation bitmask [B, ceil(F/64)] int64 and (if ``features``,
+        CPU only) the features ReLU(H Wᵀ + b) [B, F]; None for what was not asked."""
         checks.kernel_operands(H, W, b, Phi, xi)
         codes = self._check(H, W, b, Phi, xi)
         H, W, b, xi = H.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         PhiT = _transposed(Phi)
         (B, d), (K, F) = H.shape, Phi.shape
-        if feat is not None:
-            checks.check_shape("feat", feat, (B, F), "[B, F]", "pass a features buffer of one row per state")
         V = torch.empty(B, K, dtype=H.dtype, device=H.device)
         M = torch.empty(B, -(-F // 64), dtype=torch.int64, device=H.device) if mask or self.name == "cuda" else None
+        feat = torch.empty(B, F, dtype=H.dtype, device=H.device) if features else None
         self._call("forward", H.device, (B, d, F, K), H.dtype, B * F * d, *codes, H.data_ptr(), W.data_ptr(),
                    b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), V.data_ptr(), M.data_ptr() if M is not None else 0,
                    feat.data_ptr() if feat is not None else 0, B, d, F, K)
-        return V, M
+        return V, (M if mask else None), feat
 
     def vjp_input(self, W: torch.Tensor, Phi: torch.Tensor, mask: torch.Tensor, C: torch.Tensor,
                   V: torch.Tensor | None = None) -> torch.Tensor:
         """((C Φ) ⊙ D) W [B, d]; rows whose V holds a NaN come back NaN."""
         codes = self._check(C, W, Phi)
         (B, K), (F, d) = C.shape, W.shape
-        _check_mask(mask, B, F)
+        mask = _mask(mask, B, F, C.device)
         checks.check_shape("Phi", Phi, (K, F), "[K, F]", "weights C [B, K] need Phi with K rows and F = W's rows")
         if V is not None:
             checks.check_shape("V", V, (B, K), "[B, K]", "pass the violations of the same forward")
+            if V.dtype != C.dtype or V.device != C.device:
+                raise DataError(f"V is {V.dtype} on {V.device} but the weights are {C.dtype} on {C.device}; pass the "
+                                "violations of the same forward")
         C, W = C.contiguous(), W.contiguous()
         PhiT = _transposed(Phi)
         gH = torch.empty(B, d, dtype=C.dtype, device=C.device)
@@ -151,15 +166,14 @@ class Compiled:
     def param_grads(self, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, mask: torch.Tensor,
                     C: torch.Tensor, need: tuple[bool, bool, bool],
                     feat: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-        """∂W [F, d], ∂b [F], ∂Φ [K, F] for weights C = ∂L/∂V (None where ``need`` is False); ``feat``:
-        the forward's features if it kept them."""
+        """∂W [F, d], ∂b [F], ∂Φᵀ [F, K] (transposed) for weights C = ∂L/∂V (None where ``need`` is False);
+        ``feat``: the forward's features if it kept them."""
         self._check(H, W, b, Phi, C)
         if W.dtype != H.dtype:
             raise DataError("parameter gradients need W in the states' dtype; train without bfloat16 weight storage")
         B, d, F, K = checks.kernel_operands(H, W, b, Phi, Phi[:, 0], C=C)  # Phi[:, 0]: a [K] stand-in for xi
-        _check_mask(mask, B, F)
-        if feat is not None:
-            checks.check_shape("feat", feat, (B, F), "[B, F]", "pass the features of the same forward")
+        mask = _mask(mask, B, F, H.device)
+        feat = _features(feat, H, F) if feat is not None else None
         H, W, b, C = H.contiguous(), W.contiguous(), b.contiguous(), C.contiguous()
         PhiT = _transposed(Phi)
         new = lambda *shape: torch.empty(*shape, dtype=H.dtype, device=H.device)  # noqa: E731
@@ -168,7 +182,7 @@ class Compiled:
         self._call("param_grads", H.device, (B, d, F, K), H.dtype, B * F * d, _CODES[H.dtype], H.data_ptr(),
                    W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), mask.data_ptr(), ptr(feat), C.data_ptr(), ptr(gW),
                    ptr(gb), ptr(gPhiT), B, d, F, K)
-        return gW, gb, (gPhiT.t() if gPhiT is not None else None)
+        return gW, gb, gPhiT
 
     def jacobian(self, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +190,7 @@ class Compiled:
         codes = self._check(b, W, b, Phi, xi)
         B, (F, d), K = mask.shape[0], W.shape, Phi.shape[0]
         checks.kernel_operands(W[:0], W, b, Phi, xi)  # W[:0]: a [0, d] stand-in for H
-        _check_mask(mask, B, F)
+        mask = _mask(mask, B, F, b.device)
         W, b, xi = W.contiguous(), b.contiguous(), xi.contiguous()
         PhiT = _transposed(Phi)
         A = torch.empty(B, K, d, dtype=b.dtype, device=b.device)
@@ -213,9 +227,17 @@ class Compiled:
         """float64 projections of h0 [B, d] onto ``{A h <= c − margin}`` (A [B, K, d], c and margin [B, K]) in
         the metric M [d, d] (None: identity): h* [B, d] (h0 where status != OK), λ [B, K] and status [B] long."""
         self._cpu_only("project")
+        checks.check_shape("A", checks.check_float("A", checks.check_tensor("A", A)), (None, None, None), "[B, K, d]",
+                           "pass one constraint matrix per row")
+        B, K, d = A.shape
+        for name, t, shape, layout in (("h0", h0, (B, d), "[B, d]"), ("c", c, (B, K), "[B, K]"),
+                                       ("margin", margin, (B, K), "[B, K]"), ("M", M, (d, d), "[d, d]")):
+            if t is not None:
+                checks.check_shape(name, checks.check_float(name, checks.check_tensor(name, t)), shape, layout,
+                                   "A [B, K, d], h0 [B, d], c and margin [B, K], M [d, d] must agree in B, K and d")
+                checks.check_device(name, t, A.device, "A")
         h0, A, c, margin = (t.to(torch.float64).contiguous() for t in (h0, A, c, margin))
         M = M.to(torch.float64).contiguous() if M is not None else None
-        B, K, d = A.shape
         h = torch.empty(B, d, dtype=torch.float64)
         lam = torch.empty(B, K, dtype=torch.float64)
         status = torch.empty(B, dtype=torch.int64)
@@ -230,6 +252,11 @@ class Compiled:
         """The projection steerer's rounds from rows h [n, d]: new rows [n, d] (NaN where the first round
         failed), rounds [n] long and the status of each row's last projection [n] long."""
         self._cpu_only("projection_steer")
+        d = checks.kernel_operands(h, W, b, Phi, xi, states="h")[1]
+        if M is not None:
+            checks.check_shape("M", checks.check_float("M", checks.check_tensor("M", M)), (d, d), "[d, d]",
+                               "the metric is a square matrix over the hidden dimensions")
+            checks.check_device("M", M, h.device, "h")
         codes = self._check(h, W, b, Phi, xi)
         h, W, b, xi = h.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         M = M.to(torch.float64).contiguous() if M is not None else None
@@ -246,37 +273,20 @@ class Compiled:
         return out, rounds, status
 
 
-class ViolationsFunction(torch.autograd.Function):
-    """V = ReLU(H Wᵀ + b) Φᵀ − ξ through a compiled backend, differentiable in H, W, b, Φ and ξ.
-
-    The forward keeps the activation bitmask; the backward reads it to touch active features
-    only. ∂Φ needs the features themselves: a CPU forward keeps them when they fit in
-    ``FEATURE_BUDGET_BYTES``, otherwise the backward recomputes the active ones.
-    """
+class ViolationsFunction:
+    """Deprecated: ``ViolationsFunction.apply(impl, H, W, b, Phi, xi)`` is now
+    :func:`safeflow.kernels.violations` (``backend=impl.name``), the custom operator
+    ``safeflow::violations_forward`` with its registered autograd (:mod:`safeflow.kernels.ops`)."""
 
     @staticmethod
-    def forward(ctx: Any, impl: Compiled, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
-                xi: torch.Tensor) -> torch.Tensor:
-        (B, _), F = H.shape, Phi.shape[1]
-        keep = impl.name == "cpu" and ctx.needs_input_grad[4] and B * F * H.element_size() <= FEATURE_BUDGET_BYTES
-        feat = torch.empty(B, F, dtype=H.dtype) if keep else None
-        V, mask = impl.forward(H, W, b, Phi, xi, mask=any(ctx.needs_input_grad), feat=feat)
-        ctx.impl = impl
-        ctx.save_for_backward(H, W, b, Phi, mask, V, feat)
-        return V
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, gV: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        H, W, b, Phi, mask, V, feat = ctx.saved_tensors
-        _, nH, nW, nb, nPhi, nxi = ctx.needs_input_grad
-        gV = gV.contiguous()
-        gH = ctx.impl.vjp_input(W, Phi, mask, gV, V) if nH else None
-        gW = gb = gPhi = None
-        if nW or nb or nPhi:
-            gW, gb, gPhi = ctx.impl.param_grads(H, W, b, Phi, mask, gV, (nW, nb, nPhi), feat)
-        gxi = -gV.sum(0) if nxi else None
-        return None, gH, gW, gb, gPhi, gxi
+    def apply(impl: Compiled, H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
+              xi: torch.Tensor) -> torch.Tensor:
+        """V = ReLU(H Wᵀ + b) Φᵀ − ξ [B, K] on ``impl``'s device, differentiable in every argument."""
+        warnings.warn("safeflow.kernels.compiled.ViolationsFunction is deprecated; call safeflow.kernels.violations("
+                      f"H, W, b, Phi, xi, backend={impl.name!r}) (the custom operator "
+                      "safeflow::violations_forward, registered by safeflow.kernels.ops)", DeprecationWarning,
+                      stacklevel=2)
+        return torch.ops.safeflow.violations_forward(H, W, b, Phi, xi, False)[0]
 
 
 IMPLS = {"cpu": Compiled("cpu"), "cuda": Compiled("cuda")}
