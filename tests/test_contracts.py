@@ -122,8 +122,15 @@ def test_compiled_bindings_refuse_bad_sizes_and_null_buffers():
         mod.forward(0, 0, *ptrs, 0, 0, 1 << 40, 1 << 40, 64, 4, 0, 1)
     with pytest.raises(ValueError, match="buffer mask is a null address"):
         mod.vjp_input(0, 0, ptrs[1], ptrs[3], 0, ptrs[5], 0, ptrs[0], 3, 32, 64, 4, 0, 1)
+    wnorm = torch.ones(64)
     with pytest.raises(ValueError, match="max_steps must be >= 0"):
-        mod.safeflow_loop(0, 0, *ptrs[:5], 0, ptrs[0], V.data_ptr(), 3, 32, 64, 4, 0.1, 0.0, 1.0, 0.0, -1, 0, 1)
+        mod.safeflow_loop(0, 0, *ptrs[:5], 0, wnorm.data_ptr(), 0, 0, 0, ptrs[0], V.data_ptr(), 3, 32, 64, 4, 0.1, 0.0,
+                          1.0, 0.0, -1, 0, 1)
+    with pytest.raises(ValueError, match="buffer wnorm is a null address"):
+        mod.safeflow_loop(0, 0, *ptrs[:5], 0, 0, 0, 0, 0, ptrs[0], V.data_ptr(), 3, 32, 64, 4, 0.1, 0.0, 1.0, 0.0, 5, 0, 1)
+    with pytest.raises(ValueError, match="buffer basis is a null address"):
+        mod.safeflow_loop(0, 0, *ptrs[:5], 0, wnorm.data_ptr(), 0, 0, 8, ptrs[0], V.data_ptr(), 3, 32, 64, 4, 0.1, 0.0,
+                          1.0, 0.0, 5, 0, 1)
     with pytest.raises(DataError, match="kernel backend 'cpu' refused forward: .*B must be >= 0.*check the operands"):
         IMPLS["cpu"]._call("forward", H.device, (1, 32, 64, 4), torch.float32, 0, 0, 0, *ptrs, 0, 0, -1, 32, 64, 4)
 

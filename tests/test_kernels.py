@@ -13,6 +13,7 @@ import torch
 
 import safeflow as sf
 from safeflow import kernels
+from safeflow.kernels import compiled
 from safeflow.errors import ConfigError, DataError
 from safeflow.kernels import reference as ref
 
@@ -217,6 +218,46 @@ def test_compiled_safeflow_loop_equals_eager_loop(backend, precondition):
     assert eager.steered.any() and (eager.iterations > 3).any()
     assert torch.equal(fast.iterations, eager.iterations)
     assert rel(fast.hidden, eager.hidden) < 1e-4
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="the C++ kernel is not built here")
+@pytest.mark.parametrize("basis", ["leading", "random", "none"])
+def test_cpu_safeflow_loop_bound_skips_features_without_changing_the_result(monkeypatch, basis):
+    """The CPU loop skips features proven inactive with a bound over a basis of the steps'
+    directions (the leading subspace of P); any basis, or none, gives the eager loop's result."""
+    poly, H, y = trained_polytope("cpu", F=512, K=4, d=64)
+    cov = torch.cov(H.T)
+    P = cov / (cov.trace() / cov.shape[0])
+    if basis == "none":
+        monkeypatch.setattr(compiled, "STEP_BASIS_RANK", 0)
+    elif basis == "random":
+        monkeypatch.setattr(compiled, "leading_subspace",
+                            lambda P, r: torch.linalg.qr(torch.randn(P.shape[0], r, dtype=torch.float64)).Q.T)
+    compiled.clear_cache()
+    h = H[y == 1][:12]
+    lr, weights = 0.0005, lambda V: 1e-3 + 4.0 * (V > -1.0).to(V.dtype)
+    x, steps = kernels.safeflow_loop(h, *poly.kernel_operands(), P=P, lr=lr, lambda_safe=1e-3, lambda_unsafe=4.0,
+                                     margin=1.0, max_steps=60, backend="cpu")
+    basis_used = compiled._loop_bound(poly.feature_map.weight, P, h.dtype)[1]
+    assert basis_used is None if basis == "none" else basis_used.shape == (16, 64)
+    ops = [t.detach() for t in poly.kernel_operands()]
+    x_ref, steps_ref = h.clone(), torch.zeros_like(steps)  # the same loop, eager, row by row
+    for i in range(len(h)):
+        for _ in range(60):
+            V, g = kernels.violations_vjp(x_ref[i : i + 1], *ops, weights, backend="torch")
+            if not V.amax() > -1.0:
+                break
+            x_ref[i] -= lr * ((g[0] + torch.sign(x_ref[i] - h[i]) / 64) @ P)
+            steps_ref[i] += 1
+    assert (steps_ref > 3).any() and torch.equal(steps, steps_ref)
+    assert rel(x, x_ref) < 1e-4
+    if basis == "leading":  # the bound decides: with a wrong W Uᵀ, features that are active get skipped
+        right = compiled._loop_bound
+        monkeypatch.setattr(compiled, "_loop_bound", lambda W, P, dtype: (*right(W, P, dtype)[:2],
+                                                                          torch.zeros_like(right(W, P, dtype)[2])))
+        wrong, _ = kernels.safeflow_loop(h, *poly.kernel_operands(), P=P, lr=lr, lambda_safe=1e-3, lambda_unsafe=4.0,
+                                         margin=1.0, max_steps=60, backend="cpu")
+        assert rel(wrong, x_ref) > 1e-3
 
 
 def test_steered_generation_cpu_equals_torch():

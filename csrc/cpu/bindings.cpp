@@ -130,22 +130,32 @@ PYBIND11_MODULE(_cpu, m) {
     m.def(
         "safeflow_loop",
         [](int dtype, int wdtype, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t P,
-           uintptr_t x, uintptr_t steps, int64_t M, int64_t d, int64_t F, int64_t K, double lr, double lambda_safe,
-           double lambda_unsafe, double margin, int64_t max_steps, uintptr_t /*ws*/, int threads) {
-            check_call("safeflow_loop", M, d, F, K, threads, {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}, {xi, "xi"}},
+           uintptr_t wnorm, uintptr_t basis, uintptr_t basis_W, int64_t rank, uintptr_t x, uintptr_t steps, int64_t M,
+           int64_t d, int64_t F, int64_t K, double lr, double lambda_safe, double lambda_unsafe, double margin,
+           int64_t max_steps, uintptr_t /*ws*/, int threads) {
+            check_call("safeflow_loop", M, d, F, K, threads,
+                       {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}, {xi, "xi"}, {wnorm, "wnorm"}},
                        {{h, "h"}, {x, "x"}, {steps, "steps"}});
             require(max_steps >= 0, "safeflow_loop", "max_steps must be >= 0, got " + std::to_string(max_steps));
+            require(rank >= 0 && rank <= d, "safeflow_loop",
+                    "the basis rank must be in [0, d], got " + std::to_string(rank));
+            if (rank > 0) {
+                check_ptr("safeflow_loop", basis, "basis");
+                check_ptr("safeflow_loop", basis_W, "basis_W");
+            }
             py::gil_scoped_release release;
             const LoopConfig cfg{lr, lambda_safe, lambda_unsafe, margin, max_steps};
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
                 using WT = decltype(wt);
+                const LoopBound<T> bound{ptr<const T>(wnorm), ptr<const T>(basis), ptr<const T>(basis_W), rank};
                 safeflow_loop<T, WT>(ptr<const T>(h), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
-                                     ptr<const T>(xi), ptr<const T>(P), ptr<T>(x), ptr<int64_t>(steps), M, d, F, K,
-                                     cfg, threads);
+                                     ptr<const T>(xi), ptr<const T>(P), bound, ptr<T>(x), ptr<int64_t>(steps), M, d, F,
+                                     K, cfg, threads);
             });
         },
-        "the SafeFlow loop: x [M, d] and steps [M] (P may be 0: no preconditioner)");
+        "the SafeFlow loop: x [M, d] and steps [M] (P may be 0: no preconditioner; wnorm [F] = ‖W_j‖; "
+        "basis [rank, d] and basis_W = W basisᵀ [F, rank] may be 0 with rank 0)");
 
     m.def(
         "project",

@@ -564,32 +564,30 @@ void jacobian(const WT* W, const T* b, const T* PhiT, const T* xi, const uint64_
 }
 
 template <typename T, typename WT>
-void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const T* P, T* x, int64_t* steps,
-                   int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads) {
+void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const T* P, LoopBound<T> bound,
+                   T* x, int64_t* steps, int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads) {
     const T lr = static_cast<T>(cfg.lr), ls = static_cast<T>(cfg.lambda_safe), lu = static_cast<T>(cfg.lambda_unsafe);
     const T neg_margin = static_cast<T>(-cfg.margin), inv_d = T(1) / static_cast<T>(d);
-    // rounding bound of a length-d dot product (with slack): |fl(w·x) − w·x| <= gamma ‖w‖ ‖x‖
+    // rounding bound of a dot product of length d (or r <= d), with slack: |fl(w·x) − w·x| <= gamma ‖w‖ ‖x‖
     const T gamma = T(2) * static_cast<T>(d) * std::numeric_limits<T>::epsilon();
-    const int64_t nw = mask_words(F);
-    std::vector<T> wnorm(F);  // ‖W_j‖₂
-    parallel_for(F, threads, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-            T s = 0;
-            for (int64_t t = 0; t < d; ++t) s += tof(W[j * d + t]) * tof(W[j * d + t]);
-            wnorm[j] = std::sqrt(s);
-        }
-    });
-    // Each row keeps the pre-activations p_ref = W x_ref + b of its last full pass. Between full
-    // passes, |p_j(x) − p_ref,j| <= ‖W_j‖ ‖x − x_ref‖, so a feature with
-    // p_ref,j + ‖W_j‖ ‖x − x_ref‖ (+ rounding) < 0 is inactive at x and is skipped; the others
-    // are recomputed exactly. The result is the full computation's, at a fraction of the reads of W.
+    const int64_t nw = mask_words(F), r = bound.rank;
+    const T root_r = std::sqrt(static_cast<T>(r));
+    const T* wnorm = bound.wnorm;
+    // Each row keeps the pre-activations p_ref = W x_ref + b of its last full pass. With
+    // δ = x − x_ref written as δ = Uᵀa + e (a = U δ [r], e the rest),
+    // |p_j(x) − p_ref,j| = |(W Uᵀ)_j · a + W_j · e| <= |(W Uᵀ)_j · a| + ‖W_j‖ ‖e‖, so a feature with
+    // p_ref,j + |(W Uᵀ)_j · a| + ‖W_j‖ ‖e‖ (+ rounding) < 0 is inactive at x and is skipped; the
+    // others are recomputed exactly. No basis (r = 0): e = δ, the Cauchy–Schwarz bound. The steps
+    // x ← x − lr·g P mostly move along the leading eigenvectors of P, so a basis of those leaves a
+    // small ‖e‖ and skips most features for many steps. The result is the full computation's, at a
+    // fraction of the reads of W.
     parallel_for(M, threads, [&](int64_t r0, int64_t r1) {
-        std::vector<T> pref(F), xref(d), v(K), c(K), g(d), gp(d), pre(kRows * kTile);
+        std::vector<T> pref(F), xref(d), v(K), c(K), g(d), gp(d), pre(kRows * kTile), delta(d), a(r), along(r ? F : 0);
         std::vector<uint64_t> words(nw);
         std::vector<int64_t> cand;
-        for (int64_t r = r0; r < r1; ++r) {
-            const T* h0 = h + r * d;
-            T* xr = x + r * d;
+        for (int64_t row = r0; row < r1; ++row) {
+            const T* h0 = h + row * d;
+            T* xr = x + row * d;
             std::copy(h0, h0 + d, xr);
             T refnorm = 0;
             bool fresh = true;
@@ -603,17 +601,39 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                     const T* pt = PhiT + j * K;
                     for (int64_t k = 0; k < K; ++k) v[k] += p * pt[k];
                 };
-                T dist = 0;
-                for (int64_t t = 0; !fresh && t < d; ++t) dist += (xr[t] - xref[t]) * (xr[t] - xref[t]);
-                dist = std::sqrt(dist);
-                bool full = fresh || !std::isfinite(dist);
+                bool full = fresh;
                 if (!full) {
-                    cand.clear();
-                    const T span = T(2) * refnorm + dist;
-                    for (int64_t j = 0; j < F; ++j)
-                        if (!(pref[j] + wnorm[j] * dist + gamma * (wnorm[j] * span + T(2) * std::abs(b[j])) < T(0)))
-                            cand.push_back(j);
-                    full = static_cast<int64_t>(cand.size()) * 4 > F;
+                    for (int64_t t = 0; t < d; ++t) delta[t] = xr[t] - xref[t];
+                    const T dist = std::sqrt(dot(delta.data(), delta.data(), d));
+                    T anorm = 0;
+                    if (r) {  // a = U δ, then δ ← e = δ − Uᵀ a, and along = (W Uᵀ) a
+                        const T* drow[1] = {delta.data()};
+                        pre_tile(drow, 1, bound.basis, r, d, a.data());
+                        anorm = std::sqrt(dot(a.data(), a.data(), r));
+                        int64_t ks[4];
+                        T na[4];
+                        for (int64_t k0 = 0; k0 < r; k0 += 4) {
+                            const int q = static_cast<int>(std::min<int64_t>(4, r - k0));
+                            for (int i = 0; i < q; ++i) ks[i] = k0 + i, na[i] = -a[k0 + i];
+                            axpy_rows(delta.data(), bound.basis, ks, na, q, d);
+                        }
+                        const T* arow[1] = {a.data()};
+                        pre_tile(arow, 1, bound.basis_W, F, r, along.data());
+                    }
+                    const T enorm = r ? std::sqrt(dot(delta.data(), delta.data(), d)) : dist;
+                    // rounding: of the full pass (2 refnorm + dist), of δ and e (dist, root_r·anorm), of W Uᵀ and
+                    // of its dot with a (root_r·anorm), of ‖W_j‖ ‖e‖ (enorm)
+                    const T slack = T(2) * refnorm + T(3) * dist + T(3) * root_r * anorm + enorm;
+                    full = !std::isfinite(slack);
+                    if (!full) {
+                        cand.clear();
+                        for (int64_t j = 0; j < F; ++j) {
+                            const T reach = (r ? std::abs(along[j]) : T(0)) + wnorm[j] * enorm;
+                            if (!(pref[j] + reach + gamma * (wnorm[j] * slack + T(2) * std::abs(b[j])) < T(0)))
+                                cand.push_back(j);
+                        }
+                        full = static_cast<int64_t>(cand.size()) * 4 > F;
+                    }
                 }
                 if (full) {
                     const T* hrows[1] = {xr};
@@ -667,7 +687,7 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                 }
                 for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
             }
-            steps[r] = n;
+            steps[row] = n;
         }
     });
 }
@@ -679,8 +699,8 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                                    int64_t, int64_t, int);                                                                   \
     template void jacobian<T, WT>(const WT*, const T*, const T*, const T*, const uint64_t*, T*, T*, int64_t, int64_t, \
                                   int64_t, int64_t, int);                                                             \
-    template void safeflow_loop<T, WT>(const T*, const WT*, const T*, const T*, const T*, const T*, T*, int64_t*,     \
-                                       int64_t, int64_t, int64_t, int64_t, LoopConfig, int);
+    template void safeflow_loop<T, WT>(const T*, const WT*, const T*, const T*, const T*, const T*, LoopBound<T>,     \
+                                       T*, int64_t*, int64_t, int64_t, int64_t, int64_t, LoopConfig, int);
 
 SAFEFLOW_INSTANTIATE(float, float)
 SAFEFLOW_INSTANTIATE(double, double)

@@ -50,10 +50,21 @@ struct LoopConfig {
     int64_t max_steps;
 };
 
+// What the SafeFlow loop uses to skip features proven inactive: the row norms ‖W_j‖ [F] and an
+// optional basis U (`basis` [r, d], rows of unit norm) of the directions the steps mostly take,
+// with basis_W = W Uᵀ [F, r]; r = 0 for none. Any basis gives the same result; a good one skips more.
+template <typename T>
+struct LoopBound {
+    const T* wnorm;
+    const T* basis;
+    const T* basis_W;
+    int64_t rank;
+};
+
 // SafeFlow (see safeflow/steerers/safeflow.py): x [M, d] starts as a copy of h and takes up to
 // max_steps steps x ← x − lr·(∇L) P, stopping a row once every v_k <= −margin or V is not finite.
 template <typename T, typename WT>
-void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const T* P, T* x, int64_t* steps,
-                   int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads);
+void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const T* P, LoopBound<T> bound,
+                   T* x, int64_t* steps, int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads);
 
 }  // namespace safeflow

@@ -75,10 +75,13 @@ PYBIND11_MODULE(_cuda, m) {
         check(sc::jacobian(dt, wt, vp(W), vp(b), vp(PhiT), vp(xi), reinterpret_cast<const uint64_t*>(mask), vp(A),
                            vp(c), B, d, F, K, vp(ws), vp(stream)));
     });
+    // wnorm, basis, basis_W, rank: the CPU loop's bound for skipping features; the CUDA loop computes every
+    // feature and ignores them (same call as the CPU module).
     m.def("safeflow_loop", [](int dt, int wt, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi,
-                              uintptr_t P, uintptr_t x, uintptr_t steps, int64_t M, int64_t d, int64_t F, int64_t K,
-                              double lr, double lambda_safe, double lambda_unsafe, double margin, int64_t max_steps,
-                              uintptr_t ws, uintptr_t stream) {
+                              uintptr_t P, uintptr_t /*wnorm*/, uintptr_t /*basis*/, uintptr_t /*basis_W*/,
+                              int64_t /*rank*/, uintptr_t x, uintptr_t steps, int64_t M, int64_t d, int64_t F,
+                              int64_t K, double lr, double lambda_safe, double lambda_unsafe, double margin,
+                              int64_t max_steps, uintptr_t ws, uintptr_t stream) {
         check_call("safeflow_loop", dt, M, d, F, K, ws, {{W, "W"}, {b, "b"}, {PhiT, "PhiT"}, {xi, "xi"}},
                    {{h, "h"}, {x, "x"}, {steps, "steps"}});
         if (max_steps < 0) throw std::invalid_argument("safeflow kernel safeflow_loop: max_steps must be >= 0");

@@ -24,7 +24,10 @@ _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 
 #: below this many multiply-adds a CPU call runs on one thread (starting threads costs more)
 _MIN_PARALLEL_WORK = 1 << 22
 
-_cache: dict[tuple[Any, ...], tuple[weakref.ref, torch.Tensor]] = {}
+_cache: dict[tuple[Any, ...], tuple[tuple[weakref.ref, ...], Any]] = {}
+#: dimension of the step basis that the CPU SafeFlow loop bounds pre-activation changes with
+#: (``LoopBound`` in ``csrc/cpu``): at most this, and at most d / 4
+STEP_BASIS_RANK = 64
 
 
 def clear_cache() -> None:
@@ -32,23 +35,61 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def derived(t: torch.Tensor, kind: str, make: Any) -> torch.Tensor:
-    """``make(t)``, cached while ``t`` is the same parameter at the same version; not cached otherwise."""
-    if not isinstance(t, nn.Parameter):
+def derived(t: torch.Tensor | tuple[torch.Tensor, ...], kind: str, make: Any, *, always: bool = False) -> Any:
+    """``make(t)``, cached while ``t`` (a tensor, or a tuple of tensors) is the same at the same version.
+
+    Cached only when every tensor is a parameter, or with ``always``: a parameter's in-place updates
+    bump its version, while other tensors may be changed through ``.data`` unseen (as gradcheck
+    does). ``always`` is for tensors that only change through in-place operations (a buffer
+    updated by ``copy_``), or where a stale result stays correct. An entry goes once its tensors are freed.
+    """
+    ts = t if isinstance(t, tuple) else (t,)
+    if not always and not all(isinstance(u, nn.Parameter) for u in ts):
         return make(t)
-    key = (id(t), kind, t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    key = (tuple(id(u) for u in ts), kind, tuple((u.data_ptr(), u._version, u.dtype, u.device, tuple(u.shape))
+                                                 for u in ts))
     hit = _cache.get(key)
-    if hit is not None and hit[0]() is t:
+    if hit is not None and all(ref() is u for ref, u in zip(hit[0], ts)):
         return hit[1]
-    for k in [k for k, (ref, _) in _cache.items() if (k[0] == id(t) and k[1] == kind) or ref() is None]:
-        del _cache[k]  # the parameter's older versions, and copies of parameters that no longer exist
+    for k in [k for k, (refs, _) in _cache.items()
+              if (k[0] == key[0] and k[1] == kind) or any(ref() is None for ref in refs)]:
+        del _cache[k]  # older versions, and what was derived from tensors that no longer exist
     out = make(t)
-    _cache[key] = (weakref.ref(t), out)
+    _cache[key] = (tuple(weakref.ref(u) for u in ts), out)
     return out
 
 
 def _transposed(Phi: torch.Tensor) -> torch.Tensor:
     return derived(Phi, "T", lambda p: p.detach().t().contiguous())
+
+
+def leading_subspace(P: torch.Tensor, rank: int) -> torch.Tensor:
+    """An orthonormal basis [rank, d] (float64 rows) of the leading eigenvectors of a symmetric P [d, d]:
+    randomized subspace iteration (fixed seed, three passes) and a Rayleigh–Ritz step."""
+    P = P.double()
+    g = torch.Generator(device=P.device).manual_seed(0)
+    Q = torch.randn(P.shape[0], min(P.shape[0], rank + 8), generator=g, dtype=torch.float64, device=P.device)
+    for _ in range(3):
+        Q = torch.linalg.qr(P @ Q).Q
+    _, vecs = torch.linalg.eigh(Q.T @ P @ Q)
+    return (Q @ vecs[:, -rank:]).T.contiguous()
+
+
+def _loop_bound(W: torch.Tensor, P: torch.Tensor | None, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What the CPU SafeFlow loop skips inactive features with, in the states' dtype: the row norms
+    ‖W_j‖ [F] and, with a preconditioner P, a basis U [r, d] of P's leading subspace (the steps
+    x ← x − lr·g P mostly move along it) and W Uᵀ [F, r] (products in float64 from U as passed)."""
+    wnorm = derived(W, f"row norms {dtype}", lambda w: w.detach().double().norm(dim=1).to(dtype))
+    rank = min(STEP_BASIS_RANK, W.shape[1] // 4)
+    if P is None or rank == 0:
+        return wnorm, None, None
+    # any basis gives the exact result (a stale one only skips fewer features): cached on P always
+    basis = derived(P, f"leading subspace {rank} {dtype}", lambda p: leading_subspace(p.detach(), rank).to(dtype),
+                    always=True)
+    basis_W = derived((W, basis), "W times basis", lambda wu: (wu[0].detach().double() @ wu[1].double().T).to(dtype),
+                      always=isinstance(W, nn.Parameter))
+    return wnorm, basis, basis_W
 
 
 def _mask(mask: torch.Tensor, B: int, F: int, device: torch.device) -> torch.Tensor:
@@ -211,10 +252,12 @@ class Compiled:
         (M, d), (K, F) = h.shape, Phi.shape
         x = torch.empty_like(h)
         steps = torch.empty(M, dtype=torch.int64, device=h.device)
+        wnorm, basis, basis_W = _loop_bound(W, P, h.dtype) if self.name == "cpu" else (None, None, None)
         self._call("safeflow_loop", h.device, (M, d, F, K), h.dtype, M * F * d * max_steps, *codes, h.data_ptr(),
                    W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), P.data_ptr() if P is not None else 0,
-                   x.data_ptr(), steps.data_ptr(), M, d, F, K, float(lr), float(lambda_safe), float(lambda_unsafe),
-                   float(margin), int(max_steps))
+                   *(t.data_ptr() if t is not None else 0 for t in (wnorm, basis, basis_W)),
+                   basis.shape[0] if basis is not None else 0, x.data_ptr(), steps.data_ptr(), M, d, F, K, float(lr),
+                   float(lambda_safe), float(lambda_unsafe), float(margin), int(max_steps))
         return x, steps
 
     def _cpu_only(self, op: str) -> None:

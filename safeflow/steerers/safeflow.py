@@ -119,8 +119,10 @@ class SafeFlowSteerer(Steerer, name="safeflow"):
     def _preconditioner(self, constraints: ConstraintSet) -> torch.Tensor | None:
         if self.precondition == "none":
             return None
-        cov = constraints.input_covariance
-        return cov / (cov.trace() / cov.shape[0])
+        # cached per version of the covariance buffer (changed only by copy_), so that the kernels'
+        # caches keyed on P hit between calls
+        return kernels.derived(constraints.input_covariance, "preconditioner",
+                               lambda cov: cov / (cov.trace() / cov.shape[0]), always=True)
 
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
         P = self._preconditioner(constraints)
