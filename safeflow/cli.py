@@ -11,7 +11,7 @@ here.
 
 This module is argument parsing and command glue only: each ``cmd_*`` function turns parsed
 arguments into calls of the library (:mod:`safeflow.feature_files`, :mod:`safeflow.evaluation`,
-:mod:`safeflow.pipeline`, ...) and prints what they return.
+:mod:`safeflow.recipes`, :mod:`safeflow.demo`, ...) and prints what they return.
 """
 
 from __future__ import annotations
@@ -359,8 +359,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
-    from .pipeline import layer_sweep, prompt_splits
+    from .recipes import layer_sweep
     from .report import format_table
+    from .splits import prompt_splits
 
     if args.processes > 1:
         return _spawn(args)
@@ -391,7 +392,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .extractors import HFExtractor
     from .layers import default_model_layer
     from .models import load_model
-    from .pipeline import DEMO_STEERERS, parse_steerer, train_constraints
+    from .recipes import DEMO_STEERERS, parse_steerer, train_constraints
     from .steerers.base import Steerer
 
     _check_layers(args.model, [args.layer], args.trust_remote_code)
@@ -441,8 +442,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .pipeline import DEMO_DETECTORS, DEMO_STEERERS, parse_steerer, prompt_splits, run_demo
+    from .demo import run_demo
+    from .recipes import DEMO_DETECTORS, DEMO_STEERERS, parse_steerer
     from .report import STEERING_COLUMNS, format_table, steering_rows
+    from .splits import prompt_splits
 
     names = list(dict.fromkeys(parse_steerer(entry)[0] for entry in args.steerers or DEMO_STEERERS))
 
@@ -621,11 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
     p.add_argument("--detectors", nargs="+", type=registered("constraint"), default=None,
                    help="constraint families trained as prompt detectors and compared (default: "
-                        "safeflow.pipeline.DEMO_DETECTORS); the best on OOD validation gates steering")
+                        "safeflow.recipes.DEMO_DETECTORS); the best on OOD validation gates steering")
     p.add_argument("--steerers", nargs="+", type=steerer_entry, default=None,
                    help="steerers compared side by side: registry names, each optionally @detector, @prompt or "
                         "@token for its gate (default: safeflow's steerers and the peers, "
-                        "safeflow.pipeline.DEMO_STEERERS)")
+                        "safeflow.recipes.DEMO_STEERERS)")
     _steerer_opt(p)
     p.add_argument("--first-n", type=nonnegative_int, default=None,
                    help="steer only the first n generated tokens (default: all)")

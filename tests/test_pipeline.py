@@ -1,8 +1,13 @@
 import pytest
 
 import safeflow as sf
-from safeflow.pipeline import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, choose_gate, default_splits, layer_sweep
+import safeflow.demo
+import safeflow.pipeline
+import safeflow.recipes
+import safeflow.splits
+from safeflow.recipes import choose_gate, layer_sweep
 from safeflow.report import format_table
+from safeflow.splits import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, default_splits
 
 from conftest import make_model
 
@@ -116,7 +121,7 @@ def test_demo_into_a_previous_run_is_refused_naming_overwrite(tmp_path, capsys, 
 
 
 def test_overwrite_deletes_exactly_the_previous_runs_files_before_loading(tmp_path, caplog, monkeypatch):
-    from safeflow.pipeline import run_demo, run_files
+    from safeflow.demo import run_demo, run_files
 
     out = previous_run(tmp_path / "run")
     assert len(run_files(out)) == 7
@@ -129,9 +134,24 @@ def test_overwrite_deletes_exactly_the_previous_runs_files_before_loading(tmp_pa
         raise Loaded
 
     monkeypatch.setattr("safeflow.models.load_model", load_model)
-    with caplog.at_level("WARNING", logger="safeflow.pipeline"), pytest.raises(Loaded):
+    with caplog.at_level("WARNING", logger="safeflow.demo"), pytest.raises(Loaded):
         run_demo(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["attack_report.json", "figures", "notes.txt"]
     assert "deleted the previous run's 7 file(s)" in caplog.text
     assert "figures/roc.png" in caplog.text and "steering_records_oldsteerer.jsonl" in caplog.text
     assert "kept attack_report.json" in caplog.text
+
+
+def test_pipeline_is_a_facade_over_splits_recipes_and_demo():
+    """``safeflow.pipeline`` (the name older scripts import from) defines nothing itself: each of
+    its public names is the very object of :mod:`safeflow.splits`, :mod:`safeflow.recipes` or
+    :mod:`safeflow.demo`."""
+    homes = (safeflow.splits, safeflow.recipes, safeflow.demo)
+    for name in safeflow.pipeline.__all__:
+        obj = getattr(safeflow.pipeline, name)
+        assert any(vars(module).get(name) is obj for module in homes), name
+        if callable(obj):
+            assert obj.__module__ in {module.__name__ for module in homes}, name
+    assert safeflow.pipeline.Splits.__module__ == "safeflow.splits"
+    assert safeflow.pipeline.train_constraints.__module__ == "safeflow.recipes"
+    assert safeflow.pipeline.run_demo.__module__ == "safeflow.demo"
