@@ -1,18 +1,21 @@
 """Training recipes: the steps from hidden states (or a model and prompts) to fitted constraint
-sets and built steerers, with a model preset's settings — what ``safeflow sweep``, ``demo`` and
-``attack`` run.
+sets and built steerers, with a model preset's settings — what ``safeflow train``, ``sweep``,
+``generate``, ``demo`` and ``attack`` run.
 
-* constraint sets: :func:`train_constraints` (one family, the preset's shape and training
-  options), the steering polytope on response states (:func:`train_refusal_polytope`) and the
-  per-layer probe of :func:`layer_sweep`;
+* constraint sets: :func:`fit_from_preset` (one family, the preset's shape and training options),
+  :func:`train_constraints`, the steering polytope on response states
+  (:func:`train_refusal_polytope`) and the per-layer probe of :func:`layer_sweep`;
 * detection: :func:`detection_table`, :func:`detection_scores` and the gate they choose
   (:func:`choose_gate`);
-* steerers: entries ``name[@gate]`` (:func:`parse_steerer`, :func:`build_steerers`).
+* steerers: entries ``name[@gate]`` (:func:`parse_steerer`, :func:`build_steerers`) and one
+  steerer from a name or a saved file (:func:`build_steerer`, :func:`load_or_build_steerer`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,12 +25,15 @@ from .constraints.base import ConstraintSet
 from .errors import ConfigError
 from .evaluation import detection_metrics
 from .extractors import HFExtractor
+from .features import FeatureDataset
+from .presets import ModelPreset
 from .presets import preset as get_preset
 from .provenance import describe_source
 from .responses import ResponseStates, response_states, steered_states
 from .results import DetectionRow
 from .splits import Splits
 from .steerers.base import Steerer, SteeringData
+from .steerers.fitted import FittedSteerer
 from .steerers.safeflow import SafeFlowSteerer
 
 #: The detector families ``safeflow demo`` trains and compares by default (registry names).
@@ -36,20 +42,37 @@ DEMO_DETECTORS = ("polytope", "mlp", "linear")
 CONSTRAINT_KINDS = DEMO_DETECTORS
 
 
+def fit_from_preset(kind: str, H: torch.Tensor | FeatureDataset, y: torch.Tensor | None = None,
+                    preset: ModelPreset | str | None = None, *, config: Mapping[str, Any] | None = None,
+                    fit_options: Mapping[str, Any] | None = None, progress: bool = True) -> ConstraintSet:
+    """Fit the constraint set registered as ``kind`` on hidden states ``H`` [N, d] with labels ``y``
+    [N] (1 = unsafe), or on a streamed :class:`~safeflow.features.FeatureDataset` (``y`` None),
+    with a model preset's settings (a :class:`~safeflow.presets.ModelPreset` or its name; None:
+    the relative default).
+
+    Its shape comes from :meth:`~safeflow.constraints.ConstraintSet.from_preset`, ``config``
+    (constructor arguments such as ``num_facets``) taking precedence — one the family's
+    constructor does not take raises :class:`ConfigError` naming the valid ones; its training
+    options from :meth:`~safeflow.constraints.ConstraintSet.fit_options_from_preset`, updated by
+    ``fit_options`` (an unknown one raises :class:`ConfigError` before anything is trained;
+    ``progress`` there overrides the argument). This is what ``safeflow train`` runs."""
+    cls = ConstraintSet.implementation(kind)
+    p = preset if isinstance(preset, ModelPreset) else get_preset(preset)
+    dim = H.dim if isinstance(H, FeatureDataset) else H.shape[1]
+    model = cls.from_preset(p, dim, **(config or {}))
+    return model.fit(H, y, **{**cls.fit_options_from_preset(p), "progress": progress, **(fit_options or {})})
+
+
 def train_constraints(kind: str, H: torch.Tensor, y: torch.Tensor, preset_name: str | None = None,
                       num_features: int | None = None, progress: bool = True, *,
                       fit_options: dict[str, Any] | None = None, **overrides: Any) -> ConstraintSet:
-    """Fit the constraint set registered as ``kind`` with the preset's settings: its shape from
-    :meth:`~safeflow.constraints.ConstraintSet.from_preset` (``overrides``: constructor arguments
-    that take precedence; ``num_features``: the feature-map width of a family that has one, ignored
-    by the others) and its training options from
-    :meth:`~safeflow.constraints.ConstraintSet.fit_options_from_preset`, updated by ``fit_options``."""
-    cls = ConstraintSet.implementation(kind)
-    p = get_preset(preset_name)
-    if num_features is not None and "num_features" in cls.constructor_options():
+    """Fit the constraint set registered as ``kind`` with the preset's settings
+    (:func:`fit_from_preset`): ``overrides`` are constructor arguments that take precedence over
+    the preset's, ``num_features`` the feature-map width of a family that has one (ignored by the
+    others), ``fit_options`` training options that update the preset's."""
+    if num_features is not None and "num_features" in ConstraintSet.implementation(kind).constructor_options():
         overrides.setdefault("num_features", num_features)
-    model = cls.from_preset(p, H.shape[1], **overrides)
-    return model.fit(H, y, **{**cls.fit_options_from_preset(p), **(fit_options or {})}, progress=progress)
+    return fit_from_preset(kind, H, y, preset_name, config=overrides, fit_options=fit_options, progress=progress)
 
 
 def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], preset_name: str | None = None,
@@ -165,3 +188,43 @@ def build_steerers(entries: Sequence[str], data: SteeringData, detector: Constra
         built[entry] = (Steerer.implementation(name).build(data, **(options or {}).get(name, {})), gate)
     return built
 
+
+def build_steerer(name: str, preset_name: str | None = None, options: Mapping[str, Any] | None = None) -> Steerer:
+    """Registered steerer ``name`` without learned tensors: its constructor's ``options`` (an
+    unknown one raises :class:`ConfigError` naming the valid ones), with the preset ``preset_name``
+    where the constructor takes a preset. A fitted steerer (a
+    :class:`~safeflow.steerers.FittedSteerer`, which learns tensors from hidden states) raises
+    :class:`ConfigError`: build it with :meth:`~safeflow.steerers.Steerer.build`, or load a saved one."""
+    cls = Steerer.implementation(name)
+    if issubclass(cls, FittedSteerer):
+        raise ConfigError(f"the {name!r} steerer learns tensors from hidden states: pass a saved one with --steerer "
+                          f"FILE (`safeflow demo` writes steerer_{name}.safetensors into its run folder)")
+    options = dict(options or {})
+    if preset_name is not None and "preset" in cls.constructor_options():
+        options = {"preset": preset_name, **options}
+    cls.check_options(options)
+    return cls(**options)
+
+
+def steerer_name(source: str | os.PathLike[str] | None, preset_name: str | None = None) -> str | None:
+    """The registered steerer that ``source`` names: ``source`` itself, or the preset's steerer for
+    None; None where ``source`` is a saved steerer file (:func:`load_or_build_steerer`)."""
+    if source is not None and Path(source).is_file():
+        return None
+    return str(source) if source is not None else get_preset(preset_name).steerer
+
+
+def load_or_build_steerer(source: str | os.PathLike[str] | None, preset_name: str | None = None,
+                          options: Mapping[str, Any] | None = None) -> Steerer:
+    """The steerer of ``safeflow generate``: a saved fitted steerer file
+    (:meth:`~safeflow.steerers.Steerer.load`; it carries its own options, so ``options`` must be
+    empty), else the registered steerer :func:`steerer_name` names (None: the preset's own
+    steerer) built with the preset's settings and ``options`` by :func:`build_steerer`. Raises
+    :class:`ConfigError`."""
+    name = steerer_name(source, preset_name)
+    if name is not None:
+        return build_steerer(name, preset_name, options)
+    if options:
+        raise ConfigError("--steerer-opt sets a registered steerer's options; a saved steerer file carries its own")
+    assert source is not None  # steerer_name is None only for an existing file
+    return Steerer.load(source)
