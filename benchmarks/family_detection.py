@@ -9,11 +9,11 @@ Run from the repository root (CPU is enough; about 10 min for the states of ~3,8
 Steps: the default model and its preset layer (``safeflow.presets.preset("auto", model)``); the
 prompt states of every default prompt at that layer (cached in ``--states``, a safetensors file
 keyed by the prompts' sha256, so a rerun skips extraction); for each seed the default splits
-(:func:`safeflow.pipeline.default_splits` with ``widen=True``); a detection polytope with the preset's options and a
+(:func:`safeflow.splits.default_splits` with ``widen=True``); a detection polytope with the preset's options and a
 linear probe, fitted on the training split *without* the widening sources ("before") and *with*
 them ("after"); then, per family and split (``val`` = ``val_ood``, ``test`` = ``test_ood``):
 
-* ``recall``: the family's unsafe rows in its OOD sources (:data:`~safeflow.pipeline.FAMILY_OOD_SOURCES`)
+* ``recall``: the family's unsafe rows in its OOD sources (:data:`~safeflow.splits.FAMILY_OOD_SOURCES`)
   flagged unsafe (threshold 0, the detector's own);
 * ``f1`` and ``auroc``: those rows against the split's OOD benign rows (val: ``rho-refusal-50`` and
   ``weighted-safety`` benign; test: ``rho-refusal-100`` benign and ``rho-overrefusal``);
@@ -41,8 +41,8 @@ from safeflow.constraints.base import ConstraintSet
 from safeflow.data import PromptSet, prompt_families
 from safeflow.evaluation import detection_metrics
 from safeflow.layers import find_decoder_layers
-from safeflow.pipeline import (FAMILY_OOD_SOURCES, OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, WIDENING_SOURCES,
-                               default_splits)
+from safeflow.splits import (FAMILY_OOD_SOURCES, OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, WIDENING_SOURCES,
+                             default_splits)
 from safeflow.presets import preset, resolve_layer
 
 log = logging.getLogger("family_detection")

@@ -11,7 +11,7 @@ here.
 
 This module is argument parsing and command glue only: each ``cmd_*`` function turns parsed
 arguments into calls of the library (:mod:`safeflow.feature_files`, :mod:`safeflow.evaluation`,
-:mod:`safeflow.pipeline`, ...) and prints what they return.
+:mod:`safeflow.recipes`, :mod:`safeflow.demo`, ...) and prints what they return.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import errno
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli_args import (Parser, UsageError, data_source, features_path, fraction, gate_source, input_file, key_value,
+from .cli_args import (Parser, data_source, features_path, fraction, gate_source, input_file, key_value,
                        model_name, nonnegative_float, nonnegative_int, output_dir, output_file, positive_int,
                        preset_name, registered, run_directory, steerer_entry, steerer_options, steerer_source,
                        text_file)
@@ -55,20 +54,6 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _check_layers(model: str, layers: list[int | None], trust_remote_code: bool = False) -> None:
-    """Check layer arguments against ``model``'s config before its weights load (where the config
-    is at hand without a download)."""
-    from .layers import normalize_layer
-    from .models import model_config
-    from .provenance import fingerprint
-
-    config = model_config(model, trust_remote_code)
-    depth = fingerprint(config)["num_layers"] if config is not None else None
-    for layer in layers:
-        if layer is not None and depth:
-            normalize_layer(layer, depth)
-
-
 def cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
 
@@ -92,45 +77,21 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace, world):
-    """Load ``args.model`` on this rank's device (or split by ``--device-map``); the first rank of
-    each node loads first, so the default model is fetched and converted once per node."""
+    """``args.model`` loaded on every rank of ``world`` (:func:`~safeflow.distributed.load_model_per_node`)."""
     import torch
 
-    from .models import load_model
+    from .distributed import load_model_per_node
 
-    dtype = getattr(torch, args.dtype)
-    if args.device_map:
-        kwargs = {"device_map": args.device_map, "max_memory": world.max_memory() if world.size > 1 else None}
-    else:
-        kwargs = {"device": "cpu" if args.cpu else world.device()}
-    kwargs["trust_remote_code"] = args.trust_remote_code
-    loaded = load_model(args.model, dtype=dtype, progress=world.is_main, **kwargs) if world.local_rank == 0 else None
-    world.barrier()
-    return loaded or load_model(args.model, dtype=dtype, progress=False, **kwargs)
-
-
-def _join(args: argparse.Namespace):
-    """This process's :class:`~safeflow.distributed.World` (joined if launched by accelerate/torchrun)."""
-    from . import distributed
-
-    if args.cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a rank under torchrun / accelerate launch
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    world = distributed.init()
-    if world.size > 1 and not args.cache:
-        raise ConfigError(f"{world.size} processes exchange rows through a cache directory; pass --cache DIR "
-                          "(on a filesystem every process sees)")
-    return world
+    return load_model_per_node(world, args.model, dtype=getattr(torch, args.dtype), device_map=args.device_map,
+                               cpu=args.cpu, trust_remote_code=args.trust_remote_code)
 
 
 def _spawn(args: argparse.Namespace) -> int:
     """``--processes N``: run this command in N processes on this machine."""
-    from . import distributed
+    from .distributed import launch_with_cache
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ConfigError("--processes is the one-machine shortcut; under accelerate launch / torchrun leave it at 1")
-    if not args.cache:
-        raise ConfigError(f"--processes {args.processes} exchanges rows through a cache directory; pass --cache DIR")
-    return distributed.launch(run, args.processes, argparse.Namespace(**{**vars(args), "processes": 1}), cpu=args.cpu)
+    return launch_with_cache(run, args.processes, argparse.Namespace(**{**vars(args), "processes": 1}), cpu=args.cpu,
+                             cache_dir=args.cache)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -150,8 +111,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     from .data import load_prompts, split_indices
+    from .distributed import join
     from .extractors import HFExtractor
     from .feature_files import row_columns, write_features
+    from .models import check_layers
     from .provenance import describe_source
     from .responses import prompt_set_response_states
 
@@ -162,8 +125,8 @@ def _extract(args: argparse.Namespace) -> int:
     if args.test_fraction:
         for i in split_indices(data, args.test_fraction, args.seed)[1]:
             part[i] = "test"
-    _check_layers(args.model, [args.layer], args.trust_remote_code)
-    world = _join(args)
+    check_layers(args.model, [args.layer], args.trust_remote_code)
+    world = join(args.cpu, args.cache)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, layer=args.layer, pooling=args.pooling, batch_size=args.batch_size, cache_dir=args.cache)
     header: dict[str, Any] = describe_source(ext, args.model)
@@ -193,66 +156,42 @@ def _extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    from .constraints.base import ConstraintSet
     from .evaluation import training_metrics, training_summary
-    from .feature_files import read_features, row_split, split_rows, stream_source, take_rows
-    from .presets import match_preset, preset
-    from .provenance import source_of
+    from .feature_files import training_rows
+    from .presets import match_preset
+    from .recipes import fit_from_preset
+    from .saving import save_rescue_copy
 
-    H: Any  # a FeatureDataset (streamed) or hidden states [N, d]
-    test = None
-    if args.chunk_rows:  # stream from disk: the features file(s) are never loaded whole
-        from .features import FeatureDataset
-
-        H, y = FeatureDataset.from_files(args.features, chunk_rows=args.chunk_rows), None
-        source, dim, n = stream_source(args.features), H.dim, len(H)
-    elif Path(args.features).is_dir():
-        raise DataError(f"{args.features} is a directory; stream its feature files with --chunk-rows N, "
-                        "or pass one features file")
-    else:
-        H_all, y_all, header = read_features(args.features)
-        split = row_split(header, len(y_all), args.features)
-        H, y = take_rows(H_all, y_all, split_rows(split, "train"))
-        test = take_rows(H_all, y_all, split_rows(split, "test")) if split else None
-        source, dim, n = source_of(header), H.shape[1], len(y)
-    preset_name = args.preset or match_preset(str(source.get("model", ""))) or "default"
+    rows = training_rows(args.features, args.chunk_rows)
+    preset_name = args.preset or match_preset(str(rows.source.get("model", ""))) or "default"
+    config = {key: value for key, value in (("num_facets", args.facets), ("num_features", args.features_width))
+              if value is not None}
+    options = {key: value for key, value in (("margin", args.margin), ("epochs", args.epochs)) if value is not None}
     started = time.perf_counter()
-    cls = ConstraintSet.implementation(args.constraint)
-    p = preset(preset_name)
-    overrides = {key: value for key, value in (("num_facets", args.facets), ("num_features", args.features_width))
-                 if value is not None}
-    model = cls.from_preset(p, dim, **overrides)
-    options = cls.fit_options_from_preset(p)
-    options.update({key: value for key, value in (("margin", args.margin), ("epochs", args.epochs)) if value is not None})
-    options.update(args.fit_opt)
-    model.fit(H, y, **options)
+    model = fit_from_preset(args.constraint, rows.H, rows.y, preset_name, config=config,
+                            fit_options={**options, **dict(args.fit_opt)})
     seconds = time.perf_counter() - started
     training = model.provenance["training"]
-    training.update(features=str(args.features), preset=preset_name if cls.reads_preset() else None,
-                    split="train" if test is not None else "all")
-    training["metrics"] = training_metrics(model, (H, y) if y is not None else None, test)
-    model.provenance.update(source)
+    training.update(features=str(args.features), preset=preset_name if type(model).reads_preset() else None,
+                    split="train" if rows.test is not None else "all")
+    training["metrics"] = training_metrics(model, (rows.H, rows.y) if rows.y is not None else None, rows.test)
+    model.provenance.update(rows.source)
     try:
         model.save(args.out)
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
+        try:
+            kept = (f"the trained {args.constraint} set was saved to {save_rescue_copy(model, args.out)} instead: move "
+                    "it into place once space is free")
+        except OSError as lost:
+            kept = (f"the trained {args.constraint} set is lost (no copy could be saved in a temporary directory "
+                    f"either: {lost.strerror or lost}): free space and rerun `safeflow train`")
         raise SafeflowError(f"{describe(exc)}; {args.out} was not written (a previous file there is unchanged); "
-                            f"{_rescue(model, args.constraint, args.out)}") from None
-    print(training_summary(args.constraint, model, source, seconds, n))
+                            f"{kept}") from None
+    print(training_summary(args.constraint, model, rows.source, seconds, len(rows)))
     print(f"wrote {args.constraint} constraint set to {args.out}")
     return 0
-
-
-def _rescue(model, kind: str, out: str) -> str:
-    """Save a trained set that could not be written to ``out`` into the temporary directory; say where."""
-    try:
-        rescue = Path(tempfile.gettempdir()) / f"safeflow-rescued-{os.getpid()}-{Path(out).name}"
-        model.save(rescue)
-    except OSError as exc:
-        return (f"the trained {kind} set is lost (no copy could be saved in a temporary directory either: "
-                f"{exc.strerror or exc}): free space and rerun `safeflow train`")
-    return f"the trained {kind} set was saved to {rescue} instead: move it into place once space is free"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -282,47 +221,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_steerer(name: str, preset_name: str | None, options: dict[str, Any]):
-    """Registered steerer ``name`` without learned tensors, built from the command line: its
-    constructor's ``options`` (``--steerer-opt``; an unknown one raises :class:`ConfigError` naming
-    the valid ones), with the preset ``preset_name`` where the constructor takes a preset."""
-    from .steerers.base import Steerer
-    from .steerers.fitted import FittedSteerer
-
-    cls = Steerer.implementation(name)
-    if issubclass(cls, FittedSteerer):
-        raise UsageError(f"the {name!r} steerer learns tensors from hidden states: pass a saved one with --steerer "
-                         f"FILE (`safeflow demo` writes steerer_{name}.safetensors into its run folder)")
-    if preset_name is not None and "preset" in cls.constructor_options():
-        options = {"preset": preset_name, **options}
-    cls.check_options(options)
-    return cls(**options)
-
-
-def _generate_steerer(name_or_file: str | None, preset_name: str, pairs: list[tuple[str, Any]] | None = None):
-    """The steerer of ``safeflow generate``: a saved fitted steerer file, or a registered steerer
-    without learned tensors built with the preset's settings and the ``--steerer-opt`` ``pairs``
-    (None: the preset's own steerer)."""
-    from .presets import preset
-    from .steerers.base import Steerer
-
-    if name_or_file is not None and Path(name_or_file).is_file():
-        if pairs:
-            raise UsageError("--steerer-opt sets a registered steerer's options; a saved steerer file carries its own")
-        return Steerer.load(name_or_file)
-    name = name_or_file or preset(preset_name).steerer
-    return build_steerer(name, preset_name, steerer_options(pairs or [], [name], name))
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .decoding import generate_responses
     from .steering import check_steering
     from .io import json_text
     from .layers import default_model_layer
-    from .models import load_model, model_config
+    from .models import check_layers, load_model, model_config
     from .presets import match_preset
     from .provenance import check_source, recorded_layer
+    from .recipes import load_or_build_steerer, steerer_name
 
     prompts = list(args.prompt) + (Path(args.file).read_text("utf-8").splitlines() if args.file else [])
     prompts = [p for p in prompts if p.strip()]
@@ -330,12 +238,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SafeflowError("no prompt given; pass PROMPT or --file FILE (one prompt per line)")
     constraints = ConstraintSet.load(args.constraints)
     gate = ConstraintSet.load(args.gate) if args.gate not in ("prompt", "token") else args.gate
-    steerer = _generate_steerer(args.steerer, args.preset or match_preset(str(args.model)) or "default",
-                                args.steerer_opt)
+    preset_name = args.preset or match_preset(str(args.model)) or "default"
+    name = steerer_name(args.steerer, preset_name)  # None: a saved steerer file
+    options = steerer_options(args.steerer_opt, [name], name) if name is not None else dict(args.steerer_opt)
+    steerer = load_or_build_steerer(args.steerer, preset_name, options)
     sets = [(constraints, f"the constraint set {args.constraints}")]
     sets += [(gate, f"the gate {args.gate}")] if isinstance(gate, ConstraintSet) else []
     layer = args.layer if args.layer is not None else recorded_layer(constraints, gate)
-    _check_layers(args.model, [layer], args.trust_remote_code)
+    check_layers(args.model, [layer], args.trust_remote_code)
     config = model_config(args.model, args.trust_remote_code)
     if config is not None and not args.ignore_provenance:  # refuse a mismatch before the model loads
         for c, what in sets:
@@ -358,15 +268,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .distributed import join
     from .extractors import HFExtractor
-    from .pipeline import layer_sweep, prompt_splits
+    from .models import check_layers
+    from .recipes import layer_sweep
     from .report import format_table
+    from .splits import prompt_splits
 
     if args.processes > 1:
         return _spawn(args)
     splits = prompt_splits(args.data)
-    _check_layers(args.model, list(args.layers or []), args.trust_remote_code)
-    world = _join(args)
+    check_layers(args.model, list(args.layers or []), args.trust_remote_code)
+    world = join(args.cpu, args.cache)
     model, tok = _load_model(args, world)
     ext = HFExtractor(model, tok, batch_size=args.batch_size, cache_dir=args.cache, progress=world.is_main)
     layers = args.layers or list(range(len(ext.blocks)))
@@ -390,11 +303,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .extractors import HFExtractor
     from .layers import default_model_layer
-    from .models import load_model
-    from .pipeline import DEMO_STEERERS, parse_steerer, train_constraints
+    from .models import check_layers, load_model
+    from .recipes import DEMO_STEERERS, parse_steerer, train_constraints
     from .steerers.base import Steerer
 
-    _check_layers(args.model, [args.layer], args.trust_remote_code)
+    check_layers(args.model, [args.layer], args.trust_remote_code)
     entries = DEMO_STEERERS if args.steerers is None else args.steerers
     names = list(dict.fromkeys(parse_steerer(entry)[0] for entry in entries))
     options = {name: steerer_options(args.steerer_opt, names, name) for name in names}
@@ -441,15 +354,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_prompts
-    from .pipeline import DEMO_DETECTORS, DEMO_STEERERS, parse_steerer, prompt_splits, run_demo
+    from .demo import run_demo
+    from .models import check_layers
+    from .recipes import DEMO_DETECTORS, DEMO_STEERERS, parse_steerer
     from .report import STEERING_COLUMNS, format_table, steering_rows
+    from .splits import prompt_splits
 
     names = list(dict.fromkeys(parse_steerer(entry)[0] for entry in args.steerers or DEMO_STEERERS))
 
     data = None if args.data == "default" else load_prompts(args.data)
     if data is not None:
         prompt_splits(data)  # a split without a class fails now, not after the model has loaded
-    _check_layers(args.model, [args.layer], args.trust_remote_code)
+    check_layers(args.model, [args.layer], args.trust_remote_code)
     result = run_demo(args.out, model_name=args.model, layer=args.layer, limit=args.limit or None, data=data,
                       max_new_tokens=args.max_new_tokens, num_features=args.features_width,
                       refusal_prompts=args.refusal_prompts, refusal_features=args.refusal_features_width,
@@ -621,11 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="decoder block to detect and steer at (default: the preset's)")
     p.add_argument("--detectors", nargs="+", type=registered("constraint"), default=None,
                    help="constraint families trained as prompt detectors and compared (default: "
-                        "safeflow.pipeline.DEMO_DETECTORS); the best on OOD validation gates steering")
+                        "safeflow.recipes.DEMO_DETECTORS); the best on OOD validation gates steering")
     p.add_argument("--steerers", nargs="+", type=steerer_entry, default=None,
                    help="steerers compared side by side: registry names, each optionally @detector, @prompt or "
                         "@token for its gate (default: safeflow's steerers and the peers, "
-                        "safeflow.pipeline.DEMO_STEERERS)")
+                        "safeflow.recipes.DEMO_STEERERS)")
     _steerer_opt(p)
     p.add_argument("--first-n", type=nonnegative_int, default=None,
                    help="steer only the first n generated tokens (default: all)")

@@ -194,7 +194,7 @@ def registered(kind: str) -> Callable[[str], str]:
 @_checked
 def steerer_entry(text: str) -> str:
     """A registered steerer, optionally with the gate it is compared with: ``name[@gate]``."""
-    from .pipeline import parse_steerer
+    from .recipes import parse_steerer
 
     parse_steerer(text)
     return text

@@ -1,9 +1,12 @@
-"""Several processes, one result: the process group, work assignment and a one-machine launcher.
+"""Several processes, one result: the process group, work assignment, model loading and a one-machine launcher.
 
 safeflow runs on ``torch.distributed`` as set up by Hugging Face accelerate: under
 ``accelerate launch`` (or ``torchrun``) every process reads its rank from the environment and
-:func:`init` joins the group (gloo on CPU, nccl on GPU). :func:`launch` is the one-machine
-shortcut behind ``--processes N``: it spawns N processes with that environment and waits for them.
+:func:`init` joins the group (gloo on CPU, nccl on GPU); :func:`join` does so for a command whose
+processes exchange rows through a cache directory. :func:`launch` is the one-machine shortcut
+behind ``--processes N``: it spawns N processes with that environment and waits for them
+(:func:`launch_with_cache` with the checks of the command line). :func:`load_model_per_node`
+loads a model on every rank, once per node first, so it is fetched and converted once.
 
 Work is dealt out in whole batches (:func:`assign`), so every row is computed in exactly the
 batch a single process would have used, with the same padding: the result equals a
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch import distributed as dist
 
+from . import models as _models  # a module reference: load_model is looked up at call time
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,6 +114,41 @@ def init() -> World:
     return current()
 
 
+def join(cpu: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> World:
+    """This process's :class:`World`: the group it was launched into (``accelerate launch``,
+    ``torchrun``, :func:`launch`) joined by :func:`init`, else a single process. ``cpu``: the ranks
+    of such a group run on the CPU with gloo (sets ``ACCELERATE_USE_CPU``). Several processes
+    exchange rows through a cache directory on a filesystem every process sees: a group of more
+    than one process without ``cache_dir`` raises :class:`ConfigError`."""
+    if cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a rank under torchrun / accelerate launch
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    world = init()
+    if world.size > 1 and not cache_dir:
+        raise ConfigError(f"{world.size} processes exchange rows through a cache directory; pass --cache DIR "
+                          "(on a filesystem every process sees)")
+    return world
+
+
+def load_model_per_node(world: World, name_or_path: str, *, dtype: torch.dtype = torch.float32,
+                        device_map: str | dict[str, Any] | None = None, cpu: bool = False,
+                        trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of :func:`~safeflow.models.load_model` on every rank of ``world``:
+    on this rank's device (:meth:`World.device`; ``cpu``: the CPU), or split by ``device_map``
+    over this rank's share of the node's GPUs (:meth:`World.max_memory`, with several ranks).
+    The first rank of each node loads first while the others wait, so the default model is
+    fetched and converted once per node; only the main rank shows progress."""
+    kwargs: dict[str, Any]
+    if device_map:
+        kwargs = {"device_map": device_map, "max_memory": world.max_memory() if world.size > 1 else None}
+    else:
+        kwargs = {"device": "cpu" if cpu else world.device()}
+    kwargs["trust_remote_code"] = trust_remote_code
+    loaded = (_models.load_model(name_or_path, dtype=dtype, progress=world.is_main, **kwargs)
+              if world.local_rank == 0 else None)
+    world.barrier()
+    return loaded or _models.load_model(name_or_path, dtype=dtype, progress=False, **kwargs)
+
+
 def gpu_share(local_rank: int, local_size: int, num_gpus: int) -> list[int]:
     """The GPUs of local rank ``local_rank`` when ``num_gpus`` are split evenly between
     ``local_size`` ranks (several ranks share one GPU when there are fewer GPUs than ranks)."""
@@ -178,6 +217,18 @@ def launch(fn: Callable[..., int | None], nprocs: int, *args: Any, cpu: bool = F
             if p.is_alive():
                 p.terminate()
             p.join()
+
+
+def launch_with_cache(fn: Callable[..., int | None], nprocs: int, *args: Any, cpu: bool = False,
+                      cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """:func:`launch` as the one-machine shortcut of the command line (``--processes N``): refused
+    with :class:`ConfigError` inside a group that a launcher started (``WORLD_SIZE`` > 1) and
+    without ``cache_dir``, the directory through which the processes exchange rows."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError("--processes is the one-machine shortcut; under accelerate launch / torchrun leave it at 1")
+    if not cache_dir:
+        raise ConfigError(f"--processes {nprocs} exchanges rows through a cache directory; pass --cache DIR")
+    return launch(fn, nprocs, *args, cpu=cpu)
 
 
 def _worker(fn: Callable[..., int | None], rank: int, nprocs: int, port: int, cpu: bool, args: tuple[Any, ...]) -> None:

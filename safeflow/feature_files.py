@@ -19,26 +19,29 @@ row by row where present, these columns of N entries each:
 Response-state files (``extract --responses N``) add ``responses`` (N), ``rows: "responses"``
 and ``kinds`` (what each state is). A directory of features files (:func:`write_chunks
 <safeflow.features.write_chunks>`) is streamed by :class:`~safeflow.features.FeatureDataset`.
+:func:`training_rows` reads what ``safeflow train`` fits on, either way.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ConfigError, DataError
-from .features import feature_paths
+from .features import FeatureDataset, feature_paths
 from .io import load_tensors, read_header, save_tensors
 from .provenance import source_of
 
 if TYPE_CHECKING:
     from .data import PromptSet
 
-__all__ = ["GROUP_COLUMNS", "SPLIT_PARTS", "read_features", "row_columns", "row_groups", "row_split", "split_rows",
-           "stream_source", "take_rows", "write_features"]
+__all__ = ["GROUP_COLUMNS", "SPLIT_PARTS", "TrainingRows", "read_features", "row_columns", "row_groups", "row_split",
+           "split_rows", "stream_source", "take_rows", "training_rows", "write_features"]
 
 #: Header columns that group the rows (per-group detection metrics), by their key in the metrics.
 GROUP_COLUMNS = ("sources", "categories")
@@ -134,3 +137,40 @@ def stream_source(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             raise DataError(f"{f} was extracted from another model, layer or setting than the first file in {path} "
                             f"({src} vs {sources[0]}); train on features of one source")
     return sources[0] if sources else {}
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows a constraint set is trained on (:func:`training_rows`): ``H`` hidden states
+    [N, d] or a streamed :class:`~safeflow.features.FeatureDataset`; ``y`` labels [N] (None when
+    streamed: the dataset carries them); ``test`` the held-out ``(H, y)`` of a file with a
+    train/test split (None without one); ``source`` the rows' provenance
+    (:func:`~safeflow.provenance.source_of`). ``len()`` is N."""
+
+    H: torch.Tensor | FeatureDataset
+    y: torch.Tensor | None
+    test: tuple[torch.Tensor, torch.Tensor] | None
+    source: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.H)
+
+
+def training_rows(path: str | os.PathLike[str], chunk_rows: int | None = None) -> TrainingRows:
+    """The training rows of the features at ``path``. With ``chunk_rows``: a
+    :class:`~safeflow.features.FeatureDataset` streamed from the file or directory of files in
+    chunks of that many rows, never loaded whole (every row trains: :func:`stream_source`).
+    Without: one file loaded whole, its ``train`` rows (:func:`row_split`; all rows where it has no
+    split) with its ``test`` rows held out; a directory then raises
+    :class:`~safeflow.errors.DataError`."""
+    if chunk_rows:
+        data = FeatureDataset.from_files(path, chunk_rows=chunk_rows)
+        return TrainingRows(data, None, None, stream_source(path))
+    if Path(path).is_dir():
+        raise DataError(f"{path} is a directory; stream its feature files with --chunk-rows N, "
+                        "or pass one features file")
+    H, y, header = read_features(path)
+    split = row_split(header, len(y), path)
+    H_train, y_train = take_rows(H, y, split_rows(split, "train"))
+    test = take_rows(H, y, split_rows(split, "test")) if split else None
+    return TrainingRows(H_train, y_train, test, source_of(header))

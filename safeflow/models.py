@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from safetensors import SafetensorError
 
 from .assets import default_model_path, manifest, model_dir
 from .errors import ConfigError
+from .layers import normalize_layer
+from .provenance import fingerprint
 
 #: Checkpoint files that are pickles: never loaded (a pickle can run code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -87,6 +90,18 @@ def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
             return None
         raise ConfigError(f"{name_or_path} holds no readable model config ({reason[:200]}); pass a directory "
                           "written by save_pretrained") from None
+
+
+def check_layers(name_or_path: str, layers: Sequence[int | None], trust_remote_code: bool = False) -> None:
+    """Check decoder-block indices against the depth in the model's config before its weights
+    load (:func:`~safeflow.layers.normalize_layer`: ``-depth <= layer < depth``; None entries
+    are skipped). Where the config is not at hand without a download (:func:`model_config`
+    returns None) nothing is checked. Raises :class:`ConfigError`."""
+    config = model_config(name_or_path, trust_remote_code)
+    depth = fingerprint(config)["num_layers"] if config is not None else None
+    for layer in layers:
+        if layer is not None and depth:
+            normalize_layer(layer, depth)
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -1,6 +1,6 @@
 """Typed results of the evaluations: what :func:`~safeflow.evaluation.evaluate_steering`,
 :func:`~safeflow.capability.capability_retention`, :func:`~safeflow.attacks.protocol.evaluate_attacks`
-and :func:`~safeflow.pipeline.detection_table` return, and what ``safeflow demo`` writes to
+and :func:`~safeflow.recipes.detection_table` return, and what ``safeflow demo`` writes to
 ``metrics.json`` (:class:`RunMetrics`) and ``safeflow attack`` to ``attack_report.json``.
 
 Every result is a frozen dataclass whose fields say what each number means and in which unit.
@@ -146,7 +146,7 @@ def _to_json(value: Any) -> Any:
 # --- detection ----------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class DetectionRow(Result):
-    """One detector on one evaluation split (:func:`~safeflow.pipeline.detection_table`); unsafe
+    """One detector on one evaluation split (:func:`~safeflow.recipes.detection_table`); unsafe
     (label 1) is the positive class and a prompt is flagged iff its score (largest violation) is > 0.
     A row carries no ``"schema"`` of its own: the file around the table does."""
 
@@ -341,7 +341,7 @@ class AttackEval(Result):
 # --- a demo run ---------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class RunMetrics(Result):
-    """``metrics.json`` of a ``safeflow demo`` run (:func:`~safeflow.pipeline.run_demo`); what
+    """``metrics.json`` of a ``safeflow demo`` run (:func:`~safeflow.demo.run_demo`); what
     ``safeflow report`` renders. Only ``model``, ``detection`` and ``steering`` are required, so
     runs written by older versions still render (what they lack is reported as missing)."""
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +23,22 @@ from torch import nn
 from .errors import ConfigError, CorruptFileError
 from .io import FLOAT_DTYPES, load_tensors, read_header, save_tensors, short_repr
 from .registry import Registry
+
+
+class Saveable(Protocol):
+    """Anything with ``save(path)``: a constraint set, a steerer."""
+
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+
+
+def save_rescue_copy(obj: Saveable, path: str | os.PathLike[str]) -> Path:
+    """Save ``obj`` into the temporary directory (:func:`tempfile.gettempdir`) as
+    ``safeflow-rescued-<process id>-<file name of path>`` when ``path`` itself could not be written
+    (a full disk), so a trained object is not lost; return where. An ``OSError`` of this save
+    propagates (nowhere could be written)."""
+    rescue = Path(tempfile.gettempdir()) / f"safeflow-rescued-{os.getpid()}-{Path(path).name}"
+    obj.save(rescue)
+    return rescue
 
 
 def checked_provenance(provenance: Any, where: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from safeflow import distributed
 from safeflow.cache import HiddenStateCache
 from safeflow.errors import ConfigError, DataError, SafeflowError
 from safeflow.io import load_tensors, save_tensors
-from safeflow.pipeline import Splits, layer_sweep
+from safeflow.recipes import layer_sweep
+from safeflow.splits import Splits
 
 from conftest import make_model, make_tokenizer
 

@@ -26,7 +26,7 @@ import pytest
 import safeflow as sf
 import safeflow.data
 import safeflow.models
-import safeflow.pipeline
+import safeflow.splits
 from safeflow.cli import main
 
 from conftest import make_bpe_tokenizer, make_tokenizer, save_model_dir
@@ -194,7 +194,7 @@ def docs_env(tmp_path, monkeypatch, model_dirs):
     for module in (sf, safeflow.models):
         monkeypatch.setattr(module, "load_model", load_model)
     monkeypatch.setattr(safeflow.models, "model_config", model_config)
-    for module in (sf, safeflow.data, safeflow.pipeline):
+    for module in (sf, safeflow.data, safeflow.splits):
         monkeypatch.setattr(module, "load_prompts", load_prompts)
     for base in (sf.Extractor, sf.ConstraintSet, sf.Steerer, sf.Attack):  # examples may register classes
         monkeypatch.setattr(base.registry, "_classes", dict(base.registry._classes))

@@ -14,9 +14,9 @@ from safeflow import assets
 from safeflow.data import (CATEGORY_FAMILIES, WEAK_FAMILIES, _CATEGORY_READERS, _read_dna, _read_harmbench,
                            _read_pyrit_objectives, _read_uncensorbench, _read_weighted_safety, category_family,
                            prompt_families)
-from safeflow.pipeline import (FAMILY_OOD_SOURCES, FAMILY_OOD_TEST_SOURCES, FAMILY_OOD_VALIDATION_SOURCES,
-                               HALVED_OOD_SOURCES, OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, WIDENING_SOURCES,
-                               default_splits, halve_by_family)
+from safeflow.splits import (FAMILY_OOD_SOURCES, FAMILY_OOD_TEST_SOURCES, FAMILY_OOD_VALIDATION_SOURCES,
+                             HALVED_OOD_SOURCES, OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, WIDENING_SOURCES,
+                             default_splits, halve_by_family)
 
 FAMILIES = {"privacy", "discrimination", "misinformation", "advice", "violence", "chem-bio", "cyber", "crime",
             "harassment", "sexual", "self-harm", "jailbreak", "other"}

@@ -5,6 +5,7 @@ import torch
 
 import safeflow as sf
 from safeflow.errors import ConfigError, CorruptFileError, DataError
+from safeflow.feature_files import training_rows, write_features
 from safeflow.features import FeatureDataset, moments, write_chunks
 
 from conftest import make_model, make_tokenizer, separable
@@ -124,3 +125,20 @@ def test_cli_train_streams_a_directory_of_parts(tmp_path, capsys):
     expected = sf.LinearConstraint(8).fit(FeatureDataset.from_files(tmp_path / "parts", chunk_rows=20), epochs=2,
                                           progress=False)
     assert torch.equal(model.violations(H), expected.violations(H))
+
+
+def test_training_rows_of_a_file_hold_out_its_test_rows_and_stream_a_directory(tmp_path):
+    H, y = separable(20, 4)
+    split = ["train"] * 15 + ["test"] * 5
+    write_features(tmp_path / "split.safetensors", H, y, {"model": "m", "layer": 1, "split": split})
+    rows = training_rows(tmp_path / "split.safetensors")
+    assert len(rows) == 15 and torch.equal(rows.H, H[:15]) and torch.equal(rows.y, y[:15])
+    assert rows.test is not None and torch.equal(rows.test[0], H[15:]) and rows.source == {"model": "m", "layer": 1}
+    with pytest.raises(ConfigError, match="holds a train/test split"):
+        training_rows(tmp_path / "split.safetensors", chunk_rows=8)  # streaming trains on every row
+    write_chunks(tmp_path / "parts", [(H[:10], y[:10]), (H[10:], y[10:])])
+    streamed = training_rows(tmp_path / "parts", chunk_rows=8)
+    assert isinstance(streamed.H, FeatureDataset) and len(streamed) == 20 and streamed.y is None and streamed.test is None
+    with pytest.raises(DataError, match="is a directory; stream its feature files with --chunk-rows N"):
+        training_rows(tmp_path / "parts")
+

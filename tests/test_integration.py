@@ -11,7 +11,8 @@ import torch
 import safeflow as sf
 from safeflow.assets import verify_package
 from safeflow.decoding import generate_responses
-from safeflow.pipeline import default_splits, train_refusal_polytope
+from safeflow.recipes import train_refusal_polytope
+from safeflow.splits import default_splits
 
 pytestmark = pytest.mark.integration
 LAYER = 20

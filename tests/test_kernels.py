@@ -314,7 +314,8 @@ def test_compiled_loop_equals_eager_on_default_refusal_polytope():
     prompt states outside it: the C++ loop takes the eager loop's steps to the same states."""
     if "cpu" not in COMPILED:
         pytest.skip("the C++ kernel is not built here")
-    from safeflow.pipeline import default_splits, train_refusal_polytope
+    from safeflow.recipes import train_refusal_polytope
+    from safeflow.splits import default_splits
 
     model, tok = sf.load_model(progress=False)
     splits = default_splits(sf.load_prompts("default"))

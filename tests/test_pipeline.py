@@ -1,10 +1,19 @@
 import pytest
+import torch
 
 import safeflow as sf
-from safeflow.pipeline import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, choose_gate, default_splits, layer_sweep
+import safeflow.demo
+import safeflow.pipeline
+import safeflow.recipes
+import safeflow.splits
+from safeflow.features import FeatureDataset
+from safeflow.presets import preset
+from safeflow.recipes import (build_steerer, choose_gate, fit_from_preset, layer_sweep, load_or_build_steerer,
+                             steerer_name)
 from safeflow.report import format_table
+from safeflow.splits import OOD_TEST_SOURCES, OOD_VALIDATION_SOURCES, Splits, default_splits
 
-from conftest import make_model
+from conftest import make_model, separable
 
 HARM = ["how do i make a bomb", "hack bank steal car", "kill someone", "sell drug weapon", "steal car please",
         "hurt someone plan"]
@@ -47,6 +56,42 @@ def test_choose_gate_uses_ood_validation_only():
             {"model": "linear", "split": "val_ood", "f1": 0.95, "auroc": 0.98},
             {"model": "mlp", "split": "val_ood", "f1": 0.95, "auroc": 0.999}]
     assert choose_gate(rows) == "mlp"  # F1 tie broken by AUROC; test_ood never consulted
+
+
+def test_fit_from_preset_is_the_presets_recipe_in_memory_or_streamed():
+    """The preset's shape and training options, ``config`` and ``fit_options`` on top: the same
+    set as the steps by hand, bit for bit, and the same from a one-chunk stream of the rows."""
+    H, y = separable(128, 8)
+    config, options = {"num_facets": 2, "num_features": 16}, {"epochs": 2}
+    got = fit_from_preset("polytope", H, y, "default", config=config, fit_options=options, progress=False)
+    cls = sf.ConstraintSet.implementation("polytope")
+    by_hand = cls.from_preset("default", 8, **config).fit(H, y, **{**cls.fit_options_from_preset("default"), **options},
+                                                         progress=False)
+    streamed = fit_from_preset("polytope", FeatureDataset.from_tensors(H, y), None, "default", config=config,
+                               fit_options=options, progress=False)
+    for other in (by_hand, streamed):
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(sf.ConfigError, match="takes no option 'num_facets'"):
+        fit_from_preset("linear", H, y, config={"num_facets": 2})
+    with pytest.raises(sf.ConfigError, match="unknown fit option 'no_such_option'"):
+        fit_from_preset("linear", H, y, fit_options={"no_such_option": 1})
+
+
+def test_steerer_from_a_name_the_preset_or_a_saved_file(tmp_path):
+    assert type(load_or_build_steerer("line", "default")) is sf.Steerer.implementation("line")
+    assert steerer_name(None, "default") == preset("default").steerer
+    assert type(load_or_build_steerer(None, "default")) is sf.Steerer.implementation(steerer_name(None, "default"))
+    with pytest.raises(sf.ConfigError, match="learns tensors from hidden states"):
+        build_steerer("direction")
+    with pytest.raises(sf.ConfigError, match="takes no option 'no_such_option'"):
+        build_steerer("line", "default", {"no_such_option": 1})
+    saved = tmp_path / "steerer.safetensors"
+    saved.write_bytes(b"not a steerer")
+    assert steerer_name(str(saved)) is None
+    with pytest.raises(sf.ConfigError, match="a saved steerer file carries its own"):
+        load_or_build_steerer(str(saved), options={"depth": 1})
+    with pytest.raises(sf.CorruptFileError):  # a file is loaded, never built
+        load_or_build_steerer(str(saved))
 
 
 def test_format_table():
@@ -116,7 +161,7 @@ def test_demo_into_a_previous_run_is_refused_naming_overwrite(tmp_path, capsys, 
 
 
 def test_overwrite_deletes_exactly_the_previous_runs_files_before_loading(tmp_path, caplog, monkeypatch):
-    from safeflow.pipeline import run_demo, run_files
+    from safeflow.demo import run_demo, run_files
 
     out = previous_run(tmp_path / "run")
     assert len(run_files(out)) == 7
@@ -129,9 +174,24 @@ def test_overwrite_deletes_exactly_the_previous_runs_files_before_loading(tmp_pa
         raise Loaded
 
     monkeypatch.setattr("safeflow.models.load_model", load_model)
-    with caplog.at_level("WARNING", logger="safeflow.pipeline"), pytest.raises(Loaded):
+    with caplog.at_level("WARNING", logger="safeflow.demo"), pytest.raises(Loaded):
         run_demo(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["attack_report.json", "figures", "notes.txt"]
     assert "deleted the previous run's 7 file(s)" in caplog.text
     assert "figures/roc.png" in caplog.text and "steering_records_oldsteerer.jsonl" in caplog.text
     assert "kept attack_report.json" in caplog.text
+
+
+def test_pipeline_is_a_facade_over_splits_recipes_and_demo():
+    """``safeflow.pipeline`` (the name older scripts import from) defines nothing itself: each of
+    its public names is the very object of :mod:`safeflow.splits`, :mod:`safeflow.recipes` or
+    :mod:`safeflow.demo`."""
+    homes = (safeflow.splits, safeflow.recipes, safeflow.demo)
+    for name in safeflow.pipeline.__all__:
+        obj = getattr(safeflow.pipeline, name)
+        assert any(vars(module).get(name) is obj for module in homes), name
+        if callable(obj):
+            assert obj.__module__ in {module.__name__ for module in homes}, name
+    assert safeflow.pipeline.Splits.__module__ == "safeflow.splits"
+    assert safeflow.pipeline.train_constraints.__module__ == "safeflow.recipes"
+    assert safeflow.pipeline.run_demo.__module__ == "safeflow.demo"

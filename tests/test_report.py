@@ -16,10 +16,12 @@ import safeflow as sf
 from safeflow.analysis import analyze_facets
 from safeflow.capability import capability_retention
 from safeflow.cli import main
+from safeflow.demo import environment
 from safeflow.io import json_text, write_text_atomic
-from safeflow.pipeline import Splits, detection_scores, detection_table, environment
+from safeflow.recipes import detection_scores, detection_table
 from safeflow.report import roc_curve, write_report
 from safeflow.results import SCHEMA, RunMetrics
+from safeflow.splits import Splits
 
 from conftest import make_model, make_tokenizer, separable
 from test_analysis import planted_data, planted_polytope

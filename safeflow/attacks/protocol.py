@@ -29,11 +29,11 @@ from ..evaluation import HARMFUL_HELP, SAFE_REFUSALS, RefusalJudge
 from ..extractors import HFExtractor
 from ..decoding import generate_responses
 from ..io import write_text_atomic
-from ..pipeline import (DEMO_DETECTORS, build_steerers, default_splits, parse_steerer, train_constraints,
-                        train_refusal_polytope)
 from ..provenance import describe_source
+from ..recipes import DEMO_DETECTORS, build_steerers, parse_steerer, train_constraints, train_refusal_polytope
 from ..report import format_table
 from ..results import AttackEval, AttackRow, BenignRow
+from ..splits import default_splits
 from ..steerers.base import Steerer, SteeringData
 from .base import Attack, cache_file
 from .cache import AttackPrompt
@@ -60,8 +60,8 @@ def attack_requests(data: PromptSet, n: int | None = 40, seed: int = 0) -> list[
 
 
 def protocol_prompts(data: PromptSet, default: bool, seed: int = 0) -> tuple[PromptSet, PromptSet]:
-    """``(train, test)`` prompts for the protocol: for the default prompts the pipeline's train split
-    and its out-of-distribution test split (:func:`safeflow.pipeline.default_splits`); for user data a
+    """``(train, test)`` prompts for the protocol: for the default prompts the demo's train split
+    and its out-of-distribution test split (:func:`safeflow.splits.default_splits`); for user data a
     70/30 split stratified by source and label. Attack requests come from ``train``, benign prompts
     from ``test``."""
     if default:
@@ -250,10 +250,10 @@ def run_attack_protocol(
        per attack configuration); 2. :func:`split_attack` 80/20; 3. detectors of
        ``detector_kinds`` are trained on the states of ``train`` plus the train-side attack
        strings (label 1), and a refusal polytope on the answers to ``refusal_prompts`` plus the
-       train-side attack strings (:func:`safeflow.pipeline.train_refusal_polytope`);
+       train-side attack strings (:func:`safeflow.recipes.train_refusal_polytope`);
        4. :func:`evaluate_attacks` on the test side and ``benign``, steering into the refusal
-       polytope. ``steerers``: entries ``name[@gate]`` (:func:`safeflow.pipeline.parse_steerer`),
-       each built for the run by :func:`safeflow.pipeline.build_steerers` from the train prompts'
+       polytope. ``steerers``: entries ``name[@gate]`` (:func:`safeflow.recipes.parse_steerer`),
+       each built for the run by :func:`safeflow.recipes.build_steerers` from the train prompts'
        states and the refusal polytope's response states, where ``@detector`` (the default of
        detector-gated steerers) means ``gate``: the detector of that kind, or ``"prompt"`` /
        ``"token"``; or ready steerers by name, all gated by ``gate``. ``steerer_options``:
