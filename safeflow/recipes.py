@@ -191,8 +191,9 @@ def build_steerers(entries: Sequence[str], data: SteeringData, detector: Constra
 
 def build_steerer(name: str, preset_name: str | None = None, options: Mapping[str, Any] | None = None) -> Steerer:
     """Registered steerer ``name`` without learned tensors: its constructor's ``options`` (an
-    unknown one raises :class:`ConfigError` naming the valid ones), with the preset ``preset_name``
-    where the constructor takes a preset. A fitted steerer (a
+    unknown one raises :class:`ConfigError` naming the valid ones) over its settings in the preset
+    ``preset_name`` (:meth:`~safeflow.steerers.Steerer.from_preset`; None: the constructor's
+    defaults). A fitted steerer (a
     :class:`~safeflow.steerers.FittedSteerer`, which learns tensors from hidden states) raises
     :class:`ConfigError`: build it with :meth:`~safeflow.steerers.Steerer.build`, or load a saved one."""
     cls = Steerer.implementation(name)
@@ -200,8 +201,8 @@ def build_steerer(name: str, preset_name: str | None = None, options: Mapping[st
         raise ConfigError(f"the {name!r} steerer learns tensors from hidden states: pass a saved one with --steerer "
                           f"FILE (`safeflow demo` writes steerer_{name}.safetensors into its run folder)")
     options = dict(options or {})
-    if preset_name is not None and "preset" in cls.constructor_options():
-        options = {"preset": preset_name, **options}
+    if preset_name is not None:
+        return cls.from_preset(preset_name, **options)
     cls.check_options(options)
     return cls(**options)
 

@@ -24,6 +24,7 @@ from safeflow.cli import main
 from safeflow.decoding import generate_responses
 from safeflow.errors import ConfigError
 from safeflow.io import json_text, write_text_atomic
+from safeflow.recipes import build_steerer
 from safeflow.report import steering_rows, write_report
 
 from conftest import ARCHITECTURES, make_model, make_tokenizer, save_model_dir, separable
@@ -60,6 +61,8 @@ def test_the_toys_read_their_own_preset_settings_declared_in_their_file(toy_data
     data = sf.SteeringData(harmful=toy_data[0], harmless=toy_data[0], responses=toy_data[0], response_labels=toy_data[1],
                            preset="qwen2-1.5b")
     assert extension_toys.TowardSafeMean.build(data).steps == 3  # how the demo and the attack protocol build it
+    assert build_steerer("toy-toward-mean", "qwen2-1.5b").steps == 3  # how `safeflow generate --preset` builds it
+    assert build_steerer("toy-toward-mean", "qwen2-1.5b", {"steps": 5}).steps == 5
     with pytest.raises(ConfigError, match="takes no option 'stride'"):
         sf.Steerer.create("toy-toward-mean", preset="qwen2-1.5b", stride=2)
 

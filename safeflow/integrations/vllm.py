@@ -478,7 +478,8 @@ def steering_log(llm: Any, request_id: str) -> SteeringLog:
     (``row`` 0, ``call`` 0), e.g. ``steering_log(llm, outputs[0].request_id).summary()``: the log of
     the first worker that holds it (tensor-parallel ranks log the same rows; under pipeline
     parallelism only the ranks holding layer L log)."""
-    events = next((log for log in llm.collective_rpc("safeflow_log", args=(request_id,)) if log), [])
+    logs: list[list[dict[str, Any]]] = llm.collective_rpc("safeflow_log", args=(request_id,))
+    events = next((log for log in logs if log), [])
     errors = [e["error"] for e in events if "error" in e]
     if errors:
         raise SafeflowError(f"steering failed for request {request_id!r} in the engine: {errors[0]}; see the engine log")
