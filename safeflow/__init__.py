@@ -15,7 +15,7 @@ from .features import FeatureDataset
 from .models import DEFAULT_MODEL, load_model
 from .provenance import describe_source
 from .responses import ResponseStates, response_states
-from .steering import SteerEvent, SteeringLog, steering
+from .steering import SteerEvent, SteeringLog, SteeringSpec, steering
 from .steerers import (ConditionalSteerer, DirectionSteerer, FittedSteerer, LineSteerer, NullSpaceSteerer, Projection, ProjectionSteerer, SafeFlowSteerer,
                        SteerResult, Steerer, SteeringData, project)
 
@@ -34,5 +34,5 @@ __all__ = [
     "NullSpaceSteerer", "PolytopeConstraints", "Projection", "ProjectionSteerer", "PromptSet", "RefusalJudge",
     "ResponseStates", "SafeFlowSteerer", "SafeflowError", "SteerEvent", "SteerResult", "Steerer", "SteeringData", "SteeringLog",
     "available", "describe_source", "detection_metrics", "evaluate_steering", "generate_responses", "kernels", "load_model",
-    "load_prompts", "project", "response_states", "source_split", "steering", "stratified_split",
+    "load_prompts", "project", "response_states", "source_split", "steering", "SteeringSpec", "stratified_split",
 ]

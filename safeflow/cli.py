@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints.base import ConstraintSet
     from .decoding import generate_responses
-    from .steering import check_steering
+    from .steering import SteeringSpec
     from .io import json_text
     from .layers import default_model_layer
     from .models import check_layers, load_model, model_config
@@ -252,9 +252,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             check_source(c.provenance, model=config, what=what)
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     layer = layer if layer is not None else default_model_layer(model, args.preset)
-    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n,
-                 check_provenance=not args.ignore_provenance)
-    check_steering(model, **steer)  # fail before the unsteered pass, not after it
+    steer = SteeringSpec(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=args.first_n,
+                         check_provenance=not args.ignore_provenance)
+    steer.check(model)  # fail before the unsteered pass, not after it
     template = constraints.provenance.get("chat_template", "auto")  # format prompts as in training
     kw = dict(max_new_tokens=args.max_new_tokens, chat_template=template if isinstance(template, bool) else "auto")
     plain, _, _ = generate_responses(model, tok, prompts, **kw)

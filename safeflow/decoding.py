@@ -3,7 +3,7 @@ batches), optionally inside a :func:`~safeflow.steering.steering` context."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,7 +15,7 @@ from .errors import ConfigError, DataError
 from .io import short_repr
 from .layers import position_limit
 from .progress import progress_bar
-from .steering import SteeringLog, steering
+from .steering import SteeringLog, SteeringSpec
 
 
 @torch.no_grad()
@@ -28,12 +28,13 @@ def generate_responses(
     batch_size: int = 8,
     chat_template: bool | str = "auto",
     system_prompt: str | None = None,
-    steer: dict[str, Any] | None = None,
+    steer: SteeringSpec | Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> tuple[list[str], list[list[int]], SteeringLog | None]:
     """Greedy responses to ``prompts`` (through the chat template), optionally steered.
 
-    ``steer``: keyword arguments of :func:`steering` (constraints, steerer, layer, ...), or None.
+    ``steer``: a :class:`~safeflow.steering.SteeringSpec` (constraints, steerer, layer, ...), or
+    None; a dict of :func:`steering`'s keyword arguments still works, deprecated.
     Returns ``(texts, token_ids, log)``; token ids exclude the prompt and stop at EOS.
 
     ``prompts`` must be a list (a single ``str`` is a :class:`DataError`); a prompt with no tokens
@@ -48,8 +49,9 @@ def generate_responses(
             raise DataError(f"prompt {i} ({short_repr(prompts[i], 60)}) has no tokens"
                             + ("" if formatted[i] != prompts[i] else " (an empty text, or one the tokenizer drops "
                                "entirely, with no chat template around it)") + "; remove it or give it some text")
+    spec = SteeringSpec.of(steer) if steer else None
     log: SteeringLog | None = None
-    with steering(model, **steer) if steer else nullcontext() as log:
+    with spec.apply(model) if spec is not None else nullcontext() as log:
         texts, tokens = generate_from_ids(model, tokenizer, prefixes, max_new_tokens=max_new_tokens,
                                           batch_size=batch_size, progress=progress, log=log)
     return texts, tokens, log

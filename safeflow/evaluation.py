@@ -16,6 +16,7 @@ from .errors import DataError
 from .fluency import answer_perplexity, repetition
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES, SAFE_REFUSALS, RefusalJudge
 from .results import SteeringEval
+from .steering import SteeringSpec
 
 if TYPE_CHECKING:
     from .constraints.base import ConstraintSet
@@ -202,8 +203,8 @@ def evaluate_steering(
         cpu_plain = time.process_time() - start
     else:
         plain, plain_ids = unsteered
-    steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gate, first_n_tokens=first_n_tokens,
-                 check_provenance=check_provenance)
+    steer = SteeringSpec(constraints=constraints, steerer=steerer, layer=layer, gate=gate,
+                         first_n_tokens=first_n_tokens, check_provenance=check_provenance)
     start = time.process_time()
     steered, steered_ids, log = generate_responses(model, tokenizer, prompts, steer=steer, **kw)
     cpu_steered = time.process_time() - start

@@ -35,6 +35,7 @@ from .splits import Splits
 from .steerers.base import Steerer, SteeringData
 from .steerers.fitted import FittedSteerer
 from .steerers.safeflow import SafeFlowSteerer
+from .steering import SteeringSpec
 
 #: The detector families ``safeflow demo`` trains and compares by default (registry names).
 DEMO_DETECTORS = ("polytope", "mlp", "linear")
@@ -96,8 +97,8 @@ def train_refusal_polytope(extractor: HFExtractor, harmful: Sequence[str], prese
     states = response_states(extractor, harmful, max_tokens=max_tokens, progress=progress)
     polytope = train_constraints(kind, states.H, states.y, preset_name, num_features, progress)
     for _ in range(rounds - 1):
-        steer = dict(constraints=polytope, steerer=steerer or SafeFlowSteerer(preset=preset_name or "default"),
-                     layer=extractor.layer, gate="token", first_n_tokens=None)
+        steer = SteeringSpec(constraints=polytope, steerer=steerer or SafeFlowSteerer(preset=preset_name or "default"),
+                             layer=extractor.layer, gate="token", first_n_tokens=None)
         states = states + steered_states(extractor, harmful, steer, max_tokens=max_tokens, progress=progress)
         polytope = train_constraints(kind, states.H, states.y, preset_name, num_features, progress)
     polytope.provenance.update(describe_source(extractor), rows="responses")

@@ -27,7 +27,7 @@ model generates (see :meth:`safeflow.extractors.HFExtractor.extract_responses`).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from .chat import as_prompts, format_prompts
 from .extractors import HFExtractor
 from .decoding import generate_from_ids, generate_responses
 from .judge import RefusalJudge, Verdict
+from .steering import SteeringSpec
 
 if TYPE_CHECKING:
     from .data import PromptSet
@@ -178,7 +179,7 @@ def prompt_set_response_states(extractor: HFExtractor, data: PromptSet, *, max_t
 def steered_states(
     extractor: HFExtractor,
     harmful: Sequence[str],
-    steer: dict[str, Any],
+    steer: SteeringSpec | Mapping[str, Any],
     *,
     max_tokens: int = 32,
     judge: RefusalJudge | None = None,
@@ -188,14 +189,14 @@ def steered_states(
     """States of the model's answers to ``harmful`` prompts *under steering*, labelled by how the
     steering went — the hard negatives of a refusal polytope.
 
-    ``steer`` holds the keyword arguments of :func:`~safeflow.steering` (the current refusal
-    polytope, a steerer, the layer, ...). Each steered answer is judged with its prompt: a safe
-    refusal gives **safe (0)** states (kind ``steered-refused``); anything else — compliance, a
-    refusal that turns to help (from the turn on), or a degenerate answer ("I'm here to help you
-    …" loops, which steering into the nearest inside point can produce) — gives **unsafe (1)**
-    states (kind ``steered-failed``). The states are those of the answer read back without
-    steering, i.e. what the hook sees before it steers. A polytope refitted with them learns
-    to keep steering away from the ways steering failed.
+    ``steer`` is a :class:`~safeflow.steering.SteeringSpec` (the current refusal polytope, a
+    steerer, the layer, ...; a dict of its fields still works, deprecated). Each steered answer is
+    judged with its prompt: a safe refusal gives **safe (0)** states (kind ``steered-refused``);
+    anything else — compliance, a refusal that turns to help (from the turn on), or a degenerate
+    answer ("I'm here to help you …" loops, which steering into the nearest inside point can
+    produce) — gives **unsafe (1)** states (kind ``steered-failed``). The states are those of the
+    answer read back without steering, i.e. what the hook sees before it steers. A polytope
+    refitted with them learns to keep steering away from the ways steering failed.
     """
     harmful = list(harmful)
     if not harmful:

@@ -34,10 +34,11 @@ every gate treats it as eligible and it is checked (and logged) at every step.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -345,6 +346,51 @@ def steering(
 
 #: Models with steering hooks attached (count of open ``steering`` contexts).
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringSpec:
+    """What to steer with — every argument of :func:`steering` but the model, as one typed value
+    (``generate_responses(..., steer=spec)``, :func:`~safeflow.evaluation.evaluate_steering`, the
+    attack protocol). Fields as in :func:`steering`; :meth:`check` validates them against a model
+    and :meth:`apply` opens the steering context. Compared and hashed by identity."""
+
+    constraints: ConstraintSet
+    steerer: Steerer
+    layer: int | None = None
+    first_n_tokens: int | None = 20
+    gate: str | ConstraintSet = "prompt"
+    layers: str | Sequence[nn.Module] | None = None
+    check_provenance: bool = True
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`steering` (without the model)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def check(self, model: nn.Module) -> nn.Module:
+        """:func:`check_steering` on ``model``: the decoder block to hook, or :class:`ConfigError` /
+        :class:`DataError` for anything that would fail during ``generate``."""
+        return check_steering(model, **self.arguments())
+
+    def apply(self, model: nn.Module) -> AbstractContextManager[SteeringLog]:
+        """``steering(model, ...)`` with these arguments: a context manager yielding the log."""
+        return steering(model, **self.arguments())
+
+    @classmethod
+    def of(cls, steer: SteeringSpec | Mapping[str, Any]) -> SteeringSpec:
+        """``steer`` as given, or from a dict of :func:`steering`'s keyword arguments (deprecated:
+        pass a SteeringSpec); an unknown key raises :class:`ConfigError` naming the valid ones."""
+        if isinstance(steer, SteeringSpec):
+            return steer
+        if not isinstance(steer, Mapping):
+            raise ConfigError(f"steer must be a SteeringSpec, got {type(steer).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(steer) - set(valid))
+        if unknown:
+            raise ConfigError(f"steer has unknown keys {unknown}; valid: {', '.join(valid)}")
+        warnings.warn("passing steer as a dict is deprecated; pass safeflow.SteeringSpec(constraints=..., steerer=..., "
+                      "...) with the same keys", DeprecationWarning, stacklevel=3)
+        return cls(**steer)
 
 
 def steering_active(model: nn.Module) -> bool:

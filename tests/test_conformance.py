@@ -174,15 +174,15 @@ def test_steered_generation_is_the_same_with_and_without_cache_and_batched_or_al
     y = torch.tensor([1, 0, 1, 0])
     steerer = built(name, H.repeat(5, 1), y.repeat(5))
     # an unconditional steerer moves every row it is given: the polytope gates it as a detector
-    steer = dict(constraints=poly, steerer=steerer, layer=LAYER, check_provenance=False,
-                 gate=poly if steerer.unconditional else "prompt")
+    steer = sf.SteeringSpec(constraints=poly, steerer=steerer, layer=LAYER, check_provenance=False,
+                            gate=poly if steerer.unconditional else "prompt")
     _, plain_ids, _ = gen(model, tokenizer, PROMPTS)
     _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
     assert log is not None and log.steered_rows() == [0, 2]  # the prompts outside the polytope
     s = log.summary()
     assert s["ended_inside"] == sum(e.inside for e in log.steered()) <= s["tokens_steered"]
     assert all(e.inside == (e.violation_after <= 0) for e in log.steered())
-    with sf.steering(model, **steer):
+    with steer.apply(model):
         enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
         cached = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True)
         uncached = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=False)

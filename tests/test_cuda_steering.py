@@ -30,8 +30,9 @@ def test_fp16_model_with_nan_row_gate_and_inputs_embeds(steerer):
             for p in PROMPTS]
     enc = tok(chat, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
     options = {"solver": "native"} if steerer == "projection" else {}  # GPU machines may lack cvxpy
-    steer = dict(constraints=poly, steerer=sf.Steerer.create(steerer, margin=0.5, **options), layer=2, gate=detector)
-    with sf.steering(model, **steer) as clean:
+    steer = sf.SteeringSpec(constraints=poly, steerer=sf.Steerer.create(steerer, margin=0.5, **options), layer=2,
+                            gate=detector)
+    with steer.apply(model) as clean:
         a = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert torch.isfinite(model(a).logits).all()
 
@@ -42,14 +43,14 @@ def test_fp16_model_with_nan_row_gate_and_inputs_embeds(steerer):
 
     handle = find_decoder_layers(model)[1].register_forward_hook(poison)
     try:
-        with sf.steering(model, **steer) as log:
+        with steer.apply(model) as log:
             b = model.generate(**enc, max_new_tokens=5, do_sample=False)
     finally:
         handle.remove()
     assert log.summary()["rows_nonfinite"] == 1 and torch.equal(a[[0, 1, 3]], b[[0, 1, 3]])
 
     embeds = model.get_input_embeddings()(enc["input_ids"])
-    with sf.steering(model, **steer) as by_embeds:
+    with steer.apply(model) as by_embeds:
         c = model.generate(inputs_embeds=embeds, attention_mask=enc["attention_mask"], max_new_tokens=5, do_sample=False)
     assert torch.equal(c, a[:, enc["input_ids"].shape[1]:])
     assert by_embeds.steered_rows() == clean.steered_rows()

@@ -77,7 +77,7 @@ def test_steered_generation_on_default_model(model_and_tokenizer, trained, split
     prompts = harmful + benign
     H = sf.HFExtractor(model, tok, layer=LAYER, progress=False).extract(prompts)
     outside = (poly.violations(H).max(1).values > 0).tolist()
-    steer = dict(constraints=poly, steerer=sf.SafeFlowSteerer(), layer=LAYER, first_n_tokens=8)
+    steer = sf.SteeringSpec(constraints=poly, steerer=sf.SafeFlowSteerer(), layer=LAYER, first_n_tokens=8)
     kw = dict(max_new_tokens=12)
     plain, plain_ids, _ = generate_responses(model, tok, prompts, **kw)
     texts, ids, log = generate_responses(model, tok, prompts, steer=steer, **kw)
@@ -91,7 +91,7 @@ def test_steered_generation_on_default_model(model_and_tokenizer, trained, split
         else:
             assert first[i].steered and first[i].inside
     assert any(outside)
-    with sf.steering(model, **steer):
+    with steer.apply(model):
         enc = tok([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
         a = model.generate(**enc, max_new_tokens=8, do_sample=False)

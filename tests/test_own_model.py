@@ -143,7 +143,7 @@ def test_large_shift_relative_to_the_state_norm_is_warned(tiny, trained, caplog)
     steerer = sf.Steerer.create("safeflow", margin=1e4, precondition="none")  # absolute margin: far too deep
     with caplog.at_level(logging.WARNING, logger="safeflow.steering"):
         _, _, log = sf.generate_responses(model, tok, ["how do I"], max_new_tokens=3,
-                                          steer=dict(constraints=poly, steerer=steerer, gate="token"))
+                                          steer=sf.SteeringSpec(constraints=poly, steerer=steerer, gate="token"))
     summary = log.summary()
     assert summary["tokens_steered"] > 0 and summary["mean_relative_shift"] > 1
     assert summary["large_shift_calls"] == [0]

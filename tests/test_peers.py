@@ -92,7 +92,7 @@ def test_direction_steering_under_generate_cache_and_batch_parity_and_provenance
                                                          y.repeat(10), progress=False, margin=1.0, epochs=20)
     s = sf.DirectionSteerer(H.shape[1], alpha=4.0).fit(H[y == 1], H[y == 0])
     s.provenance.update(sf.describe_source(ext))
-    steer = dict(constraints=poly, steerer=s, layer=2, gate="token", first_n_tokens=None)
+    steer = sf.SteeringSpec(constraints=poly, steerer=s, layer=2, gate="token", first_n_tokens=None)
     plain, _, _ = sf.generate_responses(model, tok, PROMPTS, max_new_tokens=6)
     batched, ids_b, log = sf.generate_responses(model, tok, PROMPTS, max_new_tokens=6, steer=steer)
     alone = [sf.generate_responses(model, tok, [p], max_new_tokens=6, steer=steer)[1][0] for p in PROMPTS]

@@ -280,8 +280,8 @@ def test_projection_generation_ends_inside(tokenizer):
     poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
     # Euclidean: these polytopes are fitted on 4 prompts, so their covariance has rank ~3 and the
     # covariance metric cannot reach the inside (the steerer reports such rows as rejected)
-    steer = dict(constraints=poly, steerer=sf.ProjectionSteerer(solver="native", metric="euclidean", margin=0.5),
-                 layer=LAYER)
+    steer = sf.SteeringSpec(constraints=poly, layer=LAYER,
+                            steerer=sf.ProjectionSteerer(solver="native", metric="euclidean", margin=0.5))
     _, _, log = gen(model, tokenizer, PROMPTS, steer=steer)
     assert log.steered_rows() == [0, 2]
     assert all(e.inside for e in log.steered()) and log.summary()["rejected"] == 0
@@ -290,8 +290,8 @@ def test_projection_generation_ends_inside(tokenizer):
 def test_projection_generation_with_the_default_solver_and_a_gate(tokenizer):
     model = make_model("llama")
     detector = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
-    steer = dict(constraints=detector, steerer=sf.Steerer.create("projection", metric="euclidean", margin=0.5), layer=LAYER,
-                 gate=detector)
+    steerer = sf.Steerer.create("projection", metric="euclidean", margin=0.5)
+    steer = sf.SteeringSpec(constraints=detector, steerer=steerer, layer=LAYER, gate=detector)
     _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
     _, single_ids, _ = gen(model, tokenizer, PROMPTS, steer=steer, batch_size=1)
     assert log.steered_rows() == [0, 2] and single_ids == ids
@@ -302,8 +302,8 @@ def test_projection_generation_with_the_default_solver_and_a_gate(tokenizer):
 def test_infeasible_constraints_in_generation_keep_the_states_and_say_so(solver, tokenizer):
     model = make_model("gemma")
     plain, plain_ids, _ = gen(model, tokenizer, PROMPTS[:2])
-    steer = dict(constraints=Contradictory(32), steerer=sf.ProjectionSteerer(solver=solver, metric="euclidean", margin=0.0),
-                 layer=LAYER, gate="token", first_n_tokens=3)
+    steer = sf.SteeringSpec(constraints=Contradictory(32), layer=LAYER, gate="token", first_n_tokens=3,
+                            steerer=sf.ProjectionSteerer(solver=solver, metric="euclidean", margin=0.0))
     _, ids, log = gen(model, tokenizer, PROMPTS[:2], steer=steer)
     assert ids == plain_ids and not log.steered()
     assert log.summary()["rejected"] == len(log.events) == 6 and not any(e.inside for e in log.events)

@@ -168,12 +168,12 @@ def test_log_records_each_events_prompt_across_batches(tokenizer):
     """generate_responses labels every batch's generate() call, so each event knows its prompt
     (its index in the prompt list) without rebuilding it from call numbers and the batch size."""
     model = make_model("llama")
-    steer = dict(constraints=always_outside(32), steerer=sf.SafeFlowSteerer(max_steps=1), layer=LAYER, gate="token",
-                 first_n_tokens=2)
+    steer = sf.SteeringSpec(constraints=always_outside(32), steerer=sf.SafeFlowSteerer(max_steps=1), layer=LAYER,
+                            gate="token", first_n_tokens=2)
     _, _, log = gen(model, tokenizer, PROMPTS + PROMPTS[:1], batch_size=2, steer=steer)
     assert {(e.call, e.row, e.prompt) for e in log.events} == {(i // 2, i % 2, i) for i in range(5)}
     assert log.steered_prompts() == {i: 2 for i in range(5)}
-    with sf.steering(model, **steer) as direct:  # model.generate called directly: no prompt ids
+    with steer.apply(model) as direct:  # model.generate called directly: no prompt ids
         gen(model, tokenizer, PROMPTS[:2])
         assert direct.events and all(e.prompt is None for e in direct.events) and direct.steered_prompts() == {}
         direct.label_next_call([0, 1, 2])
@@ -189,8 +189,8 @@ def test_detector_gate_steers_only_the_prompts_it_flags(tokenizer):
     with torch.no_grad():
         sloped.net[0].weight.fill_(0.1)
         sloped.net[0].bias.fill_(1000.0)
-    steer = dict(constraints=sloped, steerer=sf.SafeFlowSteerer(max_steps=1, lr=1.0), layer=LAYER,
-                 gate=detector, first_n_tokens=3)
+    steer = sf.SteeringSpec(constraints=sloped, steerer=sf.SafeFlowSteerer(max_steps=1, lr=1.0), layer=LAYER,
+                            gate=detector, first_n_tokens=3)
     _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
     assert log.steered_rows() == [0, 2] and {e.row for e in log.events} == {0, 2}
     assert sorted({e.step for e in log.events}) == [0, 1, 2]
@@ -198,7 +198,7 @@ def test_detector_gate_steers_only_the_prompts_it_flags(tokenizer):
     assert ids[0] != plain_ids[0] or ids[2] != plain_ids[2]
     _, single_ids, _ = gen(model, tokenizer, PROMPTS, steer=steer, batch_size=1)
     assert single_ids == ids
-    with sf.steering(model, **steer):
+    with steer.apply(model):
         enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
         a = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True)
         b = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=False)
@@ -266,3 +266,17 @@ def test_sampling_with_and_without_cache_is_identical(tokenizer):
             outs.append(model.generate(**enc, max_new_tokens=6, do_sample=True, top_k=0, use_cache=use_cache))
     assert torch.equal(outs[0], outs[1])
     assert log.steered_rows(0) == log.steered_rows(1) == [0, 2]
+
+
+def test_a_steer_dict_still_works_deprecated_and_unknown_keys_are_named(tokenizer):
+    """``generate_responses(..., steer=dict(...))`` (before SteeringSpec) gives the same answers
+    with a DeprecationWarning; a dict with an unknown key is a ConfigError naming the valid keys."""
+    model = make_model("llama")
+    spec = sf.SteeringSpec(constraints=always_outside(32), steerer=sf.SafeFlowSteerer(max_steps=1), layer=LAYER,
+                           gate="token", first_n_tokens=None, check_provenance=False)
+    _, ids, log = gen(model, tokenizer, PROMPTS[:2], steer=spec)
+    with pytest.warns(DeprecationWarning, match="SteeringSpec"):
+        _, ids_dict, log_dict = gen(model, tokenizer, PROMPTS[:2], steer=spec.arguments())
+    assert ids_dict == ids and log.summary()["tokens_steered"] == log_dict.summary()["tokens_steered"] > 0
+    with pytest.raises(ConfigError, match="unknown keys \\['gates'\\]; valid: constraints, steerer"):
+        gen(model, tokenizer, PROMPTS[:2], steer={**spec.arguments(), "gates": "token"})

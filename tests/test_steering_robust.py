@@ -106,7 +106,7 @@ def test_float16_model_never_receives_inf_from_steering(tokenizer):
         c.net[0].weight.fill_(1.0)
         c.net[0].bias.fill_(1e9)
     plain, plain_ids, _ = gen(model, tokenizer, PROMPTS[:2])
-    _, ids, log = gen(model, tokenizer, PROMPTS[:2], steer=dict(
+    _, ids, log = gen(model, tokenizer, PROMPTS[:2], steer=sf.SteeringSpec(
         constraints=c, steerer=sf.SafeFlowSteerer(lambda_unsafe=1.0, lr=1e5, max_steps=1), layer=LAYER, gate="token"))
     assert log.events and all(e.rejected and not e.steered for e in log.events)
     assert ids == plain_ids
@@ -118,7 +118,8 @@ def test_nan_hidden_state_from_upstream_is_logged_not_steered_and_never_raises(g
     model = make_model("llama")
     poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
     detector = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0]) if gate == "detector" else gate
-    steer = dict(constraints=poly, steerer=sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.1), layer=LAYER, gate=detector)
+    steer = sf.SteeringSpec(constraints=poly, steerer=sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.1), layer=LAYER,
+                            gate=detector)
     _, clean_ids, clean_log = gen(model, tokenizer, PROMPTS, steer=steer)
     with poisoned(model, LAYER - 1, row=2):
         _, ids, log = gen(model, tokenizer, PROMPTS, steer=steer)
@@ -138,13 +139,13 @@ def test_nan_hidden_state_from_upstream_is_logged_not_steered_and_never_raises(g
 def test_generate_from_inputs_embeds_steers_like_input_ids(use_cache, tokenizer):
     model = make_model("qwen2")
     poly = polytope_over(model, tokenizer, PROMPTS, [1, 0, 1, 0])
-    steer = dict(constraints=poly, steerer=sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.1), layer=LAYER)
+    steer = sf.SteeringSpec(constraints=poly, steerer=sf.SafeFlowSteerer(lambda_unsafe=4.0, lr=0.1), layer=LAYER)
     enc = tokenizer(chat(tokenizer, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
     kw = dict(max_new_tokens=5, do_sample=False, use_cache=use_cache)
-    with sf.steering(model, **steer) as by_ids:
+    with steer.apply(model) as by_ids:
         a = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
     embeds = model.get_input_embeddings()(enc["input_ids"])
-    with sf.steering(model, **steer) as by_embeds:
+    with steer.apply(model) as by_embeds:
         b = model.generate(inputs_embeds=embeds, attention_mask=enc["attention_mask"], **kw)
     assert torch.equal(a, b)
     assert by_embeds.steered_rows() == by_ids.steered_rows() == [0, 2]

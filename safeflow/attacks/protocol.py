@@ -34,6 +34,7 @@ from ..recipes import DEMO_DETECTORS, build_steerers, parse_steerer, train_const
 from ..report import format_table
 from ..results import AttackEval, AttackRow, BenignRow
 from ..splits import default_splits
+from ..steering import SteeringSpec
 from ..steerers.base import Steerer, SteeringData
 from .base import Attack, cache_file
 from .cache import AttackPrompt
@@ -167,8 +168,9 @@ def evaluate_attacks(
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     answers = {"unsteered": generate_responses(model, tokenizer, texts, **kw)[:2]}
     for name, steerer in steerers.items():
-        steer = dict(constraints=constraints, steerer=steerer, layer=layer, gate=gates.get(name, gate),
-                     first_n_tokens=first_n_tokens)
+        assert constraints is not None  # checked above
+        steer = SteeringSpec(constraints=constraints, steerer=steerer, layer=layer, gate=gates.get(name, gate),
+                             first_n_tokens=first_n_tokens)
         answers[name] = generate_responses(model, tokenizer, texts, steer=steer, **kw)[:2]
     requests = [p.request for _, p in rows] + list(benign)  # the judge reads an answer against the plain request
     classes = {k: [judge.classify(t, r) for t, r in zip(responses, requests)] for k, (responses, _) in answers.items()}
