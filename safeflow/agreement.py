@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .assets import fetch_package
 from .errors import CorruptFileError, DataError
 from .judge import HARMFUL_HELP, RESPONSE_CLASSES, SAFE_REFUSALS, RefusalJudge
 
@@ -114,8 +115,6 @@ def load_pyrit_labels(sets: Sequence[str] = ("refusal", "objective"), root: str 
     ``root`` is the extracted package (default: the pinned ``pyrit`` asset, fetched on first use).
     """
     if root is None:
-        from .assets import fetch_package
-
         root = fetch_package("pyrit", progress=False)
     rows = []
     for name in sets:
