@@ -260,6 +260,23 @@ def test_cpu_safeflow_loop_bound_skips_features_without_changing_the_result(monk
         assert rel(wrong, x_ref) > 1e-3
 
 
+@pytest.mark.skipif("cpu" not in COMPILED, reason="the C++ kernel is not built here")
+def test_cpu_safeflow_steering_under_inference_mode(tmp_path):
+    """vLLM steers under ``torch.inference_mode``, where a loaded set's tensors have no version
+    counter: the loop's cached aids (preconditioner, basis, W Uᵀ) must not need one."""
+    poly, H, y = trained_polytope("cpu", F=512, K=4, d=64)
+    poly.save(tmp_path / "set")
+    h = H[y == 1][:4]
+    steerer = sf.SafeFlowSteerer(backend="cpu", precondition="covariance", lr=0.0005, max_steps=60, margin=1.0)
+    expected = steerer.steer(h, sf.ConstraintSet.load(tmp_path / "set"))
+    with torch.inference_mode():
+        loaded = sf.ConstraintSet.load(tmp_path / "set")
+        assert loaded.input_covariance.is_inference()
+        for _ in range(2):  # the second call reads the cached aids
+            got = steerer.steer(h.clone(), loaded)
+            assert torch.equal(got.iterations, expected.iterations) and rel(got.hidden, expected.hidden) < 1e-5
+
+
 def test_steered_generation_cpu_equals_torch():
     if "cpu" not in COMPILED:
         pytest.skip("the C++ kernel is not built here")

@@ -40,14 +40,16 @@ def derived(t: torch.Tensor | tuple[torch.Tensor, ...], kind: str, make: Any, *,
 
     Cached only when every tensor is a parameter, or with ``always``: a parameter's in-place updates
     bump its version, while other tensors may be changed through ``.data`` unseen (as gradcheck
-    does). ``always`` is for tensors that only change through in-place operations (a buffer
+    does), and inference tensors (made under ``torch.inference_mode``, as in vLLM) have no version
+    at all. ``always`` is for tensors that only change through in-place operations (a buffer
     updated by ``copy_``), or where a stale result stays correct. An entry goes once its tensors are freed.
     """
     ts = t if isinstance(t, tuple) else (t,)
-    if not always and not all(isinstance(u, nn.Parameter) for u in ts):
+    inference = any(u.is_inference() for u in ts)  # no version counter: cached only with ``always``
+    if not always and (inference or not all(isinstance(u, nn.Parameter) for u in ts)):
         return make(t)
-    key = (tuple(id(u) for u in ts), kind, tuple((u.data_ptr(), u._version, u.dtype, u.device, tuple(u.shape))
-                                                 for u in ts))
+    key = (tuple(id(u) for u in ts), kind, tuple((u.data_ptr(), None if u.is_inference() else u._version, u.dtype,
+                                                  u.device, tuple(u.shape)) for u in ts))
     hit = _cache.get(key)
     if hit is not None and all(ref() is u for ref, u in zip(hit[0], ts)):
         return hit[1]
