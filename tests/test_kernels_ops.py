@@ -192,7 +192,7 @@ def test_projection_steer(dtype):
         rows = rows[poly.violations(rows).amax(1) > 0][:6]
     assert len(rows) == 6
     W, b, Phi, xi = poly.kernel_operands()
-    args = (rows, W.detach(), b.detach(), Phi.detach(), xi.detach(), None, 0.3, 4, 2)
+    args = (rows, W.detach(), b.detach(), Phi.detach(), xi.detach(), None, None, 0.3, 4, 2)
     torch.library.opcheck(ops.projection_steer, args)
     out, rounds, status = ops.projection_steer(*args)
     eager = sf.ProjectionSteerer(solver="native", metric="euclidean", margin=0.3, max_rounds=4, ramp_rounds=2,
@@ -271,7 +271,15 @@ def test_operators_refuse_buffers_that_do_not_fit():
     with pytest.raises(sf.DataError, match=r"h0 has shape \(2, 5\)"):
         ops.project(torch.zeros(2, 5, dtype=torch.float64), A, torch.zeros(2, 3), torch.zeros(2, 3), None)
     with pytest.raises(sf.DataError, match=r"M has shape \(8, 8\)"):
-        ops.projection_steer(H, W, b, Phi, xi, torch.eye(8, dtype=torch.float64), 0.1, 2, 1)
+        ops.projection_steer(H, W, b, Phi, xi, torch.eye(8, dtype=torch.float64), None, 0.1, 2, 1)
+    M = torch.eye(H.shape[1], dtype=torch.float64)
+    with pytest.raises(sf.DataError, match=r"WM has shape \(3, 4\)"):
+        ops.projection_steer(H, W, b, Phi, xi, M, W[:3, :4], 0.1, 2, 1)
+    other = torch.float32 if H.dtype == torch.float64 else torch.float64
+    with pytest.raises(sf.DataError, match=f"WM is {other}"):
+        ops.projection_steer(H, W, b, Phi, xi, M, W.to(other), 0.1, 2, 1)
+    with pytest.raises(sf.ConfigError, match="without the metric M"):
+        ops.projection_steer(H, W, b, Phi, xi, None, W, 0.1, 2, 1)
     # a strided bitmask and features are made contiguous, not read as if they were
     wide = torch.stack([mask, mask], 2)[:, :, 0]
     assert not wide.is_contiguous()

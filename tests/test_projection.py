@@ -421,6 +421,27 @@ def test_compiled_steer_makes_the_eager_steers_decisions(metric, case):
 
 
 @COMPILED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_steer_with_the_rows_of_W_M_equals_multiplying_by_M(dtype):
+    """With the cached rows of W M each round forms A M = Φ D (W M) over the active features; without
+    them it multiplies A by M: the same decisions, the states equal up to the dtype's rounding."""
+    H, y, poly = fitted_polytope()
+    poly, rows = poly.to(dtype), H[:40].to(dtype)
+    steerer = sf.ProjectionSteerer(solver="native", metric="covariance", margin=0.5)
+    W, b, Phi, xi = (t.detach() for t in poly.kernel_operands())
+    M, m = steerer.metric_matrix(poly), steerer.target(poly)
+    rows = rows[poly.violations(rows).amax(1) > 0]
+    kw = dict(M=M, margin=m, max_rounds=steerer.max_rounds, ramp_rounds=steerer.ramp_rounds, backend="cpu")
+    by_rows = sf.kernels.projection_steer(rows, W, b, Phi, xi, WM=sf.kernels.metric_rows(W, M, dtype), **kw)
+    by_matrix = sf.kernels.projection_steer(rows, W, b, Phi, xi, **kw)
+    assert len(rows) >= 10 and torch.isfinite(by_rows[0]).all()
+    assert torch.equal(by_rows[1], by_matrix[1]) and torch.equal(by_rows[2], by_matrix[2])  # rounds, status
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(by_rows[0], by_matrix[0], rtol=tol, atol=tol)
+    assert not torch.equal(sf.kernels.metric_rows(W, M, dtype), W)  # a real metric, not the identity
+
+
+@COMPILED
 def test_compiled_steer_in_float64_and_its_failures():
     H, y, poly = fitted_polytope()
     poly = poly.double()

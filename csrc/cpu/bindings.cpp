@@ -171,19 +171,21 @@ PYBIND11_MODULE(_cpu, m) {
     m.def(
         "projection_steer",
         [](int dtype, int wdtype, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t M,
-           uintptr_t wnorm, uintptr_t out, uintptr_t rounds, uintptr_t status, int64_t n, int64_t d, int64_t F,
-           int64_t K, double margin, int64_t max_rounds, int64_t ramp_rounds, int64_t bisections, uintptr_t /*ws*/,
-           int threads) {
+           uintptr_t WM, uintptr_t wnorm, uintptr_t out, uintptr_t rounds, uintptr_t status, int64_t n,
+           int64_t d, int64_t F, int64_t K, double margin, int64_t max_rounds, int64_t ramp_rounds,
+           int64_t bisections, uintptr_t /*ws*/, int threads) {
             py::gil_scoped_release release;
             const SteerConfig cfg{margin, max_rounds, ramp_rounds, bisections};
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
                 using WT = decltype(wt);
                 projection_steer<T, WT>(ptr<const T>(h), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
-                                        ptr<const T>(xi), ptr<const double>(M), ptr<const double>(wnorm), ptr<T>(out),
-                                        ptr<int64_t>(rounds), ptr<int64_t>(status), n, d, F, K, cfg, threads);
+                                        ptr<const T>(xi), ptr<const double>(M), ptr<const T>(WM),
+                                        ptr<const double>(wnorm), ptr<T>(out), ptr<int64_t>(rounds),
+                                        ptr<int64_t>(status), n, d, F, K, cfg, threads);
             });
         },
         "the projection steerer (native solver): rows [n, d] (NaN where the first round failed), rounds [n] and "
-        "the status of each row's last projection [n] (M may be 0: Euclidean)");
+        "the status of each row's last projection [n] (M may be 0: Euclidean; WM, the rows of W M in the states' "
+        "dtype, may be 0)");
 }

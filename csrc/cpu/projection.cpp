@@ -311,14 +311,10 @@ struct ProjectWork {
     ProjectWork(int64_t K, int64_t d) : MA(K * d), Q0(K * K), qp(K) {}
 };
 
-// project() for one row (see projection_cpu.h); returns its status.
-int64_t project_row(const double* h, const double* A, const double* c, const double* mg, const double* M,
-                    double* hout, double* lam, ProjectWork& ws, int64_t d, int64_t K) {
-    const double* MA = A;
-    if (M) {  // rows of A M (M symmetric: the rows of (M Aᵀ)ᵀ)
-        times_matrix(A, M, ws.MA.data(), K, d);
-        MA = ws.MA.data();
-    }
+// project() for one row with the rows MA [K, d] of A M given (MA = A for the identity metric);
+// returns its status.
+int64_t project_rows_of(const double* h, const double* A, const double* MA, const double* c, const double* mg,
+                        double* hout, double* lam, ProjectWork& ws, int64_t d, int64_t K) {
     Qp& qp = ws.qp;
     double diag = 0;
     for (int64_t i = 0; i < K; ++i) {
@@ -364,6 +360,14 @@ int64_t project_row(const double* h, const double* A, const double* c, const dou
         if (lam[k] != 0)
             for (int64_t t = 0; t < d; ++t) hout[t] -= lam[k] * MA[k * d + t];
     return status;
+}
+
+// project() for one row (see projection_cpu.h); returns its status.
+int64_t project_row(const double* h, const double* A, const double* c, const double* mg, const double* M,
+                    double* hout, double* lam, ProjectWork& ws, int64_t d, int64_t K) {
+    if (!M) return project_rows_of(h, A, A, c, mg, hout, lam, ws, d, K);
+    times_matrix(A, M, ws.MA.data(), K, d);  // rows of A M (M symmetric: the rows of (M Aᵀ)ᵀ)
+    return project_rows_of(h, A, ws.MA.data(), c, mg, hout, lam, ws, d, K);
 }
 
 // The true violations of one point y over the candidate features (every other feature is
@@ -416,8 +420,8 @@ void project(const double* h0, const double* A, const double* c, const double* m
 
 template <typename T, typename WT>
 void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const double* M,
-                      const double* wnorm, T* out, int64_t* rounds, int64_t* status, int64_t n, int64_t d, int64_t F,
-                      int64_t K, SteerConfig cfg, int threads) {
+                      const T* WM, const double* wnorm, T* out, int64_t* rounds, int64_t* status, int64_t n,
+                      int64_t d, int64_t F, int64_t K, SteerConfig cfg, int threads) {
     const double m = cfg.margin;
     const int64_t nw = mask_words(F), ramp = std::min(cfg.ramp_rounds, cfg.max_rounds);
     // |fl(W_j·y) − W_j·y| and the rounding of y = base + t·step, with room to spare
@@ -426,7 +430,8 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
         ProjectWork ws(K, d);
         Judge<T, WT> judge{W, b, PhiT, xi, d, K, {}};
         std::vector<T> ph(F), pb(F), ps(F), x(d), base(d), step(d), y(d), A(K * d), c(K), V(K), V1(K), Vhi(K);
-        std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K), g(d), G(d), GM(d);
+        std::vector<T> MAt(WM ? K * d : 0), cM(K);
+        std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K), g(d), G(d), mv(d), GM(d);
         std::vector<uint64_t> words(nw);
         std::vector<int64_t> all, cand, act, act1, acthi, actx;
         for (int64_t i = r0; i < r1; ++i) {
@@ -469,17 +474,32 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
                 }
                 for (int64_t t = 0; t < K * d; ++t) Ad[t] = A[t];
                 for (int64_t t = 0; t < d; ++t) based[t] = base[t];
-                const int64_t st = project_row(based.data(), Ad.data(), cd.data(), mg.data(), M, hd.data(), lam.data(),
-                                               ws, d, K);
+                // the rows of A M: Φ D (W M) over the active features from the rows of W M (WM), else A times M
+                const double* MA = Ad.data();
+                if (M && WM) {
+                    jacobian<T, T>(WM, b, PhiT, xi, words.data(), MAt.data(), cM.data(), 1, d, F, K, 1);
+                    for (int64_t t = 0; t < K * d; ++t) ws.MA[t] = MAt[t];
+                    MA = ws.MA.data();
+                } else if (M) {
+                    times_matrix(Ad.data(), M, ws.MA.data(), K, d);
+                    MA = ws.MA.data();
+                }
+                const int64_t st = project_rows_of(based.data(), Ad.data(), MA, cd.data(), mg.data(), hd.data(),
+                                                   lam.data(), ws, d, K);
                 if (st != kOk) {
                     status[i] = st;
                     failed = used == 0;
                     break;
                 }
                 for (int64_t t = 0; t < d; ++t) step[t] = static_cast<T>(hd[t]) - base[t];
+                // g = Aᵀλ and M g = (A M)ᵀλ: the step from base is −t·M g
                 std::fill(g.begin(), g.end(), 0.0);
+                std::fill(mv.begin(), mv.end(), 0.0);
                 for (int64_t k = 0; k < K; ++k)
-                    for (int64_t t = 0; t < d; ++t) g[t] += Ad[k * d + t] * lam[k];
+                    for (int64_t t = 0; t < d; ++t) {
+                        g[t] += Ad[k * d + t] * lam[k];
+                        mv[t] += MA[k * d + t] * lam[k];
+                    }
                 ++used;
                 // the linear model changes on the way: the nearest point at this depth on the segment
                 const T level = T(-depth) - slack / T(2);
@@ -529,20 +549,12 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
                 const T t = shrt ? T(1) : hi;
                 const T* Vnew = moved ? Vhi.data() : V1.data();
                 point(t);
-                for (int64_t u = 0; u < d; ++u) G[u] = (restore ? G[u] : 0.0) + static_cast<double>(t) * g[u];
-                double dist2 = 0;
-                if (M) {
-                    std::fill(GM.begin(), GM.end(), 0.0);
-                    for (int64_t s = 0; s < d; ++s) {
-                        const double gs = G[s];
-                        const double* Ms = M + s * d;
-                        for (int64_t u = 0; u < d; ++u) GM[u] += gs * Ms[u];
-                    }
-                    dist2 = dotd(G.data(), GM.data(), d);
-                } else {
-                    dist2 = dotd(G.data(), G.data(), d);
+                // x − h = −M G with G = Σ t_r g_r since the last reset: ‖x − h‖² in M⁻¹ is Gᵀ (M G)
+                for (int64_t u = 0; u < d; ++u) {
+                    G[u] = (restore ? G[u] : 0.0) + static_cast<double>(t) * g[u];
+                    GM[u] = (restore ? GM[u] : 0.0) + static_cast<double>(t) * mv[u];
                 }
-                const double dist = std::sqrt(dist2);
+                const double dist = std::sqrt(dotd(G.data(), GM.data(), d));
                 const bool reached = nanmax(Vnew, K) <= T(-m);
                 const bool better = reached && dist < best * (1 - 1e-3);
                 if (better || std::isinf(best)) std::copy(y.begin(), y.end(), o);
@@ -559,13 +571,14 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
 }
 
 template void projection_steer<float, float>(const float*, const float*, const float*, const float*, const float*,
-                                             const double*, const double*, float*, int64_t*, int64_t*, int64_t,
-                                             int64_t, int64_t, int64_t, SteerConfig, int);
+                                             const double*, const float*, const double*, float*, int64_t*, int64_t*,
+                                             int64_t, int64_t, int64_t, int64_t, SteerConfig, int);
 template void projection_steer<double, double>(const double*, const double*, const double*, const double*,
-                                               const double*, const double*, const double*, double*, int64_t*,
-                                               int64_t*, int64_t, int64_t, int64_t, int64_t, SteerConfig, int);
+                                               const double*, const double*, const double*, const double*, double*,
+                                               int64_t*, int64_t*, int64_t, int64_t, int64_t, int64_t, SteerConfig,
+                                               int);
 template void projection_steer<float, bf16>(const float*, const bf16*, const float*, const float*, const float*,
-                                            const double*, const double*, float*, int64_t*, int64_t*, int64_t, int64_t,
-                                            int64_t, int64_t, SteerConfig, int);
+                                            const double*, const float*, const double*, float*, int64_t*, int64_t*,
+                                            int64_t, int64_t, int64_t, int64_t, SteerConfig, int);
 
 }  // namespace safeflow

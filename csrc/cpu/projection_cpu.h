@@ -1,7 +1,9 @@
 // The projection steerer on the CPU in one call (see safeflow/steerers/projection.py for the math).
 //
 // Shapes: h [n, d] states outside the polytope, W [F, d], b [F], PhiT [F, K], xi [K] as in
-// polytope_cpu.h; M [d, d] the float64 metric (null: identity); wnorm [F] the float64 row norms ‖W_j‖₂.
+// polytope_cpu.h; M [d, d] the float64 metric (null: identity); WM [F, d] the rows of W M in the
+// states' dtype T, or null (with them, the rows of A M = Φ D (W M) cost K·|active|·d per round
+// instead of K·d·d); wnorm [F] the float64 row norms ‖W_j‖₂.
 //
 // project():  for B problems, the dual of  min ½ (h − h₀)ᵀ M⁻¹ (h − h₀)  s.t.  A h <= c − m,
 //     λ* = argmin_{λ >= 0} ½ λᵀ (A M Aᵀ + εI) λ − λᵀ (A h₀ − c + m),   h* = h₀ − M Aᵀ λ*,
@@ -34,7 +36,7 @@ struct SteerConfig {
 // rounds [n] projections used, status [n] the status of the row's last projection.
 template <typename T, typename WT>
 void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const double* M,
-                      const double* wnorm, T* out, int64_t* rounds, int64_t* status, int64_t n, int64_t d, int64_t F,
-                      int64_t K, SteerConfig cfg, int threads);
+                      const T* WM, const double* wnorm, T* out, int64_t* rounds, int64_t* status, int64_t n,
+                      int64_t d, int64_t F, int64_t K, SteerConfig cfg, int threads);
 
 }  // namespace safeflow

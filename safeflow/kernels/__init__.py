@@ -160,23 +160,34 @@ def project(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, margin: torch.Te
         return ops.project(h0, A, c, margin, M)
 
 
+def metric_rows(W: torch.Tensor, M: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows of W M [F, d] in ``dtype`` (products in float64; M [d, d] symmetric), for
+    :func:`projection_steer`. Cached while W and M are the same tensors at the same versions; a
+    change made through ``.data`` goes unseen, so pass tensors that change in place or not at all."""
+    return derived((W, M), f"W times metric {dtype}",
+                   lambda wm: (wm[0].detach().double() @ wm[1].detach().double()).to(dtype), always=True)
+
+
 def projection_steer(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor, *,
                      M: torch.Tensor | None, margin: float, max_rounds: int, ramp_rounds: int,
+                     WM: torch.Tensor | None = None,
                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The projection steerer's rounds (native solver) in one compiled call (see
     :mod:`safeflow.steerers.projection`): from rows h [n, d] outside the polytope, the steered rows
     [n, d] (NaN where the first round failed), the rounds used [n] and the status of each row's
     last projection [n]. M [d, d] (float64) is the metric, None for the identity; ``margin`` the
-    target depth m in violation units. CPU only; the eager rounds are
-    ``ProjectionSteerer(solver="native", backend="torch")``.
+    target depth m in violation units. ``WM`` [F, d], optional with a metric: the rows of W M in
+    h's dtype (:func:`metric_rows`, cached), so that each round forms A M = Φ D (W M) over the
+    active features only instead of multiplying A [K, d] by M [d, d]. CPU only; the eager rounds
+    are ``ProjectionSteerer(solver="native", backend="torch")``.
     """
     name = resolve(backend, h.device)
     if name != "cpu":
         raise ConfigError(f"the compiled projection steer runs on the 'cpu' kernel backend, not {name!r}; the eager "
                           "rounds are ProjectionSteerer(solver='native', backend='torch')")
     with torch.no_grad():
-        return ops.projection_steer(h, W, b, Phi, xi, M, float(margin), max_rounds, ramp_rounds)
+        return ops.projection_steer(h, W, b, Phi, xi, M, WM, float(margin), max_rounds, ramp_rounds)
 
 
-__all__ = ["Weights", "available", "check_name", "clear_cache", "derived", "local_affine", "reference", "resolve",
-           "safeflow_loop", "violations", "violations_vjp"]
+__all__ = ["Weights", "available", "check_name", "clear_cache", "derived", "local_affine", "metric_rows", "project",
+           "projection_steer", "reference", "resolve", "safeflow_loop", "violations", "violations_vjp"]

@@ -292,16 +292,27 @@ class Compiled:
         return h, lam, status
 
     def projection_steer(self, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor,
-                         xi: torch.Tensor, M: torch.Tensor | None, *, margin: float, max_rounds: int,
-                         ramp_rounds: int, bisections: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         xi: torch.Tensor, M: torch.Tensor | None, WM: torch.Tensor | None = None, *, margin: float,
+                         max_rounds: int, ramp_rounds: int,
+                         bisections: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The projection steerer's rounds from rows h [n, d]: new rows [n, d] (NaN where the first round
-        failed), rounds [n] long and the status of each row's last projection [n] long."""
+        failed), rounds [n] long and the status of each row's last projection [n] long. ``WM`` [F, d]:
+        the rows of W M in h's dtype, or None (then each round multiplies A by M)."""
         self._cpu_only("projection_steer")
         d = checks.kernel_operands(h, W, b, Phi, xi, states="h")[1]
         if M is not None:
             checks.check_shape("M", checks.check_float("M", checks.check_tensor("M", M)), (d, d), "[d, d]",
                                "the metric is a square matrix over the hidden dimensions")
             checks.check_device("M", M, h.device, "h")
+        if WM is not None:
+            if M is None:
+                raise ConfigError("WM (the rows of W M) is given without the metric M; pass both or neither")
+            checks.check_shape("WM", checks.check_tensor("WM", WM), tuple(W.shape), "[F, d]",
+                               "pass the rows of W M (metric_rows(W, M))")
+            checks.check_device("WM", WM, h.device, "h")
+            if WM.dtype != h.dtype:
+                raise DataError(f"WM is {WM.dtype} but the states are {h.dtype}; pass WM.to({h.dtype})")
+            WM = WM.contiguous()
         codes = self._check(h, W, b, Phi, xi)
         h, W, b, xi = h.contiguous(), W.contiguous(), b.contiguous(), xi.contiguous()
         M = M.to(torch.float64).contiguous() if M is not None else None
@@ -313,7 +324,7 @@ class Compiled:
         status = torch.empty(n, dtype=torch.int64)
         self._call("projection_steer", h.device, (n, d, F, K), h.dtype, n * F * d * max_rounds, *codes, h.data_ptr(),
                    W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), M.data_ptr() if M is not None else 0,
-                   wnorm.data_ptr(), out.data_ptr(), rounds.data_ptr(), status.data_ptr(), n, d, F, K, float(margin),
+                   WM.data_ptr() if WM is not None else 0, wnorm.data_ptr(), out.data_ptr(), rounds.data_ptr(), status.data_ptr(), n, d, F, K, float(margin),
                    int(max_rounds), int(ramp_rounds), int(bisections))
         return out, rounds, status
 

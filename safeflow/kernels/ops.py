@@ -197,18 +197,18 @@ def _(h0: torch.Tensor, A: torch.Tensor, c: torch.Tensor, margin: torch.Tensor,
 
 @torch.library.custom_op("safeflow::projection_steer", mutates_args=(), device_types="cpu")
 def projection_steer(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor,
-                     M: torch.Tensor | None, margin: float, max_rounds: int, ramp_rounds: int,
+                     M: torch.Tensor | None, WM: torch.Tensor | None, margin: float, max_rounds: int, ramp_rounds: int,
                      bisections: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The projection steerer's rounds (:func:`safeflow.kernels.projection_steer`): new rows [n, d],
     rounds [n] and the status of each row's last projection [n] (int64); each round's step is shortened
-    by ``bisections`` halvings (to 2^-bisections)."""
-    return IMPLS["cpu"].projection_steer(h, W, b, Phi, xi, M, margin=margin, max_rounds=max_rounds,
+    by ``bisections`` halvings (to 2^-bisections). ``WM``: the rows of W M [F, d] or None."""
+    return IMPLS["cpu"].projection_steer(h, W, b, Phi, xi, M, WM, margin=margin, max_rounds=max_rounds,
                                          ramp_rounds=ramp_rounds, bisections=bisections)
 
 
 @projection_steer.register_fake
 def _(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, Phi: torch.Tensor, xi: torch.Tensor, M: torch.Tensor | None,
-      margin: float, max_rounds: int, ramp_rounds: int,
+      WM: torch.Tensor | None, margin: float, max_rounds: int, ramp_rounds: int,
       bisections: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = h.shape[0]
     return h.new_empty(h.shape), h.new_empty(n, dtype=torch.int64), h.new_empty(n, dtype=torch.int64)

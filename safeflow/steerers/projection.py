@@ -232,8 +232,7 @@ class ProjectionSteerer(Steerer, name="projection"):
         """M: None (identity) or the constraint set's covariance scaled to mean eigenvalue 1, float64."""
         if self.metric == "euclidean":
             return None
-        cov = constraints.input_covariance.double()
-        return cov / (cov.trace() / cov.shape[0])
+        return kernels.derived(constraints.input_covariance, "unit-trace metric", _unit_trace, always=True)
 
     @torch.no_grad()
     def _move(self, h: torch.Tensor, constraints: ConstraintSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,9 +241,10 @@ class ProjectionSteerer(Steerer, name="projection"):
         backend: str = self.backend or getattr(constraints, "backend", None) or "auto"
         if self.solver == "native" and isinstance(constraints, PolytopeConstraints):
             if kernels.resolve(backend, h.device, h.dtype) == "cpu":
+                W, b, Phi, xi = constraints.kernel_operands()
                 out, rounds, status = kernels.projection_steer(
-                    h, *constraints.kernel_operands(), M=M, margin=m, max_rounds=self.max_rounds,
-                    ramp_rounds=self.ramp_rounds, backend="cpu")
+                    h, W, b, Phi, xi, M=M, margin=m, max_rounds=self.max_rounds, ramp_rounds=self.ramp_rounds,
+                    WM=None if M is None else kernels.metric_rows(W, M, h.dtype), backend="cpu")
                 if (status != Status.OK).any():
                     log.info("projection: %d row(s) not solved in their last round (status %s)",
                              int((status != Status.OK).sum()),
@@ -290,6 +290,12 @@ class ProjectionSteerer(Steerer, name="projection"):
                 break
         out[failed] = torch.nan  # the caller keeps the original state and reports the row as rejected
         return out, rounds
+
+
+def _unit_trace(cov: torch.Tensor) -> torch.Tensor:
+    """cov [d, d] in float64, scaled to mean eigenvalue 1."""
+    cov = cov.detach().double()
+    return cov / (cov.trace() / cov.shape[0])
 
 
 def _shortest(constraints: ConstraintSet, h0: torch.Tensor, step: torch.Tensor, level: torch.Tensor,
