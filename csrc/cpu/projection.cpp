@@ -4,7 +4,10 @@
 // pre-activations along the segment base + t·step are affine in t, p_j(t) = p_j(base) + t·(W_j·step),
 // so a feature whose upper bound p_j(base) + max(0, W_j·step) (+ a rounding allowance) is negative
 // stays inactive on the whole segment and is skipped. Every point of the bisection is then judged
-// from its true violations, computed exactly over the remaining candidate features.
+// by its violations from p_j(t) over the remaining candidate features: the same function of t as
+// evaluating W at base + t·step (no reads of W), rounded differently. The slack the rounds aim
+// deeper by (1e-4 of the violations' scale) dwarfs that rounding, and the caller recomputes the
+// violations of the rows it returns (the certificate).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -101,21 +104,21 @@ inline void dots(const T* const* rows, const WT* const* w, int64_t d, T* out) {
         }
 }
 
-// out[r][i] = rows[r] · W[js[i]] for R rows and the n features js (all F features when js is null).
+// out[r][j] = rows[r] · W[j] for R rows and the first n rows of W.
 template <int R, typename T, typename WT>
-void pre_rows(const WT* W, const int64_t* js, int64_t n, const T* const* rows, int64_t d, T* const* out) {
+void pre_rows(const WT* W, int64_t n, const T* const* rows, int64_t d, T* const* out) {
     constexpr int J = 4;
     const WT* w[J];
     T o[R * J];
     int64_t i = 0;
     for (; i + J <= n; i += J) {
-        for (int q = 0; q < J; ++q) w[q] = W + (js ? js[i + q] : i + q) * d;
+        for (int q = 0; q < J; ++q) w[q] = W + (i + q) * d;
         dots<R, J>(rows, w, d, o);
         for (int r = 0; r < R; ++r)
             for (int q = 0; q < J; ++q) out[r][i + q] = o[r * J + q];
     }
     for (; i < n; ++i) {
-        w[0] = W + (js ? js[i] : i) * d;
+        w[0] = W + i * d;
         dots<R, 1>(rows, w, d, o);
         for (int r = 0; r < R; ++r) out[r][i] = o[r];
     }
@@ -370,41 +373,24 @@ int64_t project_row(const double* h, const double* A, const double* c, const dou
     return project_rows_of(h, A, ws.MA.data(), c, mg, hout, lam, ws, d, K);
 }
 
-// The true violations of one point y over the candidate features (every other feature is
-// provably inactive there): V [K] with its max (NaN-propagating), and the active features.
-template <typename T, typename WT>
-struct Judge {
-    const WT* W;
-    const T* b;
-    const T* PhiT;
-    const T* xi;
-    int64_t d, K;
-    std::vector<T> p;
-
-    T operator()(const T* y, const std::vector<int64_t>& cand, T* V, std::vector<int64_t>& active) {
-        p.resize(cand.size());
-        T* out[1] = {p.data()};
-        const T* rows[1] = {y};
-        pre_rows<1>(W, cand.data(), static_cast<int64_t>(cand.size()), rows, d, out);
-        return accumulate(cand, V, active);
+// V [K] = Σ_j ReLU(p_j) Φ[:, j] − ξ over the features js (every other feature inactive), where
+// p_j = pre(j) is feature j's pre-activation, bias included: returns max_k V_k (NaN-propagating)
+// and lists the active features.
+template <typename T, typename Pre>
+T violations_over(const std::vector<int64_t>& js, Pre pre, const T* PhiT, const T* xi, int64_t K, T* V,
+                  std::vector<int64_t>& active) {
+    std::fill(V, V + K, T(0));
+    active.clear();
+    for (const int64_t j : js) {
+        const T pj = pre(j);
+        if (pj <= T(0)) continue;  // NaN counts as active
+        active.push_back(j);
+        const T* pt = PhiT + j * K;
+        for (int64_t k = 0; k < K; ++k) V[k] += pj * pt[k];
     }
-
-    // the same from p[i] = W_{cand[i]} · y, already computed
-    T accumulate(const std::vector<int64_t>& cand, T* V, std::vector<int64_t>& active) {
-        std::fill(V, V + K, T(0));
-        active.clear();
-        for (size_t i = 0; i < cand.size(); ++i) {
-            const int64_t j = cand[i];
-            const T pj = p[i] + b[j];
-            if (pj <= T(0)) continue;  // NaN counts as active
-            active.push_back(j);
-            const T* pt = PhiT + j * K;
-            for (int64_t k = 0; k < K; ++k) V[k] += pj * pt[k];
-        }
-        for (int64_t k = 0; k < K; ++k) V[k] -= xi[k];
-        return nanmax(V, K);
-    }
-};
+    for (int64_t k = 0; k < K; ++k) V[k] -= xi[k];
+    return nanmax(V, K);
+}
 
 }  // namespace
 
@@ -428,26 +414,23 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
     const double gamma = 8.0 * static_cast<double>(d) * std::numeric_limits<T>::epsilon();
     parallel_for(n, threads, [&](int64_t r0, int64_t r1) {
         ProjectWork ws(K, d);
-        Judge<T, WT> judge{W, b, PhiT, xi, d, K, {}};
         std::vector<T> ph(F), pb(F), ps(F), x(d), base(d), step(d), y(d), A(K * d), c(K), V(K), V1(K), Vhi(K);
         std::vector<T> MAt(WM ? K * d : 0), cM(K);
         std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K), g(d), G(d), mv(d), GM(d);
         std::vector<uint64_t> words(nw);
-        std::vector<int64_t> all, cand, act, act1, acthi, actx;
+        std::vector<int64_t> all(F), cand, act, act1, acthi, actx;
+        for (int64_t j = 0; j < F; ++j) all[j] = j;
         for (int64_t i = r0; i < r1; ++i) {
             const T* hr = h + i * d;
             T* o = out + i * d;
             // pre-activations at h, in full: the activation pattern and violations of h
-            all.resize(F);
-            for (int64_t j = 0; j < F; ++j) all[j] = j;
-            judge.p.resize(F);
             {
-                T* outs[1] = {judge.p.data()};
+                T* outs[1] = {ph.data()};
                 const T* rows[1] = {hr};
-                pre_rows<1>(W, static_cast<const int64_t*>(nullptr), F, rows, d, outs);
+                pre_rows<1>(W, F, rows, d, outs);
             }
-            judge.accumulate(all, V.data(), actx);
-            for (int64_t j = 0; j < F; ++j) ph[j] = judge.p[j] + b[j];
+            for (int64_t j = 0; j < F; ++j) ph[j] += b[j];
+            violations_over(all, [&](int64_t j) { return ph[j]; }, PhiT, xi, K, V.data(), actx);
             T vabs = 0;
             for (int64_t k = 0; k < K; ++k) vabs = std::isnan(V[k]) ? V[k] : std::max(vabs, std::abs(V[k]));
             // aim a hair deeper, so that rounding h* to the states' dtype cannot leave it short
@@ -507,10 +490,10 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
                     T* outs[2] = {ps.data(), pb.data()};
                     const T* rows[2] = {step.data(), base.data()};
                     if (restore) {
-                        pre_rows<2>(W, static_cast<const int64_t*>(nullptr), F, rows, d, outs);
+                        pre_rows<2>(W, F, rows, d, outs);
                         for (int64_t j = 0; j < F; ++j) pb[j] += b[j];
                     } else {
-                        pre_rows<1>(W, static_cast<const int64_t*>(nullptr), F, rows, d, outs);
+                        pre_rows<1>(W, F, rows, d, outs);
                     }
                 }
                 const T* pbase = restore ? pb.data() : ph.data();
@@ -529,14 +512,18 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
                 auto point = [&](T t) {
                     for (int64_t u = 0; u < d; ++u) y[u] = base[u] + t * step[u];
                 };
-                point(T(1));
-                const bool ok = judge(y.data(), cand, V1.data(), act1) <= level;
+                // the violations at base + t·step from its pre-activations p_j(base) + t·(W_j·step), the
+                // candidates' (every other feature is inactive on the whole segment)
+                auto judge = [&](T t, T* Vt, std::vector<int64_t>& active) {
+                    return violations_over(cand, [&](int64_t j) { return pbase[j] + t * ps[j]; }, PhiT, xi, K, Vt,
+                                           active);
+                };
+                const bool ok = judge(T(1), V1.data(), act1) <= level;
                 bool moved = false;  // hi < 1
                 T lo = 0, hi = 1;
                 for (int64_t s = 0; ok && s < cfg.bisections; ++s) {  // (a short segment ignores the bisection)
                     const T mid = (lo + hi) / T(2);
-                    point(mid);
-                    if (judge(y.data(), cand, V.data(), act) <= level) {
+                    if (judge(mid, V.data(), act) <= level) {
                         hi = mid;
                         moved = true;
                         std::swap(Vhi, V);
