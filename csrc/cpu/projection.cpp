@@ -1,13 +1,15 @@
 // The projection steerer on the CPU (see projection_cpu.h and safeflow/steerers/projection.py).
 //
-// Each row is independent; threads split the rows. Per round a row reads W once or twice: the
-// pre-activations along the segment base + t·step are affine in t, p_j(t) = p_j(base) + t·(W_j·step),
-// so a feature whose upper bound p_j(base) + max(0, W_j·step) (+ a rounding allowance) is negative
-// stays inactive on the whole segment and is skipped. Every point of the bisection is then judged
-// by its violations from p_j(t) over the remaining candidate features: the same function of t as
-// evaluating W at base + t·step (no reads of W), rounded differently. The slack the rounds aim
-// deeper by (1e-4 of the violations' scale) dwarfs that rounding, and the caller recomputes the
-// violations of the rows it returns (the certificate).
+// Each row is independent; threads split the rows, and each thread takes its rows in groups that
+// advance round by round together, so that a round reads W once for the whole group. Per round a
+// row needs W·step (and W·base after a short segment): the pre-activations along the segment
+// base + t·step are affine in t, p_j(t) = p_j(base) + t·(W_j·step), so a feature whose upper bound
+// p_j(base) + max(0, W_j·step) (+ a rounding allowance) is negative stays inactive on the whole
+// segment and is skipped. Every point of the bisection is then judged by its violations from p_j(t)
+// over the remaining candidate features: the same function of t as evaluating W at base + t·step
+// (no reads of W), rounded differently. The slack the rounds aim deeper by (1e-4 of the
+// violations' scale) dwarfs that rounding, and the caller recomputes the violations of the rows it
+// returns (the certificate).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -78,7 +80,8 @@ void parallel_for(int64_t n, int threads, Fn fn) {
     for (auto& th : pool) th.join();
 }
 
-// out[r * J + q] = rows[r] · w[q] for R state rows and J rows of W (one read of each W row).
+// out[r * J + q] = rows[r] · w[q] for R state rows and J rows of W (one read of each W row). The
+// rows of W are consecutive: the same columns of the J rows after them are prefetched (from L3).
 template <int R, int J, typename T, typename WT>
 inline void dots(const T* const* rows, const WT* const* w, int64_t d, T* out) {
     using V = typename Vec<T>::type;
@@ -91,6 +94,7 @@ inline void dots(const T* const* rows, const WT* const* w, int64_t d, T* out) {
         V x[R];
         for (int r = 0; r < R; ++r) x[r] = loadv(rows[r] + t);
         for (int q = 0; q < J; ++q) {
+            __builtin_prefetch(w[q] + J * d + t);  // never faults, past the end of W included
             const V wv = loadw(w[q] + t);
             for (int r = 0; r < R; ++r) acc[r][q] += x[r] * wv;
         }
@@ -404,6 +408,38 @@ void project(const double* h0, const double* A, const double* c, const double* m
     });
 }
 
+// out[r][j] = rows[r] · W[j] for any number of rows and the first n rows of W: W is read once per
+// kPassRows rows (each dot product sums in the same order whatever the number of rows).
+constexpr int kPassRows = 4;
+
+template <typename T, typename WT>
+void pre_rows_any(const WT* W, int64_t n, const std::vector<const T*>& rows, const std::vector<T*>& outs, int64_t d) {
+    const int64_t R = static_cast<int64_t>(rows.size());
+    int64_t r = 0;
+    for (; r + kPassRows <= R; r += kPassRows) pre_rows<kPassRows>(W, n, rows.data() + r, d, outs.data() + r);
+    switch (R - r) {
+        case 1: pre_rows<1>(W, n, rows.data() + r, d, outs.data() + r); break;
+        case 2: pre_rows<2>(W, n, rows.data() + r, d, outs.data() + r); break;
+        case 3: pre_rows<3>(W, n, rows.data() + r, d, outs.data() + r); break;
+        default: break;
+    }
+}
+
+// One row of projection_steer in progress.
+template <typename T>
+struct SteerRow {
+    std::vector<T> ph, pb, ps, x, base, step;  // p(h) + b, p(base) + b after a short segment, W·step [F]; [d]
+    std::vector<double> g, mv, G, GM;           // Aᵀλ, (A M)ᵀλ and their sums since the last reset [d]
+    std::vector<int64_t> actx;                  // the active features at x
+    T slack = 0;
+    double best = std::numeric_limits<double>::infinity();
+    int64_t used = 0;
+    bool live = true, failed = false, restore = false;
+
+    SteerRow(int64_t F, int64_t d)
+        : ph(F), pb(F), ps(F), x(d), base(d), step(d), g(d), mv(d), G(d), GM(d) {}
+};
+
 template <typename T, typename WT>
 void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const double* M,
                       const T* WM, const double* wnorm, T* out, int64_t* rounds, int64_t* status, int64_t n,
@@ -412,147 +448,181 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
     const int64_t nw = mask_words(F), ramp = std::min(cfg.ramp_rounds, cfg.max_rounds);
     // |fl(W_j·y) − W_j·y| and the rounding of y = base + t·step, with room to spare
     const double gamma = 8.0 * static_cast<double>(d) * std::numeric_limits<T>::epsilon();
+    // Rows go in groups of up to kSteerGroup in lockstep, round by round, so that each round's pass
+    // over W serves every row of the group (the pass is bound by reading W, not by arithmetic).
+    constexpr int64_t kSteerGroup = 8;
     parallel_for(n, threads, [&](int64_t r0, int64_t r1) {
         ProjectWork ws(K, d);
-        std::vector<T> ph(F), pb(F), ps(F), x(d), base(d), step(d), y(d), A(K * d), c(K), V(K), V1(K), Vhi(K);
+        std::vector<T> y(d), A(K * d), c(K), V(K), V1(K), Vhi(K);
         std::vector<T> MAt(WM ? K * d : 0), cM(K);
-        std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K), g(d), G(d), mv(d), GM(d);
+        std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K);
         std::vector<uint64_t> words(nw);
-        std::vector<int64_t> all(F), cand, act, act1, acthi, actx;
+        std::vector<int64_t> all(F), cand, act, act1, acthi;
         for (int64_t j = 0; j < F; ++j) all[j] = j;
-        for (int64_t i = r0; i < r1; ++i) {
-            const T* hr = h + i * d;
-            T* o = out + i * d;
+        std::vector<SteerRow<T>> group;
+        std::vector<const T*> prow;
+        std::vector<T*> pout;
+        for (int64_t g0 = r0; g0 < r1; g0 += kSteerGroup) {
+            const int64_t ng = std::min(kSteerGroup, r1 - g0);
+            while (static_cast<int64_t>(group.size()) < ng) group.emplace_back(F, d);
             // pre-activations at h, in full: the activation pattern and violations of h
-            {
-                T* outs[1] = {ph.data()};
-                const T* rows[1] = {hr};
-                pre_rows<1>(W, F, rows, d, outs);
+            prow.clear();
+            pout.clear();
+            for (int64_t q = 0; q < ng; ++q) {
+                prow.push_back(h + (g0 + q) * d);
+                pout.push_back(group[q].ph.data());
             }
-            for (int64_t j = 0; j < F; ++j) ph[j] += b[j];
-            violations_over(all, [&](int64_t j) { return ph[j]; }, PhiT, xi, K, V.data(), actx);
-            T vabs = 0;
-            for (int64_t k = 0; k < K; ++k) vabs = std::isnan(V[k]) ? V[k] : std::max(vabs, std::abs(V[k]));
-            // aim a hair deeper, so that rounding h* to the states' dtype cannot leave it short
-            const T slack = T(1e-4) * (T(1.0 + m) + vabs);
-            std::copy(hr, hr + d, x.begin());
-            std::copy(hr, hr + d, o);
-            double best = std::numeric_limits<double>::infinity();
-            int64_t used = 0;
-            bool failed = false, restore = false;
-            status[i] = kOk;
-            std::fill(G.begin(), G.end(), 0.0);
+            pre_rows_any(W, F, prow, pout, d);
+            for (int64_t q = 0; q < ng; ++q) {
+                SteerRow<T>& s = group[q];
+                const T* hr = h + (g0 + q) * d;
+                for (int64_t j = 0; j < F; ++j) s.ph[j] += b[j];
+                violations_over(all, [&](int64_t j) { return s.ph[j]; }, PhiT, xi, K, V.data(), s.actx);
+                T vabs = 0;
+                for (int64_t k = 0; k < K; ++k) vabs = std::isnan(V[k]) ? V[k] : std::max(vabs, std::abs(V[k]));
+                // aim a hair deeper, so that rounding h* to the states' dtype cannot leave it short
+                s.slack = T(1e-4) * (T(1.0 + m) + vabs);
+                std::copy(hr, hr + d, s.x.begin());
+                std::copy(hr, hr + d, out + (g0 + q) * d);
+                s.best = std::numeric_limits<double>::infinity();
+                s.used = 0;
+                s.live = true;
+                s.failed = s.restore = false;
+                status[g0 + q] = kOk;
+                std::fill(s.G.begin(), s.G.end(), 0.0);
+                std::fill(s.GM.begin(), s.GM.end(), 0.0);
+            }
             for (int64_t r = 1; r <= cfg.max_rounds; ++r) {
                 const double depth = m * std::min(1.0, static_cast<double>(r) / static_cast<double>(ramp));
-                const T* bs = restore ? x.data() : hr;
-                std::copy(bs, bs + d, base.begin());
-                // linearise at x: A = Φ D W, c = ξ − Φ D b
-                std::fill(words.begin(), words.end(), uint64_t{0});
-                for (const int64_t j : actx) words[j / kTile] |= uint64_t{1} << (j % kTile);
-                jacobian<T, WT>(W, b, PhiT, xi, words.data(), A.data(), c.data(), 1, d, F, K, 1);
-                const T mgT = T(depth) + slack;
-                for (int64_t k = 0; k < K; ++k) {
-                    cd[k] = c[k];
-                    mg[k] = mgT;
+                // 1. each live row: linearise at x (A = Φ D W, c = ξ − Φ D b) and project base onto the model
+                for (int64_t q = 0; q < ng; ++q) {
+                    SteerRow<T>& s = group[q];
+                    if (!s.live) continue;
+                    const T* bs = s.restore ? s.x.data() : h + (g0 + q) * d;
+                    std::copy(bs, bs + d, s.base.begin());
+                    std::fill(words.begin(), words.end(), uint64_t{0});
+                    for (const int64_t j : s.actx) words[j / kTile] |= uint64_t{1} << (j % kTile);
+                    jacobian<T, WT>(W, b, PhiT, xi, words.data(), A.data(), c.data(), 1, d, F, K, 1);
+                    const T mgT = T(depth) + s.slack;
+                    for (int64_t k = 0; k < K; ++k) {
+                        cd[k] = c[k];
+                        mg[k] = mgT;
+                    }
+                    for (int64_t t = 0; t < K * d; ++t) Ad[t] = A[t];
+                    for (int64_t t = 0; t < d; ++t) based[t] = s.base[t];
+                    // the rows of A M: Φ D (W M) over the active features from the rows of W M (WM), else A times M
+                    const double* MA = Ad.data();
+                    if (M && WM) {
+                        jacobian<T, T>(WM, b, PhiT, xi, words.data(), MAt.data(), cM.data(), 1, d, F, K, 1);
+                        for (int64_t t = 0; t < K * d; ++t) ws.MA[t] = MAt[t];
+                        MA = ws.MA.data();
+                    } else if (M) {
+                        times_matrix(Ad.data(), M, ws.MA.data(), K, d);
+                        MA = ws.MA.data();
+                    }
+                    const int64_t st = project_rows_of(based.data(), Ad.data(), MA, cd.data(), mg.data(), hd.data(),
+                                                       lam.data(), ws, d, K);
+                    if (st != kOk) {
+                        status[g0 + q] = st;
+                        s.failed = s.used == 0;
+                        s.live = false;
+                        continue;
+                    }
+                    for (int64_t t = 0; t < d; ++t) s.step[t] = static_cast<T>(hd[t]) - s.base[t];
+                    // g = Aᵀλ and M g = (A M)ᵀλ: the step from base is −t·M g
+                    std::fill(s.g.begin(), s.g.end(), 0.0);
+                    std::fill(s.mv.begin(), s.mv.end(), 0.0);
+                    for (int64_t k = 0; k < K; ++k)
+                        for (int64_t t = 0; t < d; ++t) {
+                            s.g[t] += Ad[k * d + t] * lam[k];
+                            s.mv[t] += MA[k * d + t] * lam[k];
+                        }
+                    ++s.used;
                 }
-                for (int64_t t = 0; t < K * d; ++t) Ad[t] = A[t];
-                for (int64_t t = 0; t < d; ++t) based[t] = base[t];
-                // the rows of A M: Φ D (W M) over the active features from the rows of W M (WM), else A times M
-                const double* MA = Ad.data();
-                if (M && WM) {
-                    jacobian<T, T>(WM, b, PhiT, xi, words.data(), MAt.data(), cM.data(), 1, d, F, K, 1);
-                    for (int64_t t = 0; t < K * d; ++t) ws.MA[t] = MAt[t];
-                    MA = ws.MA.data();
-                } else if (M) {
-                    times_matrix(Ad.data(), M, ws.MA.data(), K, d);
-                    MA = ws.MA.data();
+                // 2. one pass over W for every live row: W·step, and W·base after a short segment
+                prow.clear();
+                pout.clear();
+                for (int64_t q = 0; q < ng; ++q) {
+                    SteerRow<T>& s = group[q];
+                    if (!s.live) continue;
+                    prow.push_back(s.step.data());
+                    pout.push_back(s.ps.data());
+                    if (s.restore) {
+                        prow.push_back(s.base.data());
+                        pout.push_back(s.pb.data());
+                    }
                 }
-                const int64_t st = project_rows_of(based.data(), Ad.data(), MA, cd.data(), mg.data(), hd.data(),
-                                                   lam.data(), ws, d, K);
-                if (st != kOk) {
-                    status[i] = st;
-                    failed = used == 0;
-                    break;
-                }
-                for (int64_t t = 0; t < d; ++t) step[t] = static_cast<T>(hd[t]) - base[t];
-                // g = Aᵀλ and M g = (A M)ᵀλ: the step from base is −t·M g
-                std::fill(g.begin(), g.end(), 0.0);
-                std::fill(mv.begin(), mv.end(), 0.0);
-                for (int64_t k = 0; k < K; ++k)
+                if (prow.empty()) break;
+                pre_rows_any(W, F, prow, pout, d);
+                // 3. each live row: the nearest point at this depth on the segment (the linear model changes on
+                //    the way), then the bookkeeping of the best point
+                for (int64_t q = 0; q < ng; ++q) {
+                    SteerRow<T>& s = group[q];
+                    if (!s.live) continue;
+                    T* o = out + (g0 + q) * d;
+                    if (s.restore)
+                        for (int64_t j = 0; j < F; ++j) s.pb[j] += b[j];
+                    const T* pbase = s.restore ? s.pb.data() : s.ph.data();
+                    const T* ps = s.ps.data();
+                    const T level = T(-depth) - s.slack / T(2);
+                    double nb = 0, ns = 0;
                     for (int64_t t = 0; t < d; ++t) {
-                        g[t] += Ad[k * d + t] * lam[k];
-                        mv[t] += MA[k * d + t] * lam[k];
+                        nb += static_cast<double>(s.base[t]) * s.base[t];
+                        ns += static_cast<double>(s.step[t]) * s.step[t];
                     }
-                ++used;
-                // the linear model changes on the way: the nearest point at this depth on the segment
-                const T level = T(-depth) - slack / T(2);
-                {
-                    T* outs[2] = {ps.data(), pb.data()};
-                    const T* rows[2] = {step.data(), base.data()};
-                    if (restore) {
-                        pre_rows<2>(W, F, rows, d, outs);
-                        for (int64_t j = 0; j < F; ++j) pb[j] += b[j];
-                    } else {
-                        pre_rows<1>(W, F, rows, d, outs);
+                    const double span = std::sqrt(nb) + std::sqrt(ns);
+                    cand.clear();
+                    for (int64_t j = 0; j < F; ++j) {
+                        const double top = static_cast<double>(pbase[j]) +
+                                           std::max(0.0, static_cast<double>(ps[j])) +
+                                           gamma * (wnorm[j] * span + std::abs(static_cast<double>(b[j])));
+                        if (!(top < 0)) cand.push_back(j);
                     }
-                }
-                const T* pbase = restore ? pb.data() : ph.data();
-                double nb = 0, ns = 0;
-                for (int64_t t = 0; t < d; ++t) {
-                    nb += static_cast<double>(base[t]) * base[t];
-                    ns += static_cast<double>(step[t]) * step[t];
-                }
-                const double span = std::sqrt(nb) + std::sqrt(ns);
-                cand.clear();
-                for (int64_t j = 0; j < F; ++j) {
-                    const double top = static_cast<double>(pbase[j]) + std::max(0.0, static_cast<double>(ps[j])) +
-                                       gamma * (wnorm[j] * span + std::abs(static_cast<double>(b[j])));
-                    if (!(top < 0)) cand.push_back(j);
-                }
-                auto point = [&](T t) {
-                    for (int64_t u = 0; u < d; ++u) y[u] = base[u] + t * step[u];
-                };
-                // the violations at base + t·step from its pre-activations p_j(base) + t·(W_j·step), the
-                // candidates' (every other feature is inactive on the whole segment)
-                auto judge = [&](T t, T* Vt, std::vector<int64_t>& active) {
-                    return violations_over(cand, [&](int64_t j) { return pbase[j] + t * ps[j]; }, PhiT, xi, K, Vt,
-                                           active);
-                };
-                const bool ok = judge(T(1), V1.data(), act1) <= level;
-                bool moved = false;  // hi < 1
-                T lo = 0, hi = 1;
-                for (int64_t s = 0; ok && s < cfg.bisections; ++s) {  // (a short segment ignores the bisection)
-                    const T mid = (lo + hi) / T(2);
-                    if (judge(mid, V.data(), act) <= level) {
-                        hi = mid;
-                        moved = true;
-                        std::swap(Vhi, V);
-                        std::swap(acthi, act);
-                    } else {
-                        lo = mid;
+                    // the violations at base + t·step from its pre-activations p_j(base) + t·(W_j·step), the
+                    // candidates' (every other feature is inactive on the whole segment)
+                    auto judge = [&](T t, T* Vt, std::vector<int64_t>& active) {
+                        return violations_over(cand, [&](int64_t j) { return pbase[j] + t * ps[j]; }, PhiT, xi, K,
+                                               Vt, active);
+                    };
+                    const bool ok = judge(T(1), V1.data(), act1) <= level;
+                    bool moved = false;  // hi < 1
+                    T lo = 0, hi = 1;
+                    for (int64_t k = 0; ok && k < cfg.bisections; ++k) {  // (a short segment ignores the bisection)
+                        const T mid = (lo + hi) / T(2);
+                        if (judge(mid, V.data(), act) <= level) {
+                            hi = mid;
+                            moved = true;
+                            std::swap(Vhi, V);
+                            std::swap(acthi, act);
+                        } else {
+                            lo = mid;
+                        }
                     }
+                    const bool shrt = !ok;
+                    const T t = shrt ? T(1) : hi;
+                    const T* Vnew = moved ? Vhi.data() : V1.data();
+                    for (int64_t u = 0; u < d; ++u) y[u] = s.base[u] + t * s.step[u];
+                    // x − h = −M G with G = Σ t_r g_r since the last reset: ‖x − h‖² in M⁻¹ is Gᵀ (M G)
+                    for (int64_t u = 0; u < d; ++u) {
+                        s.G[u] = (s.restore ? s.G[u] : 0.0) + static_cast<double>(t) * s.g[u];
+                        s.GM[u] = (s.restore ? s.GM[u] : 0.0) + static_cast<double>(t) * s.mv[u];
+                    }
+                    const double dist = std::sqrt(dotd(s.G.data(), s.GM.data(), d));
+                    const bool reached = nanmax(Vnew, K) <= T(-m);
+                    const bool better = reached && dist < s.best * (1 - 1e-3);
+                    if (better || std::isinf(s.best)) std::copy(y.begin(), y.end(), o);
+                    if (better) s.best = dist;
+                    std::copy(y.begin(), y.end(), s.x.begin());
+                    s.actx = moved ? acthi : act1;
+                    s.restore = shrt;
+                    s.live = depth < m || !reached || better;  // else at depth m and no closer: done
                 }
-                const bool shrt = !ok;
-                const T t = shrt ? T(1) : hi;
-                const T* Vnew = moved ? Vhi.data() : V1.data();
-                point(t);
-                // x − h = −M G with G = Σ t_r g_r since the last reset: ‖x − h‖² in M⁻¹ is Gᵀ (M G)
-                for (int64_t u = 0; u < d; ++u) {
-                    G[u] = (restore ? G[u] : 0.0) + static_cast<double>(t) * g[u];
-                    GM[u] = (restore ? GM[u] : 0.0) + static_cast<double>(t) * mv[u];
-                }
-                const double dist = std::sqrt(dotd(G.data(), GM.data(), d));
-                const bool reached = nanmax(Vnew, K) <= T(-m);
-                const bool better = reached && dist < best * (1 - 1e-3);
-                if (better || std::isinf(best)) std::copy(y.begin(), y.end(), o);
-                if (better) best = dist;
-                std::copy(y.begin(), y.end(), x.begin());
-                actx = moved ? acthi : act1;
-                restore = shrt;
-                if (!(depth < m || !reached || better)) break;  // at depth m and no closer
             }
-            rounds[i] = used;
-            if (failed) std::fill(o, o + d, std::numeric_limits<T>::quiet_NaN());
+            for (int64_t q = 0; q < ng; ++q) {
+                rounds[g0 + q] = group[q].used;
+                if (group[q].failed)
+                    std::fill(out + (g0 + q) * d, out + (g0 + q + 1) * d, std::numeric_limits<T>::quiet_NaN());
+            }
         }
     });
 }
