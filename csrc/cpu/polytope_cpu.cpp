@@ -144,6 +144,52 @@ inline void dot_block(const T* const* hrows, const WT* W, int64_t d, T* out, int
         }
 }
 
+// out = g P for a row g [d] and P [d, d]: S vectors of columns of out at a time held in registers
+// while the rows of P stream past; each out[u] sums g[s] P[s, u] in the order of s.
+template <int S, typename T>
+inline void row_times_block(const T* g, const T* P, T* out, int64_t d, int64_t u0) {
+    using V = typename Vec<T>::type;
+    constexpr int N = Vec<T>::N;
+    V acc[S];
+    for (int q = 0; q < S; ++q) acc[q] = V{};
+    for (int64_t s = 0; s < d; ++s)
+        for (int q = 0; q < S; ++q) acc[q] += g[s] * loadv(P + s * d + u0 + q * N);
+    for (int q = 0; q < S; ++q) storev(out + u0 + q * N, acc[q]);
+}
+
+template <typename T>
+void row_times_matrix(const T* g, const T* P, T* out, int64_t d) {
+    constexpr int N = Vec<T>::N;
+    int64_t u = 0;
+    for (; u + 4 * N <= d; u += 4 * N) row_times_block<4>(g, P, out, d, u);
+    for (; u + N <= d; u += N) row_times_block<1>(g, P, out, d, u);
+    for (; u < d; ++u) {  // the last d mod N columns
+        T a = 0;
+        for (int64_t s = 0; s < d; ++s) a += g[s] * P[s * d + u];
+        out[u] = a;
+    }
+}
+
+// out[q] = h · w[q] for J rows of W anywhere (gathered): J independent sums, each added up in
+// dot_block<1, 1>'s order, so the results equal J calls of it.
+template <int J, typename T, typename WT>
+inline void gathered_dots(const T* h, const WT* const* w, int64_t d, T* out) {
+    using V = typename Vec<T>::type;
+    constexpr int N = Vec<T>::N;
+    V acc[J];
+    for (int q = 0; q < J; ++q) acc[q] = V{};
+    int64_t t = 0;
+    for (; t + N <= d; t += N) {
+        const V x = loadv(h + t);
+        for (int q = 0; q < J; ++q) acc[q] += x * loadw(w[q] + t);
+    }
+    for (int q = 0; q < J; ++q) {
+        T s = hsum<T>(acc[q]);
+        for (int64_t u = t; u < d; ++u) s += h[u] * tof(w[q][u]);
+        out[q] = s;
+    }
+}
+
 // pre[r * kTile + j] = hrows[r] · W[j] for rr <= kRows rows and fc <= kTile features.
 template <typename T, typename WT>
 void pre_tile(const T* const* hrows, int64_t rr, const WT* W, int64_t fc, int64_t d, T* pre) {
@@ -646,12 +692,21 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                     refnorm = std::sqrt(dot(xr, xr, d));
                     fresh = false;
                     for (int64_t j = 0; j < F; ++j) activate(j, pref[j]);
-                } else {
-                    for (const int64_t j : cand) {
-                        const T* hrows[1] = {xr};
-                        T p;
-                        dot_block<1, 1>(hrows, W + j * d, d, &p, 1);
-                        activate(j, p + b[j]);
+                } else {  // the candidates, eight rows of W at a time
+                    constexpr int G = 8;
+                    const int64_t nc = static_cast<int64_t>(cand.size());
+                    const WT* w[G];
+                    T p[G];
+                    int64_t i = 0;
+                    for (; i + G <= nc; i += G) {
+                        for (int q = 0; q < G; ++q) w[q] = W + cand[i + q] * d;
+                        gathered_dots<G>(xr, w, d, p);
+                        for (int q = 0; q < G; ++q) activate(cand[i + q], p[q] + b[cand[i + q]]);
+                    }
+                    for (; i < nc; ++i) {
+                        w[0] = W + cand[i] * d;
+                        gathered_dots<1>(xr, w, d, p);
+                        activate(cand[i], p[0] + b[cand[i]]);
                     }
                 }
                 bool finite = true;
@@ -670,19 +725,7 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                 }
                 const T* step = g.data();
                 if (P) {  // gp = g P (row vector times P)
-                    std::fill(gp.begin(), gp.end(), T(0));
-                    int64_t is[4];
-                    T gs[4];
-                    int q = 0;
-                    for (int64_t s = 0; s < d; ++s) {
-                        is[q] = s;
-                        gs[q] = g[s];
-                        if (++q == 4) {
-                            axpy_rows(gp.data(), P, is, gs, 4, d);
-                            q = 0;
-                        }
-                    }
-                    if (q) axpy_rows(gp.data(), P, is, gs, q, d);
+                    row_times_matrix(g.data(), P, gp.data(), d);
                     step = gp.data();
                 }
                 for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
