@@ -573,38 +573,82 @@ void param_grads(const T* H, const T* W, const T* b, const T* PhiT, const uint64
     });
 }
 
+// The Jacobian of one row over its n active features js: A [K, d] = Σ_i Φ[:, js[i]] W[js[i]], in strips
+// of S vectors of d, kJacK facets at a time held in registers while the active rows of W stream past
+// (each strip of W_j is read ceil(K / kJacK) times, from cache; the strip of a later row is
+// prefetched). Every entry sums over the features in the order of js.
+constexpr int kJacK = 7;
+
+template <int KB, int S, typename T, typename WT>
+inline void jacobian_strip(const WT* W, const T* PhiT, const int64_t* js, int64_t n, int64_t K, int64_t k0, int64_t t,
+                           int64_t d, T* A) {
+    using V = typename Vec<T>::type;
+    constexpr int N = Vec<T>::N;
+    constexpr int64_t ahead = 8;
+    V acc[KB][S];
+    for (int k = 0; k < KB; ++k)
+        for (int q = 0; q < S; ++q) acc[k][q] = V{};
+    for (int64_t i = 0; i < n; ++i) {
+        const WT* w = W + js[i] * d + t;
+        if (i + ahead < n)
+            for (int q = 0; q < S; ++q) __builtin_prefetch(W + js[i + ahead] * d + t + q * N);
+        V wv[S];
+        for (int q = 0; q < S; ++q) wv[q] = loadw(w + q * N);
+        const T* s = PhiT + js[i] * K + k0;
+        for (int k = 0; k < KB; ++k)
+            for (int q = 0; q < S; ++q) acc[k][q] += s[k] * wv[q];
+    }
+    for (int k = 0; k < KB; ++k)
+        for (int q = 0; q < S; ++q) storev(A + (k0 + k) * d + t + q * N, acc[k][q]);
+}
+
+template <int S, typename T, typename WT>
+inline void jacobian_strips(const WT* W, const T* PhiT, const int64_t* js, int64_t n, int64_t K, int64_t t,
+                            int64_t d, T* A) {
+    int64_t k0 = 0;
+    for (; k0 + kJacK <= K; k0 += kJacK) jacobian_strip<kJacK, S>(W, PhiT, js, n, K, k0, t, d, A);
+    switch (K - k0) {
+        case 1: jacobian_strip<1, S>(W, PhiT, js, n, K, k0, t, d, A); break;
+        case 2: jacobian_strip<2, S>(W, PhiT, js, n, K, k0, t, d, A); break;
+        case 3: jacobian_strip<3, S>(W, PhiT, js, n, K, k0, t, d, A); break;
+        case 4: jacobian_strip<4, S>(W, PhiT, js, n, K, k0, t, d, A); break;
+        case 5: jacobian_strip<5, S>(W, PhiT, js, n, K, k0, t, d, A); break;
+        case 6: jacobian_strip<6, S>(W, PhiT, js, n, K, k0, t, d, A); break;
+        default: break;
+    }
+}
+
 template <typename T, typename WT>
 void jacobian(const WT* W, const T* b, const T* PhiT, const T* xi, const uint64_t* mask, T* A, T* c, int64_t B,
               int64_t d, int64_t F, int64_t K, int threads) {
+    constexpr int N = Vec<T>::N;
     const int64_t nw = mask_words(F);
     parallel_for(B, threads, [&](int64_t r0, int64_t r1) {
-        std::vector<T> s(4 * K);
+        std::vector<int64_t> js;
         for (int64_t r = r0; r < r1; ++r) {
             T* Ar = A + r * K * d;
             T* cr = c + r * K;
-            std::fill(Ar, Ar + K * d, T(0));
             std::copy(xi, xi + K, cr);
-            int64_t js[4];
-            int n = 0;
-            auto flush = [&]() {  // A[k] += Σ_i Φ[k, j_i] W[j_i] for the n gathered features
-                T sk[4];
-                for (int64_t k = 0; k < K; ++k) {
-                    for (int i = 0; i < n; ++i) sk[i] = PhiT[js[i] * K + k];
-                    axpy_rows(Ar + k * d, W, js, sk, n, d);
-                }
-                n = 0;
-            };
+            js.clear();
             for (int64_t w = 0; w < nw; ++w) {
                 uint64_t word = mask[r * nw + w];
                 while (word) {
                     const int64_t j = w * kTile + __builtin_ctzll(word);
                     word &= word - 1;
                     for (int64_t k = 0; k < K; ++k) cr[k] -= PhiT[j * K + k] * b[j];
-                    js[n++] = j;
-                    if (n == 4) flush();
+                    js.push_back(j);
                 }
             }
-            if (n) flush();
+            const int64_t n = static_cast<int64_t>(js.size());
+            int64_t t = 0;
+            for (; t + 2 * N <= d; t += 2 * N) jacobian_strips<2>(W, PhiT, js.data(), n, K, t, d, Ar);
+            for (; t + N <= d; t += N) jacobian_strips<1>(W, PhiT, js.data(), n, K, t, d, Ar);
+            for (; t < d; ++t)  // the last d mod N columns
+                for (int64_t k = 0; k < K; ++k) {
+                    T a = 0;
+                    for (int64_t i = 0; i < n; ++i) a += PhiT[js[i] * K + k] * tof(W[js[i] * d + t]);
+                    Ar[k * d + t] = a;
+                }
         }
     });
 }
