@@ -251,7 +251,7 @@ def test_cpu_safeflow_loop_bound_skips_features_without_changing_the_result(monk
             steps_ref[i] += 1
     assert (steps_ref > 3).any() and torch.equal(steps, steps_ref)
     assert rel(x, x_ref) < 1e-4
-    if basis == "leading":  # the bound decides: with a wrong W Uᵀ, features that are active get skipped
+    if basis == "leading":  # the bound decides: with a wrong U Wᵀ, features that are active get skipped
         right = compiled._loop_bound
         monkeypatch.setattr(compiled, "_loop_bound", lambda W, P, dtype: (*right(W, P, dtype)[:2],
                                                                           torch.zeros_like(right(W, P, dtype)[2])))

@@ -130,7 +130,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def(
         "safeflow_loop",
         [](int dtype, int wdtype, uintptr_t h, uintptr_t W, uintptr_t b, uintptr_t PhiT, uintptr_t xi, uintptr_t P,
-           uintptr_t wnorm, uintptr_t basis, uintptr_t basis_W, int64_t rank, uintptr_t x, uintptr_t steps, int64_t M,
+           uintptr_t wnorm, uintptr_t basis, uintptr_t basis_WT, int64_t rank, uintptr_t x, uintptr_t steps, int64_t M,
            int64_t d, int64_t F, int64_t K, double lr, double lambda_safe, double lambda_unsafe, double margin,
            int64_t max_steps, uintptr_t /*ws*/, int threads) {
             check_call("safeflow_loop", M, d, F, K, threads,
@@ -141,21 +141,21 @@ PYBIND11_MODULE(_cpu, m) {
                     "the basis rank must be in [0, d], got " + std::to_string(rank));
             if (rank > 0) {
                 check_ptr("safeflow_loop", basis, "basis");
-                check_ptr("safeflow_loop", basis_W, "basis_W");
+                check_ptr("safeflow_loop", basis_WT, "basis_WT");
             }
             py::gil_scoped_release release;
             const LoopConfig cfg{lr, lambda_safe, lambda_unsafe, margin, max_steps};
             dispatch(dtype, wdtype, [&](auto t, auto wt) {
                 using T = decltype(t);
                 using WT = decltype(wt);
-                const LoopBound<T> bound{ptr<const T>(wnorm), ptr<const T>(basis), ptr<const T>(basis_W), rank};
+                const LoopBound<T> bound{ptr<const T>(wnorm), ptr<const T>(basis), ptr<const T>(basis_WT), rank};
                 safeflow_loop<T, WT>(ptr<const T>(h), ptr<const WT>(W), ptr<const T>(b), ptr<const T>(PhiT),
                                      ptr<const T>(xi), ptr<const T>(P), bound, ptr<T>(x), ptr<int64_t>(steps), M, d, F,
                                      K, cfg, threads);
             });
         },
         "the SafeFlow loop: x [M, d] and steps [M] (P may be 0: no preconditioner; wnorm [F] = ‖W_j‖; "
-        "basis [rank, d] and basis_W = W basisᵀ [F, rank] may be 0 with rank 0)");
+        "basis [rank, d] and basis_WT = basis Wᵀ [rank, F] may be 0 with rank 0)");
 
     m.def(
         "project",

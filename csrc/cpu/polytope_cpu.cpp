@@ -144,28 +144,28 @@ inline void dot_block(const T* const* hrows, const WT* W, int64_t d, T* out, int
         }
 }
 
-// out = g P for a row g [d] and P [d, d]: S vectors of columns of out at a time held in registers
+// out = g P for a row g [m] and P [m, n]: S vectors of columns of out at a time held in registers
 // while the rows of P stream past; each out[u] sums g[s] P[s, u] in the order of s.
 template <int S, typename T>
-inline void row_times_block(const T* g, const T* P, T* out, int64_t d, int64_t u0) {
+inline void row_times_block(const T* g, const T* P, T* out, int64_t m, int64_t n, int64_t u0) {
     using V = typename Vec<T>::type;
     constexpr int N = Vec<T>::N;
     V acc[S];
     for (int q = 0; q < S; ++q) acc[q] = V{};
-    for (int64_t s = 0; s < d; ++s)
-        for (int q = 0; q < S; ++q) acc[q] += g[s] * loadv(P + s * d + u0 + q * N);
+    for (int64_t s = 0; s < m; ++s)
+        for (int q = 0; q < S; ++q) acc[q] += g[s] * loadv(P + s * n + u0 + q * N);
     for (int q = 0; q < S; ++q) storev(out + u0 + q * N, acc[q]);
 }
 
 template <typename T>
-void row_times_matrix(const T* g, const T* P, T* out, int64_t d) {
+void row_times_matrix(const T* g, const T* P, T* out, int64_t m, int64_t n) {
     constexpr int N = Vec<T>::N;
     int64_t u = 0;
-    for (; u + 4 * N <= d; u += 4 * N) row_times_block<4>(g, P, out, d, u);
-    for (; u + N <= d; u += N) row_times_block<1>(g, P, out, d, u);
-    for (; u < d; ++u) {  // the last d mod N columns
+    for (; u + 4 * N <= n; u += 4 * N) row_times_block<4>(g, P, out, m, n, u);
+    for (; u + N <= n; u += N) row_times_block<1>(g, P, out, m, n, u);
+    for (; u < n; ++u) {  // the last n mod N columns
         T a = 0;
-        for (int64_t s = 0; s < d; ++s) a += g[s] * P[s * d + u];
+        for (int64_t s = 0; s < m; ++s) a += g[s] * P[s * n + u];
         out[u] = a;
     }
 }
@@ -696,7 +696,7 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                     for (int64_t t = 0; t < d; ++t) delta[t] = xr[t] - xref[t];
                     const T dist = std::sqrt(dot(delta.data(), delta.data(), d));
                     T anorm = 0;
-                    if (r) {  // a = U δ, then δ ← e = δ − Uᵀ a, and along = (W Uᵀ) a
+                    if (r) {  // a = U δ, then δ ← e = δ − Uᵀ a, and along = (W Uᵀ) a = a (U Wᵀ)
                         const T* drow[1] = {delta.data()};
                         pre_tile(drow, 1, bound.basis, r, d, a.data());
                         anorm = std::sqrt(dot(a.data(), a.data(), r));
@@ -707,8 +707,7 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                             for (int i = 0; i < q; ++i) ks[i] = k0 + i, na[i] = -a[k0 + i];
                             axpy_rows(delta.data(), bound.basis, ks, na, q, d);
                         }
-                        const T* arow[1] = {a.data()};
-                        pre_tile(arow, 1, bound.basis_W, F, r, along.data());
+                        row_times_matrix(a.data(), bound.basis_WT, along.data(), r, F);
                     }
                     const T enorm = r ? std::sqrt(dot(delta.data(), delta.data(), d)) : dist;
                     // rounding: of the full pass (2 refnorm + dist), of δ and e (dist, root_r·anorm), of W Uᵀ and
@@ -769,7 +768,7 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                 }
                 const T* step = g.data();
                 if (P) {  // gp = g P (row vector times P)
-                    row_times_matrix(g.data(), P, gp.data(), d);
+                    row_times_matrix(g.data(), P, gp.data(), d, d);
                     step = gp.data();
                 }
                 for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];

@@ -52,12 +52,12 @@ struct LoopConfig {
 
 // What the SafeFlow loop uses to skip features proven inactive: the row norms ‖W_j‖ [F] and an
 // optional basis U (`basis` [r, d], rows of unit norm) of the directions the steps mostly take,
-// with basis_W = W Uᵀ [F, r]; r = 0 for none. Any basis gives the same result; a good one skips more.
+// with basis_WT = U Wᵀ [r, F]; r = 0 for none. Any basis gives the same result; a good one skips more.
 template <typename T>
 struct LoopBound {
     const T* wnorm;
     const T* basis;
-    const T* basis_W;
+    const T* basis_WT;
     int64_t rank;
 };
 

@@ -81,7 +81,7 @@ def _loop_bound(W: torch.Tensor, P: torch.Tensor | None, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """What the CPU SafeFlow loop skips inactive features with, in the states' dtype: the row norms
     ‖W_j‖ [F] and, with a preconditioner P, a basis U [r, d] of P's leading subspace (the steps
-    x ← x − lr·g P mostly move along it) and W Uᵀ [F, r] (products in float64 from U as passed)."""
+    x ← x − lr·g P mostly move along it) and U Wᵀ [r, F] (products in float64 from U as passed)."""
     wnorm = derived(W, f"row norms {dtype}", lambda w: w.detach().double().norm(dim=1).to(dtype))
     rank = min(STEP_BASIS_RANK, W.shape[1] // 4)
     if P is None or rank == 0:
@@ -89,9 +89,10 @@ def _loop_bound(W: torch.Tensor, P: torch.Tensor | None, dtype: torch.dtype
     # any basis gives the exact result (a stale one only skips fewer features): cached on P always
     basis = derived(P, f"leading subspace {rank} {dtype}", lambda p: leading_subspace(p.detach(), rank).to(dtype),
                     always=True)
-    basis_W = derived((W, basis), "W times basis", lambda wu: (wu[0].detach().double() @ wu[1].double().T).to(dtype),
-                      always=isinstance(W, nn.Parameter))
-    return wnorm, basis, basis_W
+    basis_WT = derived((W, basis), "basis times W transposed",
+                       lambda wu: (wu[1].double() @ wu[0].detach().double().T).to(dtype),
+                       always=isinstance(W, nn.Parameter))
+    return wnorm, basis, basis_WT
 
 
 def _mask(mask: torch.Tensor, B: int, F: int, device: torch.device) -> torch.Tensor:
@@ -254,10 +255,10 @@ class Compiled:
         (M, d), (K, F) = h.shape, Phi.shape
         x = torch.empty_like(h)
         steps = torch.empty(M, dtype=torch.int64, device=h.device)
-        wnorm, basis, basis_W = _loop_bound(W, P, h.dtype) if self.name == "cpu" else (None, None, None)
+        wnorm, basis, basis_WT = _loop_bound(W, P, h.dtype) if self.name == "cpu" else (None, None, None)
         self._call("safeflow_loop", h.device, (M, d, F, K), h.dtype, M * F * d * max_steps, *codes, h.data_ptr(),
                    W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), P.data_ptr() if P is not None else 0,
-                   *(t.data_ptr() if t is not None else 0 for t in (wnorm, basis, basis_W)),
+                   *(t.data_ptr() if t is not None else 0 for t in (wnorm, basis, basis_WT)),
                    basis.shape[0] if basis is not None else 0, x.data_ptr(), steps.data_ptr(), M, d, F, K, float(lr),
                    float(lambda_safe), float(lambda_unsafe), float(margin), int(max_steps))
         return x, steps
