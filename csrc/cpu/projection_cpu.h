@@ -10,7 +10,7 @@
 //   by primal–dual active-set steps, then Lawson–Hanson (as safeflow/steerers/dual_qp.active_set),
 //   all in float64, with the same status codes as safeflow.steerers.dual_qp.Status.
 // projection_steer(): ProjectionSteerer._move with the native solver — rounds of linearisation,
-//   projection, bisection on the true violations, depth ramp, restoration and best-point
+//   projection, bisection on the violations along the segment, depth ramp, restoration and best-point
 //   bookkeeping — in the states' dtype T (float32 or float64) with the dual in float64.
 #pragma once
 
