@@ -144,32 +144,6 @@ inline void dot_block(const T* const* hrows, const WT* W, int64_t d, T* out, int
         }
 }
 
-// out = g P for a row g [m] and P [m, n]: S vectors of columns of out at a time held in registers
-// while the rows of P stream past; each out[u] sums g[s] P[s, u] in the order of s.
-template <int S, typename T>
-inline void row_times_block(const T* g, const T* P, T* out, int64_t m, int64_t n, int64_t u0) {
-    using V = typename Vec<T>::type;
-    constexpr int N = Vec<T>::N;
-    V acc[S];
-    for (int q = 0; q < S; ++q) acc[q] = V{};
-    for (int64_t s = 0; s < m; ++s)
-        for (int q = 0; q < S; ++q) acc[q] += g[s] * loadv(P + s * n + u0 + q * N);
-    for (int q = 0; q < S; ++q) storev(out + u0 + q * N, acc[q]);
-}
-
-template <typename T>
-void row_times_matrix(const T* g, const T* P, T* out, int64_t m, int64_t n) {
-    constexpr int N = Vec<T>::N;
-    int64_t u = 0;
-    for (; u + 4 * N <= n; u += 4 * N) row_times_block<4>(g, P, out, m, n, u);
-    for (; u + N <= n; u += N) row_times_block<1>(g, P, out, m, n, u);
-    for (; u < n; ++u) {  // the last n mod N columns
-        T a = 0;
-        for (int64_t s = 0; s < m; ++s) a += g[s] * P[s * n + u];
-        out[u] = a;
-    }
-}
-
 // out[q] = h · w[q] for J rows of W anywhere (gathered): J independent sums, each added up in
 // dot_block<1, 1>'s order, so the results equal J calls of it.
 template <int J, typename T, typename WT>
@@ -653,6 +627,66 @@ void jacobian(const WT* W, const T* b, const T* PhiT, const T* xi, const uint64_
     });
 }
 
+// out[i] = g[i] P for R rows g[i] [m] and P [m, n] (R <= 4 per block): S vectors of columns of each
+// out[i] at a time held in registers while P streams past once for the R rows; each out[i][u] sums
+// g[i][s] P[s, u] in the order of s.
+template <int R, int S, typename T>
+inline void rows_times_block(const T* const* g, const T* P, T* const* out, int64_t m, int64_t n, int64_t u0) {
+    using V = typename Vec<T>::type;
+    constexpr int N = Vec<T>::N;
+    V acc[R][S];
+    for (int i = 0; i < R; ++i)
+        for (int q = 0; q < S; ++q) acc[i][q] = V{};
+    for (int64_t s = 0; s < m; ++s)
+        for (int q = 0; q < S; ++q) {
+            const V pv = loadv(P + s * n + u0 + q * N);
+            for (int i = 0; i < R; ++i) acc[i][q] += g[i][s] * pv;
+        }
+    for (int i = 0; i < R; ++i)
+        for (int q = 0; q < S; ++q) storev(out[i] + u0 + q * N, acc[i][q]);
+}
+
+template <int R, typename T>
+void rows_times_columns(const T* const* g, const T* P, T* const* out, int64_t m, int64_t n) {
+    constexpr int N = Vec<T>::N;
+    int64_t u = 0;
+    for (; u + 4 * N <= n; u += 4 * N) rows_times_block<R, 4>(g, P, out, m, n, u);
+    for (; u + N <= n; u += N) rows_times_block<R, 1>(g, P, out, m, n, u);
+    for (; u < n; ++u)  // the last n mod N columns
+        for (int i = 0; i < R; ++i) {
+            T a = 0;
+            for (int64_t s = 0; s < m; ++s) a += g[i][s] * P[s * n + u];
+            out[i][u] = a;
+        }
+}
+
+template <typename T>
+void rows_times_matrix(const std::vector<const T*>& g, const T* P, const std::vector<T*>& out, int64_t m, int64_t n) {
+    const int64_t R = static_cast<int64_t>(g.size());
+    int64_t i = 0;
+    for (; i + 4 <= R; i += 4) rows_times_columns<4>(g.data() + i, P, out.data() + i, m, n);
+    switch (R - i) {
+        case 1: rows_times_columns<1>(g.data() + i, P, out.data() + i, m, n); break;
+        case 2: rows_times_columns<2>(g.data() + i, P, out.data() + i, m, n); break;
+        case 3: rows_times_columns<3>(g.data() + i, P, out.data() + i, m, n); break;
+        default: break;
+    }
+}
+
+// One row of the SafeFlow loop in progress.
+template <typename T>
+struct LoopRow {
+    std::vector<T> pref, xref, v, c, g, gp, delta, a, along;
+    std::vector<uint64_t> words;
+    std::vector<int64_t> cand;
+    T refnorm = 0, dist = 0, anorm = 0;
+    int64_t steps = 0;
+    bool fresh = true, live = true;
+
+    LoopRow(int64_t F, int64_t d, int64_t K, int64_t r)
+        : pref(F), xref(d), v(K), c(K), g(d), gp(d), delta(d), a(r), along(r ? F : 0), words(mask_words(F)) {}
+};
+
 template <typename T, typename WT>
 void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* xi, const T* P, LoopBound<T> bound,
                    T* x, int64_t* steps, int64_t M, int64_t d, int64_t F, int64_t K, LoopConfig cfg, int threads) {
@@ -671,109 +705,147 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
     // x ← x − lr·g P mostly move along the leading eigenvectors of P, so a basis of those leaves a
     // small ‖e‖ and skips most features for many steps. The result is the full computation's, at a
     // fraction of the reads of W.
+    // Rows go in groups of up to kLoopGroup in lockstep, step by step, so that the products with
+    // U Wᵀ [r, F] and P [d, d] (larger than the L2 cache) stream them once for the whole group.
+    constexpr int64_t kLoopGroup = 8;
     parallel_for(M, threads, [&](int64_t r0, int64_t r1) {
-        std::vector<T> pref(F), xref(d), v(K), c(K), g(d), gp(d), pre(kRows * kTile), delta(d), a(r), along(r ? F : 0);
-        std::vector<uint64_t> words(nw);
-        std::vector<int64_t> cand;
-        for (int64_t row = r0; row < r1; ++row) {
-            const T* h0 = h + row * d;
-            T* xr = x + row * d;
-            std::copy(h0, h0 + d, xr);
-            T refnorm = 0;
-            bool fresh = true;
-            int64_t n = 0;
-            for (; n < cfg.max_steps; ++n) {
-                std::fill(words.begin(), words.end(), uint64_t{0});
-                std::fill(v.begin(), v.end(), T(0));
-                auto activate = [&](int64_t j, T p) {
-                    if (p <= T(0)) return;  // NaN counts as active
-                    words[j / kTile] |= uint64_t{1} << (j % kTile);
-                    const T* pt = PhiT + j * K;
-                    for (int64_t k = 0; k < K; ++k) v[k] += p * pt[k];
-                };
-                bool full = fresh;
-                if (!full) {
-                    for (int64_t t = 0; t < d; ++t) delta[t] = xr[t] - xref[t];
-                    const T dist = std::sqrt(dot(delta.data(), delta.data(), d));
-                    T anorm = 0;
-                    if (r) {  // a = U δ, then δ ← e = δ − Uᵀ a, and along = (W Uᵀ) a = a (U Wᵀ)
-                        const T* drow[1] = {delta.data()};
-                        pre_tile(drow, 1, bound.basis, r, d, a.data());
-                        anorm = std::sqrt(dot(a.data(), a.data(), r));
+        std::vector<T> pre(kRows * kTile);
+        std::vector<LoopRow<T>> group;
+        std::vector<const T*> lhs;
+        std::vector<T*> outs;
+        for (int64_t g0 = r0; g0 < r1; g0 += kLoopGroup) {
+            const int64_t ng = std::min(kLoopGroup, r1 - g0);
+            while (static_cast<int64_t>(group.size()) < ng) group.emplace_back(F, d, K, r);
+            for (int64_t q = 0; q < ng; ++q) {
+                LoopRow<T>& s = group[q];
+                std::copy(h + (g0 + q) * d, h + (g0 + q + 1) * d, x + (g0 + q) * d);
+                s.refnorm = 0;
+                s.fresh = s.live = true;
+                s.steps = cfg.max_steps;
+            }
+            for (int64_t n = 0; n < cfg.max_steps; ++n) {
+                // 1. each live row after its first pass: δ = x − x_ref, a = U δ, then δ ← e = δ − Uᵀ a
+                lhs.clear();
+                outs.clear();
+                for (int64_t q = 0; q < ng; ++q) {
+                    LoopRow<T>& s = group[q];
+                    if (!s.live || s.fresh) continue;
+                    const T* xr = x + (g0 + q) * d;
+                    for (int64_t t = 0; t < d; ++t) s.delta[t] = xr[t] - s.xref[t];
+                    s.dist = std::sqrt(dot(s.delta.data(), s.delta.data(), d));
+                    s.anorm = 0;
+                    if (r) {
+                        const T* drow[1] = {s.delta.data()};
+                        pre_tile(drow, 1, bound.basis, r, d, s.a.data());
+                        s.anorm = std::sqrt(dot(s.a.data(), s.a.data(), r));
                         int64_t ks[4];
                         T na[4];
                         for (int64_t k0 = 0; k0 < r; k0 += 4) {
-                            const int q = static_cast<int>(std::min<int64_t>(4, r - k0));
-                            for (int i = 0; i < q; ++i) ks[i] = k0 + i, na[i] = -a[k0 + i];
-                            axpy_rows(delta.data(), bound.basis, ks, na, q, d);
+                            const int cnt = static_cast<int>(std::min<int64_t>(4, r - k0));
+                            for (int i = 0; i < cnt; ++i) ks[i] = k0 + i, na[i] = -s.a[k0 + i];
+                            axpy_rows(s.delta.data(), bound.basis, ks, na, cnt, d);
                         }
-                        row_times_matrix(a.data(), bound.basis_WT, along.data(), r, F);
+                        lhs.push_back(s.a.data());
+                        outs.push_back(s.along.data());
                     }
-                    const T enorm = r ? std::sqrt(dot(delta.data(), delta.data(), d)) : dist;
-                    // rounding: of the full pass (2 refnorm + dist), of δ and e (dist, root_r·anorm), of W Uᵀ and
-                    // of its dot with a (root_r·anorm), of ‖W_j‖ ‖e‖ (enorm)
-                    const T slack = T(2) * refnorm + T(3) * dist + T(3) * root_r * anorm + enorm;
-                    full = !std::isfinite(slack);
+                }
+                // 2. along = (W Uᵀ) a = a (U Wᵀ) for those rows at once
+                if (!lhs.empty()) rows_times_matrix(lhs, bound.basis_WT, outs, r, F);
+                // 3. each live row: the violations at x (skipping features proven inactive), stop or take the
+                //    gradient
+                lhs.clear();
+                outs.clear();
+                for (int64_t q = 0; q < ng; ++q) {
+                    LoopRow<T>& s = group[q];
+                    if (!s.live) continue;
+                    const T* h0 = h + (g0 + q) * d;
+                    T* xr = x + (g0 + q) * d;
+                    std::fill(s.words.begin(), s.words.end(), uint64_t{0});
+                    std::fill(s.v.begin(), s.v.end(), T(0));
+                    auto activate = [&](int64_t j, T p) {
+                        if (p <= T(0)) return;  // NaN counts as active
+                        s.words[j / kTile] |= uint64_t{1} << (j % kTile);
+                        const T* pt = PhiT + j * K;
+                        for (int64_t k = 0; k < K; ++k) s.v[k] += p * pt[k];
+                    };
+                    bool full = s.fresh;
                     if (!full) {
-                        cand.clear();
-                        for (int64_t j = 0; j < F; ++j) {
-                            const T reach = (r ? std::abs(along[j]) : T(0)) + wnorm[j] * enorm;
-                            if (!(pref[j] + reach + gamma * (wnorm[j] * slack + T(2) * std::abs(b[j])) < T(0)))
-                                cand.push_back(j);
+                        const T enorm = r ? std::sqrt(dot(s.delta.data(), s.delta.data(), d)) : s.dist;
+                        // rounding: of the full pass (2 refnorm + dist), of δ and e (dist, root_r·anorm), of W Uᵀ
+                        // and of its dot with a (root_r·anorm), of ‖W_j‖ ‖e‖ (enorm)
+                        const T slack = T(2) * s.refnorm + T(3) * s.dist + T(3) * root_r * s.anorm + enorm;
+                        full = !std::isfinite(slack);
+                        if (!full) {
+                            s.cand.clear();
+                            for (int64_t j = 0; j < F; ++j) {
+                                const T reach = (r ? std::abs(s.along[j]) : T(0)) + wnorm[j] * enorm;
+                                if (!(s.pref[j] + reach + gamma * (wnorm[j] * slack + T(2) * std::abs(b[j])) < T(0)))
+                                    s.cand.push_back(j);
+                            }
+                            full = static_cast<int64_t>(s.cand.size()) * 4 > F;
                         }
-                        full = static_cast<int64_t>(cand.size()) * 4 > F;
                     }
-                }
-                if (full) {
-                    const T* hrows[1] = {xr};
-                    for (int64_t w = 0; w < nw; ++w) {
-                        const int64_t f0 = w * kTile, fc = std::min(kTile, F - f0);
-                        pre_tile(hrows, 1, W + f0 * d, fc, d, pre.data());
-                        for (int64_t jj = 0; jj < fc; ++jj) pref[f0 + jj] = pre[jj] + b[f0 + jj];
+                    if (full) {
+                        const T* hrows[1] = {xr};
+                        for (int64_t w = 0; w < nw; ++w) {
+                            const int64_t f0 = w * kTile, fc = std::min(kTile, F - f0);
+                            pre_tile(hrows, 1, W + f0 * d, fc, d, pre.data());
+                            for (int64_t jj = 0; jj < fc; ++jj) s.pref[f0 + jj] = pre[jj] + b[f0 + jj];
+                        }
+                        std::copy(xr, xr + d, s.xref.begin());
+                        s.refnorm = std::sqrt(dot(xr, xr, d));
+                        s.fresh = false;
+                        for (int64_t j = 0; j < F; ++j) activate(j, s.pref[j]);
+                    } else {  // the candidates, eight rows of W at a time
+                        constexpr int G = 8;
+                        const int64_t nc = static_cast<int64_t>(s.cand.size());
+                        const WT* w[G];
+                        T p[G];
+                        int64_t i = 0;
+                        for (; i + G <= nc; i += G) {
+                            for (int u = 0; u < G; ++u) w[u] = W + s.cand[i + u] * d;
+                            gathered_dots<G>(xr, w, d, p);
+                            for (int u = 0; u < G; ++u) activate(s.cand[i + u], p[u] + b[s.cand[i + u]]);
+                        }
+                        for (; i < nc; ++i) {
+                            w[0] = W + s.cand[i] * d;
+                            gathered_dots<1>(xr, w, d, p);
+                            activate(s.cand[i], p[0] + b[s.cand[i]]);
+                        }
                     }
-                    std::copy(xr, xr + d, xref.begin());
-                    refnorm = std::sqrt(dot(xr, xr, d));
-                    fresh = false;
-                    for (int64_t j = 0; j < F; ++j) activate(j, pref[j]);
-                } else {  // the candidates, eight rows of W at a time
-                    constexpr int G = 8;
-                    const int64_t nc = static_cast<int64_t>(cand.size());
-                    const WT* w[G];
-                    T p[G];
-                    int64_t i = 0;
-                    for (; i + G <= nc; i += G) {
-                        for (int q = 0; q < G; ++q) w[q] = W + cand[i + q] * d;
-                        gathered_dots<G>(xr, w, d, p);
-                        for (int q = 0; q < G; ++q) activate(cand[i + q], p[q] + b[cand[i + q]]);
+                    bool finite = true;
+                    T vmax = -std::numeric_limits<T>::infinity();
+                    for (int64_t k = 0; k < K; ++k) {
+                        s.v[k] -= xi[k];
+                        finite = finite && std::isfinite(s.v[k]);
+                        vmax = std::max(vmax, s.v[k]);
                     }
-                    for (; i < nc; ++i) {
-                        w[0] = W + cand[i] * d;
-                        gathered_dots<1>(xr, w, d, p);
-                        activate(cand[i], p[0] + b[cand[i]]);
+                    if (!finite || !(vmax > neg_margin)) {
+                        s.live = false;
+                        s.steps = n;
+                        continue;
                     }
+                    for (int64_t k = 0; k < K; ++k) s.c[k] = ls + lu * static_cast<T>(s.v[k] > neg_margin);
+                    row_vjp(W, PhiT, s.words.data(), s.c.data(), s.g.data(), d, F, K);
+                    for (int64_t t = 0; t < d; ++t) {
+                        const T diff = xr[t] - h0[t];
+                        s.g[t] += static_cast<T>((diff > 0) - (diff < 0)) * inv_d;
+                    }
+                    lhs.push_back(s.g.data());
+                    outs.push_back(s.gp.data());
                 }
-                bool finite = true;
-                T vmax = -std::numeric_limits<T>::infinity();
-                for (int64_t k = 0; k < K; ++k) {
-                    v[k] -= xi[k];
-                    finite = finite && std::isfinite(v[k]);
-                    vmax = std::max(vmax, v[k]);
+                if (lhs.empty()) break;
+                // 4. the steps x ← x − lr·g P, with g P for every live row at once
+                if (P) rows_times_matrix(lhs, P, outs, d, d);
+                for (int64_t q = 0; q < ng; ++q) {
+                    LoopRow<T>& s = group[q];
+                    if (!s.live) continue;
+                    const T* step = P ? s.gp.data() : s.g.data();
+                    T* xr = x + (g0 + q) * d;
+                    for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
                 }
-                if (!finite || !(vmax > neg_margin)) break;
-                for (int64_t k = 0; k < K; ++k) c[k] = ls + lu * static_cast<T>(v[k] > neg_margin);
-                row_vjp(W, PhiT, words.data(), c.data(), g.data(), d, F, K);
-                for (int64_t t = 0; t < d; ++t) {
-                    const T diff = xr[t] - h0[t];
-                    g[t] += static_cast<T>((diff > 0) - (diff < 0)) * inv_d;
-                }
-                const T* step = g.data();
-                if (P) {  // gp = g P (row vector times P)
-                    row_times_matrix(g.data(), P, gp.data(), d, d);
-                    step = gp.data();
-                }
-                for (int64_t t = 0; t < d; ++t) xr[t] -= lr * step[t];
             }
-            steps[row] = n;
+            for (int64_t q = 0; q < ng; ++q) steps[g0 + q] = group[q].steps;
         }
     });
 }
