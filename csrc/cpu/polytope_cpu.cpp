@@ -709,7 +709,7 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
     // U Wᵀ [r, F] and P [d, d] (larger than the L2 cache) stream them once for the whole group.
     constexpr int64_t kLoopGroup = 8;
     parallel_for(M, threads, [&](int64_t r0, int64_t r1) {
-        std::vector<T> pre(kRows * kTile);
+        std::vector<T> pre(kRows * kTile), top(F);
         std::vector<LoopRow<T>> group;
         std::vector<const T*> lhs;
         std::vector<T*> outs;
@@ -776,12 +776,14 @@ void safeflow_loop(const T* h, const WT* W, const T* b, const T* PhiT, const T* 
                         const T slack = T(2) * s.refnorm + T(3) * s.dist + T(3) * root_r * s.anorm + enorm;
                         full = !std::isfinite(slack);
                         if (!full) {
-                            s.cand.clear();
+                            // the bound of every feature (one vectorised pass), then the candidates
                             for (int64_t j = 0; j < F; ++j) {
                                 const T reach = (r ? std::abs(s.along[j]) : T(0)) + wnorm[j] * enorm;
-                                if (!(s.pref[j] + reach + gamma * (wnorm[j] * slack + T(2) * std::abs(b[j])) < T(0)))
-                                    s.cand.push_back(j);
+                                top[j] = s.pref[j] + reach + gamma * (wnorm[j] * slack + T(2) * std::abs(b[j]));
                             }
+                            s.cand.clear();
+                            for (int64_t j = 0; j < F; ++j)
+                                if (!(top[j] < T(0))) s.cand.push_back(j);
                             full = static_cast<int64_t>(s.cand.size()) * 4 > F;
                         }
                     }

@@ -455,7 +455,7 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
         ProjectWork ws(K, d);
         std::vector<T> y(d), A(K * d), c(K), V(K), V1(K), Vhi(K);
         std::vector<T> MAt(WM ? K * d : 0), cM(K);
-        std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K);
+        std::vector<double> Ad(K * d), cd(K), mg(K), based(d), hd(d), lam(K), top(F);
         std::vector<uint64_t> words(nw);
         std::vector<int64_t> all(F), cand, act, act1, acthi;
         for (int64_t j = 0; j < F; ++j) all[j] = j;
@@ -571,13 +571,13 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
                         ns += static_cast<double>(s.step[t]) * s.step[t];
                     }
                     const double span = std::sqrt(nb) + std::sqrt(ns);
+                    // the bound of every feature (one vectorised pass), then the candidates
+                    for (int64_t j = 0; j < F; ++j)
+                        top[j] = static_cast<double>(pbase[j]) + std::max(0.0, static_cast<double>(ps[j])) +
+                                 gamma * (wnorm[j] * span + std::abs(static_cast<double>(b[j])));
                     cand.clear();
-                    for (int64_t j = 0; j < F; ++j) {
-                        const double top = static_cast<double>(pbase[j]) +
-                                           std::max(0.0, static_cast<double>(ps[j])) +
-                                           gamma * (wnorm[j] * span + std::abs(static_cast<double>(b[j])));
-                        if (!(top < 0)) cand.push_back(j);
-                    }
+                    for (int64_t j = 0; j < F; ++j)
+                        if (!(top[j] < 0)) cand.push_back(j);
                     // the violations at base + t·step from its pre-activations p_j(base) + t·(W_j·step), the
                     // candidates' (every other feature is inactive on the whole segment)
                     auto judge = [&](T t, T* Vt, std::vector<int64_t>& active) {
