@@ -325,8 +325,8 @@ class Compiled:
         status = torch.empty(n, dtype=torch.int64)
         self._call("projection_steer", h.device, (n, d, F, K), h.dtype, n * F * d * max_rounds, *codes, h.data_ptr(),
                    W.data_ptr(), b.data_ptr(), PhiT.data_ptr(), xi.data_ptr(), M.data_ptr() if M is not None else 0,
-                   WM.data_ptr() if WM is not None else 0, wnorm.data_ptr(), out.data_ptr(), rounds.data_ptr(), status.data_ptr(), n, d, F, K, float(margin),
-                   int(max_rounds), int(ramp_rounds), int(bisections))
+                   WM.data_ptr() if WM is not None else 0, wnorm.data_ptr(), out.data_ptr(), rounds.data_ptr(),
+                   status.data_ptr(), n, d, F, K, float(margin), int(max_rounds), int(ramp_rounds), int(bisections))
         return out, rounds, status
 
 
