@@ -513,6 +513,7 @@ void projection_steer(const T* h, const WT* W, const T* b, const T* PhiT, const 
                     // the rows of A M: Φ D (W M) over the active features from the rows of W M (WM), else A times M
                     const double* MA = Ad.data();
                     if (M && WM) {
+                        // (the c it also writes, into cM, equals c above and is not used)
                         jacobian<T, T>(WM, b, PhiT, xi, words.data(), MAt.data(), cM.data(), 1, d, F, K, 1);
                         for (int64_t t = 0; t < K * d; ++t) ws.MA[t] = MAt[t];
                         MA = ws.MA.data();
